@@ -1,0 +1,57 @@
+"""`cs-p2p` command line: `serve` runs the daemon, `containerd-config` prints the wiring."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import __version__
+from .config import DEFAULT_SOCKET, Config, ConfigError, load_config
+from .containerd_config import containerd_config
+from .logs import setup_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cs-p2p", description="Peer-to-peer content store for containerd.")
+    p.add_argument("--version", action="version", version=f"cs-p2p {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve containerd's content API on a unix socket")
+    s.add_argument("--config", help="TOML file; keys are the flag names, flags win")
+    s.add_argument("--root", help=f"store directory (default {Config.root})")
+    s.add_argument("--socket", help=f"unix socket for containerd (default {DEFAULT_SOCKET})")
+    s.add_argument("--socket-mode", help="permissions of the socket, octal (default 0660)")
+    s.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    s.add_argument("--log-format", help="json or text (default json)")
+
+    c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment")
+    c.add_argument("--socket", default=DEFAULT_SOCKET, help="cs-p2p's unix socket")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "containerd-config":
+        sys.stdout.write(containerd_config(args.socket))
+        return 0
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        cfg = load_config(args.config, flags)
+    except (ConfigError, ValueError) as exc:
+        print(f"cs-p2p: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, cfg.log_format)
+    from .service import RootBusy, serve
+
+    try:
+        asyncio.run(serve(cfg))
+    except RootBusy as exc:
+        logging.getLogger("cs_p2p").error(str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

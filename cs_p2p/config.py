@@ -1,0 +1,68 @@
+"""One typed configuration object, loaded from TOML and overridden by flags.
+
+TOML keys are the flag names (`root`, `socket`, `log-level`, ...; `_` and `-` are the same),
+so what an operator writes in a file and on a command line never diverges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DEFAULT_SOCKET = "/run/cs-p2p/content.sock"
+DEFAULT_ROOT = "/var/lib/cs-p2p"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    root: str = DEFAULT_ROOT
+    socket: str = DEFAULT_SOCKET
+    socket_mode: int = 0o660
+    log_level: str = "info"
+    log_format: str = "json"
+    grpc_max_message_bytes: int = 16 << 20
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def merged(self, values: Mapping[str, Any], source: str) -> "Config":
+        """A copy with `values` applied; unknown keys and wrong types are errors, not ignored."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            if value is None:
+                continue
+            key = raw_key.replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"{source}: unknown setting {raw_key!r}")
+            default = getattr(type(self)(), key)
+            if key == "socket_mode" and isinstance(value, str):
+                value = int(value, 8)
+            if not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool):
+                raise ConfigError(f"{source}: {raw_key} must be {type(default).__name__}, got {value!r}")
+            changes[key] = value
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
+    cfg = Config()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        cfg = cfg.merged(data, path)
+    cfg = cfg.merged(flags, "flags")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log-level must be debug, info, warning or error, got {cfg.log_level!r}")
+    if cfg.log_format not in ("json", "text"):
+        raise ConfigError(f"log-format must be json or text, got {cfg.log_format!r}")
+    return cfg

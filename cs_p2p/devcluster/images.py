@@ -1,0 +1,147 @@
+"""Test images built from scratch: OCI layouts of random layers, pushed with skopeo.
+
+No image ever comes from the internet; each layer is a real tar (optionally gzip) holding
+one file of random bytes, so containerd's unpacker and snapshotter do real work.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import tarfile
+from dataclasses import dataclass
+
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), platform.machine())
+
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+
+
+@dataclass
+class BuiltImage:
+    layout: str
+    tag: str
+    manifest_digest: str
+    config_digest: str
+    layer_digests: list[str]
+    total_size: int  # manifest + config + layers, bytes
+
+    @property
+    def digests(self) -> list[str]:
+        return [self.manifest_digest, self.config_digest, *self.layer_digests]
+
+    def blob_bytes(self, digest: str) -> bytes:
+        with open(os.path.join(self.layout, "blobs", "sha256", digest.split(":", 1)[1]), "rb") as f:
+            return f.read()
+
+
+class _HashingWriter(io.RawIOBase):
+    """A file that hashes what is written: layers are hashed in one pass, never held in memory."""
+
+    def __init__(self, f) -> None:
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.f.write(b)
+        self.h.update(b)
+        self.n += len(b)
+        return len(b)
+
+
+def _put_blob(blobs: str, data: bytes) -> tuple[str, int]:
+    d = hashlib.sha256(data).hexdigest()
+    with open(os.path.join(blobs, d), "wb") as f:
+        f.write(data)
+    return "sha256:" + d, len(data)
+
+
+def _write_layer(blobs: str, index: int, size: int, compress: bool) -> tuple[str, int, str]:
+    """Write one layer; return (digest, size, diff_id)."""
+    tmp = os.path.join(blobs, f".layer-{index}.tmp")
+    with open(tmp, "wb") as raw:
+        outer = _HashingWriter(raw)
+        gz = gzip.GzipFile(fileobj=outer, mode="wb", compresslevel=1, mtime=0) if compress else None
+        inner = _HashingWriter(gz if gz else raw)
+        with tarfile.open(fileobj=inner, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo(f"layer{index}/data.bin")
+            info.size = size
+            info.mode = 0o644
+            tar.addfile(info, _RandomReader(size))
+        if gz:
+            gz.close()
+    digest = outer.h.hexdigest() if compress else inner.h.hexdigest()
+    diff_id = "sha256:" + inner.h.hexdigest()
+    os.rename(tmp, os.path.join(blobs, digest))
+    return "sha256:" + digest, os.path.getsize(os.path.join(blobs, digest)), diff_id
+
+
+class _RandomReader(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return os.urandom(n)
+
+
+def build_image(layout: str, layer_sizes: list[int], tag: str = "v1", compress: bool = True) -> BuiltImage:
+    """An OCI layout at `layout` with one image of random layers of the given sizes."""
+    blobs = os.path.join(layout, "blobs", "sha256")
+    os.makedirs(blobs, exist_ok=True)
+    layers, diff_ids = [], []
+    for i, size in enumerate(layer_sizes):
+        digest, blob_size, diff_id = _write_layer(blobs, i, size, compress)
+        layers.append({"mediaType": MT_LAYER_GZIP if compress else MT_LAYER_TAR, "digest": digest, "size": blob_size})
+        diff_ids.append(diff_id)
+    config = {
+        "architecture": _ARCH,
+        "os": "linux",
+        "config": {"Cmd": ["/bin/true"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
+    config_digest, config_size = _put_blob(blobs, json.dumps(config).encode())
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MT_MANIFEST,
+        "config": {"mediaType": MT_CONFIG, "digest": config_digest, "size": config_size},
+        "layers": layers,
+    }
+    manifest_digest, manifest_size = _put_blob(blobs, json.dumps(manifest).encode())
+    index = {
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": MT_MANIFEST, "digest": manifest_digest, "size": manifest_size,
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    }
+    with open(os.path.join(layout, "index.json"), "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(layout, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    total = manifest_size + config_size + sum(layer["size"] for layer in layers)
+    return BuiltImage(layout, tag, manifest_digest, config_digest, [layer["digest"] for layer in layers], total)
+
+
+def push_image(image: BuiltImage, registry_addr: str, name: str) -> str:
+    """Push with skopeo over plain HTTP; returns the reference `addr/name:tag`."""
+    ref = f"{registry_addr}/{name}:{image.tag}"
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+         f"oci:{image.layout}:{image.tag}", f"docker://{ref}"],
+        check=True, capture_output=True, timeout=600,
+    )
+    return ref

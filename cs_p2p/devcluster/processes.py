@@ -1,0 +1,248 @@
+"""Real processes for a local cluster: registry, containerd, cs-p2p.
+
+Used by the tests' fixtures, the demo and the benchmarks, so that all three exercise the
+same wiring an operator would: containerd with the builtin content plugin disabled and
+cs-p2p registered as a content proxy plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..containerd_config import PLUGIN_NAME
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Poll `predicate` until it returns something truthy; raise TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _socket_ready(path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+@dataclass
+class Proc:
+    """A child process with its output in a log file; stopped by `stop()` whatever happens."""
+
+    name: str
+    argv: list[str]
+    log_path: str
+    env: dict[str, str] | None = None
+    popen: subprocess.Popen | None = field(default=None, init=False)
+
+    def start(self) -> "Proc":
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def check_alive(self) -> bool:
+        if self.popen is not None and self.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; log:\n{self.log_tail()}")
+        return True
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, as far as the process can tell."""
+        if self.alive():
+            assert self.popen is not None
+            self.popen.kill()
+            self.popen.wait()
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+class Registry:
+    """Debian's docker-registry (distribution v2) on 127.0.0.1 with its own storage."""
+
+    def __init__(self, workdir: str, port: int | None = None) -> None:
+        self.dir = workdir
+        self.port = port or free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+        self.config = os.path.join(workdir, "config.yml")
+        with open(self.config, "w") as f:
+            f.write(
+                "version: 0.1\n"
+                "log:\n  level: info\n  accesslog:\n    disabled: false\n"
+                f"storage:\n  filesystem:\n    rootdirectory: {workdir}/data\n  delete:\n    enabled: true\n"
+                f"http:\n  addr: {self.addr}\n"
+            )
+        self.proc = Proc("registry", [shutil.which("docker-registry") or "docker-registry", "serve", self.config],
+                         os.path.join(workdir, "registry.log"))
+
+    def _ready(self) -> bool:
+        self.proc.check_alive()
+        try:
+            with urllib.request.urlopen(f"http://{self.addr}/v2/", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def start(self) -> "Registry":
+        self.proc.start()
+        wait_for(self._ready, 30, "registry to answer /v2/")
+        return self
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class CsP2P:
+    """One cs-p2p daemon (`python -m cs_p2p.cli serve`) with its own root and socket."""
+
+    def __init__(self, workdir: str, extra_args: list[str] | None = None) -> None:
+        self.dir = workdir
+        self.root = os.path.join(workdir, "root")
+        self.socket = os.path.join(workdir, "cs.sock")
+        self.extra_args = extra_args or []
+        os.makedirs(workdir, exist_ok=True)
+        self.proc = self._new_proc()
+
+    def _new_proc(self) -> Proc:
+        argv = [sys.executable, "-m", "cs_p2p.cli", "serve", "--root", self.root, "--socket", self.socket,
+                *self.extra_args]
+        return Proc("cs-p2p", argv, os.path.join(self.dir, "cs-p2p.log"))
+
+    def start(self) -> "CsP2P":
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        self.proc = self._new_proc().start()
+        wait_for(lambda: self.proc.check_alive() and _socket_ready(self.socket), 30, "cs-p2p socket")
+        return self
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def stop(self) -> int | None:
+        return self.proc.stop()
+
+    def blob_path(self, digest: str) -> str:
+        return os.path.join(self.root, "blobs", "sha256", digest.split(":", 1)[1])
+
+    def blob_digests(self) -> set[str]:
+        d = os.path.join(self.root, "blobs", "sha256")
+        return {"sha256:" + n for n in os.listdir(d)} if os.path.isdir(d) else set()
+
+    def ingest_dirs(self) -> list[str]:
+        d = os.path.join(self.root, "ingest")
+        return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+class Containerd:
+    """A containerd with its own root/state/socket; content from `content_socket` or builtin.
+
+    `content_socket=None` runs containerd's builtin content store: the benchmarks' baseline.
+    """
+
+    def __init__(self, workdir: str, content_socket: str | None, registry_hosts: list[str] | None = None) -> None:
+        self.dir = workdir
+        self.socket = os.path.join(workdir, "containerd.sock")
+        self.root = os.path.join(workdir, "root")
+        self.state = os.path.join(workdir, "state")
+        os.makedirs(workdir, exist_ok=True)
+        self.config = os.path.join(workdir, "config.toml")
+        with open(self.config, "w") as f:
+            f.write(self._config_toml(content_socket, registry_hosts or []))
+        self.proc = Proc("containerd", [shutil.which("containerd") or "containerd", "--config", self.config],
+                         os.path.join(workdir, "containerd.log"))
+
+    def _config_toml(self, content_socket: str | None, registry_hosts: list[str]) -> str:
+        lines = [
+            "version = 2",
+            f'root = "{self.root}"',
+            f'state = "{self.state}"',
+        ]
+        if content_socket:
+            lines.append('disabled_plugins = ["io.containerd.content.v1.content"]')
+        lines += [
+            "[grpc]", f'  address = "{self.socket}"',
+            "[ttrpc]", f'  address = "{self.socket}.ttrpc"',
+            "[debug]", '  level = "info"',
+        ]
+        if content_socket:
+            lines += [f'[proxy_plugins."{PLUGIN_NAME}"]', '  type = "content"', f'  address = "{content_socket}"']
+        lines += [
+            '[plugins."io.containerd.grpc.v1.cri"]',
+            '  stream_server_port = "0"',
+            '  disable_cgroup = true',
+            '  disable_apparmor = true',
+            '  restrict_oom_score_adj = true',
+            '[plugins."io.containerd.grpc.v1.cri".cni]',
+            f'  bin_dir = "{self.dir}/cni-bin"',
+            f'  conf_dir = "{self.dir}/cni-conf"',
+        ]
+        for host in registry_hosts:
+            lines += [
+                f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]',
+                f'  endpoint = ["http://{host}"]',
+            ]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> "Containerd":
+        self.proc.start()
+        wait_for(lambda: self.proc.check_alive() and _socket_ready(self.socket), 60, "containerd socket")
+        return self
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def ctr(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 300,
+            namespace: str = "default") -> subprocess.CompletedProcess:
+        argv = ["ctr", "--address", self.socket, "--namespace", namespace, *args]
+        res = subprocess.run(argv, input=input, capture_output=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise subprocess.CalledProcessError(res.returncode, argv, res.stdout, res.stderr)
+        return res

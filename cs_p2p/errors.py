@@ -1,0 +1,42 @@
+"""Typed errors of the content store.
+
+Every failure the store can report to containerd is one of these classes, each bound to
+the gRPC status code containerd's own `errdefs` uses for it.  The service maps them to
+gRPC in exactly one place (`cs_p2p.service.grpc_errors`), so the store never imports grpc.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ContentError(Exception):
+    """Base of all errors the store reports to a client."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+
+class NotFound(ContentError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ContentError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class InvalidArgument(ContentError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FailedPrecondition(ContentError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(ContentError):
+    """Only for "this ref is being written by someone else": containerd retries it forever."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class OutOfRange(ContentError):
+    code = grpc.StatusCode.OUT_OF_RANGE

@@ -1,0 +1,70 @@
+"""The gRPC server containerd talks to over a unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+
+import grpc
+
+from ..api import content_pb2_grpc
+from ..config import Config
+from ..store import LocalStore
+from .content import ContentService
+
+log = logging.getLogger("cs_p2p.serve")
+
+
+def _bind_unix(server: grpc.aio.Server, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)  # stale socket of a previous run; a live daemon would hold the root lock
+    server.add_insecure_port("unix:" + path)
+
+
+class RootBusy(RuntimeError):
+    pass
+
+
+def _lock_root(root: str) -> int:
+    """Two daemons on one root would corrupt each other's ingests: hold an exclusive lock."""
+    fd = os.open(os.path.join(root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RootBusy(f"root {root} is in use by another cs-p2p process") from None
+    return fd
+
+
+async def serve(cfg: Config) -> None:
+    """Run until SIGTERM/SIGINT; ingests in flight stay on disk and resume on the next start."""
+    store = LocalStore(cfg.root)
+    lock = _lock_root(store.root)
+    opts = [
+        ("grpc.max_receive_message_length", cfg.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", cfg.grpc_max_message_bytes),
+    ]
+    server = grpc.aio.server(options=opts)
+    content_pb2_grpc.add_ContentServicer_to_server(ContentService(store), server)
+    _bind_unix(server, cfg.socket)
+    await server.start()
+    os.chmod(cfg.socket, cfg.socket_mode)
+    log.info("serving", extra={"socket": cfg.socket, "root": store.root})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await server.stop(grace=5)
+    try:
+        os.unlink(cfg.socket)
+    except FileNotFoundError:
+        pass
+    log.info("stopped")
+    os.close(lock)

@@ -1,0 +1,203 @@
+"""containerd.services.content.v1.Content over the local store.
+
+Behaviour follows containerd's own content service + `content/local` store, because
+containerd's metadata layer, `ctr` and the CRI plugin rely on its exact codes:
+UNAVAILABLE only for a ref locked by another writer (clients retry it forever),
+OUT_OF_RANGE for writes away from the current offset and reads past the end,
+FAILED_PRECONDITION for size/digest mismatches, ALREADY_EXISTS for a known digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from ..api import content_pb2 as pb
+from ..api import content_pb2_grpc as pb_grpc
+from ..digests import parse_digest
+from ..errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
+from ..filters import info_adaptor, parse_filters, status_adaptor
+from ..store import BlobInfo, IngestStatus, IngestWriter, LocalStore
+from .errors import grpc_errors
+
+log = logging.getLogger("cs_p2p.service")
+
+READ_CHUNK = 1 << 20  # containerd's read messages are 1 MiB too
+LIST_BATCH = 100
+_INLINE_IO = 64 << 10  # smaller reads/writes are not worth a thread hop
+
+
+def _ts(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def _info_pb(info: BlobInfo) -> pb.Info:
+    return pb.Info(
+        digest=info.digest,
+        size=info.size,
+        created_at=_ts(info.created_at_ns),
+        updated_at=_ts(info.updated_at_ns),
+        labels=info.labels,
+    )
+
+
+def _status_pb(st: IngestStatus) -> pb.Status:
+    return pb.Status(
+        started_at=_ts(st.started_at_ns),
+        updated_at=_ts(st.updated_at_ns),
+        ref=st.ref,
+        offset=st.offset,
+        total=st.total,
+        expected=st.expected,
+    )
+
+
+class ContentService(pb_grpc.ContentServicer):
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+
+    @grpc_errors
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
+
+    @grpc_errors
+    async def Update(self, request: pb.UpdateRequest, context: grpc.aio.ServicerContext) -> pb.UpdateResponse:
+        info = self.store.blobs.update(
+            request.info.digest, dict(request.info.labels), list(request.update_mask.paths)
+        )
+        return pb.UpdateResponse(info=_info_pb(info))
+
+    @grpc_errors
+    async def List(self, request: pb.ListContentRequest, context: grpc.aio.ServicerContext):
+        flt = parse_filters(request.filters)
+        batch: list[pb.Info] = []
+        for info in self.store.blobs.walk():
+            if flt.match(info_adaptor(info.digest, info.labels)):
+                batch.append(_info_pb(info))
+                if len(batch) >= LIST_BATCH:
+                    yield pb.ListContentResponse(info=batch)
+                    batch = []
+        if batch:
+            yield pb.ListContentResponse(info=batch)
+
+    @grpc_errors
+    async def Delete(self, request: pb.DeleteContentRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        self.store.blobs.delete(request.digest)
+        log.info("blob deleted", extra={"digest": request.digest})
+        return empty_pb2.Empty()
+
+    @grpc_errors
+    async def Read(self, request: pb.ReadContentRequest, context: grpc.aio.ServicerContext):
+        hex_ = parse_digest(request.digest)
+        try:
+            fd = os.open(self.store.blobs.blob_path(hex_), os.O_RDONLY)
+        except FileNotFoundError:
+            raise NotFound(f"content {request.digest}: not found") from None
+        try:
+            size = os.fstat(fd).st_size
+            offset = max(request.offset, 0)
+            if offset > size:
+                raise OutOfRange(f"read past object length {size} bytes")
+            end = size if request.size <= 0 or offset + request.size > size else offset + request.size
+            loop = asyncio.get_running_loop()
+            while offset < end:
+                n = min(READ_CHUNK, end - offset)
+                if n <= _INLINE_IO:
+                    data = os.pread(fd, n, offset)
+                else:
+                    data = await loop.run_in_executor(None, os.pread, fd, n, offset)
+                if not data:
+                    raise OutOfRange(f"blob {request.digest} shrank while reading at {offset}")
+                yield pb.ReadContentResponse(offset=offset, data=data)
+                offset += len(data)
+        finally:
+            os.close(fd)
+
+    @grpc_errors
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        return pb.StatusResponse(status=_status_pb(self.store.ingests.status(request.ref)))
+
+    @grpc_errors
+    async def ListStatuses(
+        self, request: pb.ListStatusesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListStatusesResponse:
+        flt = parse_filters(request.filters)
+        statuses = [_status_pb(st) for st in self.store.ingests.walk() if flt.match(status_adaptor(st.ref))]
+        return pb.ListStatusesResponse(statuses=statuses)
+
+    @grpc_errors
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        self.store.ingests.abort(request.ref)
+        log.info("ingest aborted", extra={"ref": request.ref})
+        return empty_pb2.Empty()
+
+    @grpc_errors
+    async def Write(self, request_iterator, context: grpc.aio.ServicerContext):
+        req = await context.read()
+        if req is grpc.aio.EOF:
+            return
+        if not req.ref:
+            raise InvalidArgument("first message must have a reference")
+        writer = self.store.ingests.open_writer(req.ref, req.total, req.expected)
+        try:
+            if writer.offset > 0:
+                # Resuming after a restart: rebuild the hash of what is on disk, off the loop.
+                await asyncio.get_running_loop().run_in_executor(None, writer.rehash)
+            while True:
+                resp = await self._write_step(writer, req)
+                yield resp
+                if req.action == pb.COMMIT:
+                    return
+                req = await context.read()
+                if req is grpc.aio.EOF:
+                    return
+        finally:
+            writer.close()
+
+    async def _write_step(self, writer: IngestWriter, req: pb.WriteContentRequest) -> pb.WriteContentResponse:
+        """One request of a Write stream, as containerd's content service handles it."""
+        if req.expected and self.store.blobs.exists(req.expected):
+            writer.close()
+            self.store.ingests.abort(writer.ref)
+            raise AlreadyExists(f"blob with expected digest {req.expected} exists")
+        if req.expected:
+            writer.expected = req.expected
+        writer.set_total(req.total)
+        if req.action == pb.STAT:
+            return pb.WriteContentResponse(
+                action=pb.STAT,
+                started_at=_ts(writer.started_at_ns),
+                updated_at=_ts(writer.updated_at_ns),
+                offset=writer.offset,
+                total=writer.total,
+                digest=writer.digest(),
+            )
+        if req.action not in (pb.WRITE, pb.COMMIT):
+            raise InvalidArgument(f"unknown write action {req.action}")
+        if req.offset > 0 and req.offset != writer.offset:
+            raise OutOfRange(f"write @{req.offset} must occur at current offset {writer.offset}")
+        if req.offset == 0 and writer.offset > 0:
+            writer.truncate()
+        if req.data:
+            await writer.write(req.data)
+        digest = writer.digest()
+        if req.action == pb.COMMIT:
+            labels = dict(req.labels)
+            expected = req.expected or writer.expected
+            digest = await asyncio.get_running_loop().run_in_executor(
+                None, writer.commit_sync, req.total or writer.total, expected,
+                lambda d: self.store.blobs.record_commit(d, labels),
+            )
+            log.info("blob committed", extra={"digest": digest, "size": writer.offset, "ref": writer.ref})
+        return pb.WriteContentResponse(
+            action=req.action,
+            started_at=_ts(writer.started_at_ns),
+            updated_at=_ts(writer.updated_at_ns),
+            offset=writer.offset,
+            total=writer.total,
+            digest=digest,
+        )

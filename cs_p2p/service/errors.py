@@ -1,0 +1,52 @@
+"""The one place where store errors become gRPC statuses.
+
+Handlers raise typed `ContentError`s (or let OSError escape); this decorator turns them
+into the status code containerd's `errdefs.ToGRPC` would give, with the message kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+import grpc
+
+from ..errors import ContentError
+
+log = logging.getLogger("cs_p2p.service")
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ContentError):
+        return exc.code, str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"store is full: {exc}"
+    log.exception("unexpected error in handler")
+    return grpc.StatusCode.INTERNAL, f"internal error: {exc}"
+
+
+def grpc_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a servicer method (coroutine or async generator) to map errors to statuses."""
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def gen(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except (ContentError, OSError) as exc:
+                await context.abort(*_status_for(exc))
+
+        return gen
+
+    @functools.wraps(fn)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except (ContentError, OSError) as exc:
+            await context.abort(*_status_for(exc))
+
+    return unary

@@ -1,0 +1,134 @@
+"""Committed blobs and their metadata.
+
+Layout under the root, like containerd's `content/local` so operators find what they expect:
+
+    blobs/sha256/<hex>        the bytes, read-only after commit
+    meta/sha256/<hex>.json    labels and created/updated timestamps (ns since the epoch)
+
+Metadata lives beside the blob rather than in a database so that a blob and its labels
+can never disagree after a crash by more than "labels missing", which reads as no labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..digests import format_digest, parse_digest
+from ..errors import InvalidArgument, NotFound
+
+
+@dataclass
+class BlobInfo:
+    digest: str
+    size: int
+    created_at_ns: int
+    updated_at_ns: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Replace `path` with `data` so that readers see the old or the new file, never half."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class BlobStore:
+    def __init__(self, root: str) -> None:
+        self.blob_dir = os.path.join(root, "blobs", "sha256")
+        self.meta_dir = os.path.join(root, "meta", "sha256")
+        os.makedirs(self.blob_dir, exist_ok=True)
+        os.makedirs(self.meta_dir, exist_ok=True)
+
+    def blob_path(self, hex_: str) -> str:
+        return os.path.join(self.blob_dir, hex_)
+
+    def _meta_path(self, hex_: str) -> str:
+        return os.path.join(self.meta_dir, hex_ + ".json")
+
+    def exists(self, digest: str) -> bool:
+        return os.path.exists(self.blob_path(parse_digest(digest)))
+
+    def _info(self, hex_: str) -> BlobInfo:
+        try:
+            st = os.stat(self.blob_path(hex_))
+        except FileNotFoundError:
+            raise NotFound(f"content {format_digest(hex_)}: not found") from None
+        created = updated = st.st_mtime_ns
+        labels: dict[str, str] = {}
+        try:
+            with open(self._meta_path(hex_), "rb") as f:
+                meta = json.load(f)
+            created = int(meta.get("created_at", created))
+            updated = int(meta.get("updated_at", updated))
+            labels = dict(meta.get("labels", {}))
+        except (FileNotFoundError, ValueError):
+            pass  # a blob committed just before a crash: no labels, file times
+        return BlobInfo(format_digest(hex_), st.st_size, created, updated, labels)
+
+    def info(self, digest: str) -> BlobInfo:
+        return self._info(parse_digest(digest))
+
+    def _save_meta(self, info: BlobInfo) -> None:
+        meta = {"created_at": info.created_at_ns, "updated_at": info.updated_at_ns, "labels": info.labels}
+        write_file_atomic(self._meta_path(parse_digest(info.digest)), json.dumps(meta, sort_keys=True).encode())
+
+    def record_commit(self, digest: str, labels: dict[str, str]) -> None:
+        now = time.time_ns()
+        self._save_meta(BlobInfo(digest, 0, now, now, {k: v for k, v in labels.items() if v != ""}))
+
+    def update(self, digest: str, labels: dict[str, str], paths: list[str]) -> BlobInfo:
+        """Apply containerd's Update field mask: `labels` replaces, `labels.<k>` merges one key.
+
+        An empty mask replaces all labels; an empty value removes a label (containerd's
+        metadata store does the same), anything else in the mask is INVALID_ARGUMENT.
+        """
+        info = self.info(digest)
+        if not paths:
+            new = dict(labels)
+        else:
+            new = dict(info.labels)
+            for path in paths:
+                if path == "labels":
+                    new = dict(labels)
+                elif path.startswith("labels."):
+                    key = path[len("labels.") :]
+                    new[key] = labels.get(key, "")
+                else:
+                    raise InvalidArgument(f'cannot update "{path}" field on content info "{digest}"')
+        info.labels = {k: v for k, v in new.items() if v != ""}
+        info.updated_at_ns = time.time_ns()
+        self._save_meta(info)
+        return info
+
+    def delete(self, digest: str) -> None:
+        hex_ = parse_digest(digest)
+        try:
+            os.unlink(self.blob_path(hex_))
+        except FileNotFoundError:
+            raise NotFound(f"content {digest}: not found") from None
+        try:
+            os.unlink(self._meta_path(hex_))
+        except FileNotFoundError:
+            pass
+
+    def walk(self) -> Iterator[BlobInfo]:
+        """Every committed blob; files that are not a valid digest (e.g. temp files) are skipped."""
+        with os.scandir(self.blob_dir) as it:
+            names = [e.name for e in it]
+        for name in names:
+            if len(name) != 64:
+                continue
+            try:
+                yield self._info(name)
+            except (NotFound, InvalidArgument):
+                continue  # deleted while we listed

@@ -1,0 +1,246 @@
+"""In-progress writes ("ingests"), resumable across restarts.
+
+Layout (containerd's `content/local` does the same): `ingest/<sha256(ref)>/` holds
+
+    ref        the client's ref, to list and match statuses
+    data       the bytes written so far; its size is the offset
+    startedat  when the ingest began (ns)
+    total      the size the client announced, if any
+    expected   the digest the client announced, if any
+
+The directory name is a hash of the ref, so no ref can point outside the root.  The hash
+state cannot be saved, so a resumed ingest re-reads its data once to rebuild it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from ..digests import parse_digest
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+_HASH_CHUNK = 4 << 20
+MAX_REF_LEN = 4096
+
+
+@dataclass
+class IngestStatus:
+    ref: str
+    offset: int
+    total: int
+    started_at_ns: int
+    updated_at_ns: int
+    expected: str = ""
+
+
+def validate_ref(ref: str) -> None:
+    """Refuse refs no containerd client sends and that could be used to confuse the store."""
+    if not ref:
+        raise InvalidArgument("ref must not be empty")
+    if len(ref) > MAX_REF_LEN:
+        raise InvalidArgument(f"ref longer than {MAX_REF_LEN} characters")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in ref):
+        raise InvalidArgument("ref contains control characters")
+    if any(part in ("..", ".") for part in ref.replace("\\", "/").split("/")) or ref.startswith("/"):
+        raise InvalidArgument(f"ref {ref!r} contains a path that would escape the ingest root")
+
+
+def _read_text(path: str, default: str = "") -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return default
+
+
+class IngestWriter:
+    """The single writer of one ref.  Not thread-safe; one gRPC stream drives it."""
+
+    def __init__(self, ingests: "Ingests", ref: str, path: str, status: IngestStatus) -> None:
+        self._ingests = ingests
+        self.ref = ref
+        self.path = path
+        self.data_path = os.path.join(path, "data")
+        self.started_at_ns = status.started_at_ns
+        self.updated_at_ns = status.updated_at_ns
+        self.total = status.total
+        self.expected = status.expected
+        self.offset = status.offset
+        self._hasher = hashlib.sha256()
+        self._fd = os.open(self.data_path, os.O_WRONLY | os.O_CREAT, 0o644)
+        self.closed = False
+
+    def rehash(self) -> None:
+        """Rebuild the hash of bytes already on disk (resume after a restart)."""
+        hasher = hashlib.sha256()
+        offset = 0
+        with open(self.data_path, "rb", buffering=0) as f:
+            while chunk := f.read(_HASH_CHUNK):
+                hasher.update(chunk)
+                offset += len(chunk)
+        self._hasher, self.offset = hasher, offset
+
+    def digest(self) -> str:
+        return "sha256:" + self._hasher.copy().hexdigest()
+
+    def status(self) -> IngestStatus:
+        return IngestStatus(self.ref, self.offset, self.total, self.started_at_ns, self.updated_at_ns, self.expected)
+
+    def set_total(self, total: int) -> None:
+        if total > 0 and total != self.total:
+            self.total = total
+            _write_small(os.path.join(self.path, "total"), str(total))
+
+    def truncate(self) -> None:
+        os.ftruncate(self._fd, 0)
+        self._hasher = hashlib.sha256()
+        self.offset = 0
+        self.updated_at_ns = time.time_ns()
+
+    def write_sync(self, data: bytes | memoryview) -> None:
+        """Append `data`: hash and write with the GIL released (hashlib and os.pwrite both release it)."""
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += os.pwrite(self._fd, view[written:], self.offset + written)
+        self._hasher.update(view)
+        self.offset += written
+        self.updated_at_ns = time.time_ns()
+
+    async def write(self, data: bytes) -> None:
+        if len(data) < 64 << 10:
+            self.write_sync(data)
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, self.write_sync, data)
+
+    def commit_sync(self, size: int, expected: str, on_commit: Callable[[str], None]) -> str:
+        """Verify size and digest, then fsync and atomically rename into the blob store.
+
+        On a mismatch the ingest stays as it was (FAILED_PRECONDITION), so nothing is lost
+        and the client can inspect, truncate or abort it.
+        """
+        if self.closed:
+            raise FailedPrecondition("cannot commit on closed writer")
+        if not os.path.isdir(self.path):
+            raise NotFound(f"ingest ref {self.ref!r} was aborted")
+        if size > 0 and size != self.offset:
+            raise FailedPrecondition(f"unexpected commit size {self.offset}, expected {size}")
+        digest = self.digest()
+        if expected and expected != digest:
+            raise FailedPrecondition(f"unexpected commit digest {digest}, expected {expected}")
+        target = self._ingests.blob_path(parse_digest(digest))
+        if os.path.exists(target):
+            self.close()
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise AlreadyExists(f"content {digest}: already exists")
+        os.fsync(self._fd)
+        os.fchmod(self._fd, 0o444)
+        os.rename(self.data_path, target)
+        self.close()
+        on_commit(digest)
+        shutil.rmtree(self.path, ignore_errors=True)
+        return digest
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
+            self._ingests.release(self.ref)
+
+
+def _write_small(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+class Ingests:
+    def __init__(self, root: str, blob_path: Callable[[str], str]) -> None:
+        self.dir = os.path.join(root, "ingest")
+        os.makedirs(self.dir, exist_ok=True)
+        self.blob_path = blob_path
+        self._locked: dict[str, int] = {}
+
+    def path(self, ref: str) -> str:
+        return os.path.join(self.dir, hashlib.sha256(ref.encode()).hexdigest())
+
+    def release(self, ref: str) -> None:
+        self._locked.pop(ref, None)
+
+    def open_writer(self, ref: str, total: int, expected: str) -> IngestWriter:
+        """Create or resume the ingest of `ref` and lock it (UNAVAILABLE if already locked)."""
+        validate_ref(ref)
+        if expected:
+            if os.path.exists(self.blob_path(parse_digest(expected))):
+                raise AlreadyExists(f"content {expected}: already exists")
+        if ref in self._locked:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._locked[ref] / 1e9))
+            raise Unavailable(f"ref {ref} locked for writing (since {since})")
+        path = self.path(ref)
+        now = time.time_ns()
+        resumed = os.path.isdir(path)
+        if resumed:
+            status = self._status_at(path)
+            if status.ref != ref:
+                raise FailedPrecondition(f"ingest ref key does not match: {ref} != {status.ref}")
+        else:
+            tmp = f"{path}.new.{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            _write_small(os.path.join(tmp, "ref"), ref)
+            _write_small(os.path.join(tmp, "startedat"), str(now))
+            if total > 0:
+                _write_small(os.path.join(tmp, "total"), str(total))
+            if expected:
+                _write_small(os.path.join(tmp, "expected"), expected)
+            open(os.path.join(tmp, "data"), "wb").close()
+            os.rename(tmp, path)
+            status = IngestStatus(ref, 0, total, now, now, expected)
+        self._locked[ref] = now
+        try:
+            writer = IngestWriter(self, ref, path, status)
+            if resumed:
+                writer.set_total(total)
+        except BaseException:
+            self.release(ref)
+            raise
+        return writer
+
+    def _status_at(self, path: str) -> IngestStatus:
+        ref = _read_text(os.path.join(path, "ref"))
+        try:
+            st = os.stat(os.path.join(path, "data"))
+        except FileNotFoundError:
+            raise NotFound(f"ingest ref {ref!r}: not found") from None
+        started = int(_read_text(os.path.join(path, "startedat"), "0") or 0)
+        total = int(_read_text(os.path.join(path, "total"), "0") or 0)
+        expected = _read_text(os.path.join(path, "expected"))
+        return IngestStatus(ref, st.st_size, total, started or st.st_mtime_ns, st.st_mtime_ns, expected)
+
+    def status(self, ref: str) -> IngestStatus:
+        validate_ref(ref)
+        path = self.path(ref)
+        if not os.path.isdir(path):
+            raise NotFound(f"ingest ref {ref!r}: not found")
+        return self._status_at(path)
+
+    def walk(self) -> Iterator[IngestStatus]:
+        with os.scandir(self.dir) as it:
+            names = [e.name for e in it if e.is_dir() and len(e.name) == 64]
+        for name in names:
+            try:
+                yield self._status_at(os.path.join(self.dir, name))
+            except NotFound:
+                continue  # committed or aborted while we listed
+
+    def abort(self, ref: str) -> None:
+        validate_ref(ref)
+        path = self.path(ref)
+        if not os.path.isdir(path):
+            raise NotFound(f"ingest ref {ref!r}: not found")
+        shutil.rmtree(path)
