@@ -187,7 +187,8 @@ class Containerd:
     `content_socket=None` runs containerd's builtin content store: the benchmarks' baseline.
     """
 
-    def __init__(self, workdir: str, content_socket: str | None, registry_hosts: list[str] | None = None) -> None:
+    def __init__(self, workdir: str, content_socket: str | None, registry_hosts: list[str] | None = None,
+                 auto_gc: bool = True) -> None:
         self.dir = workdir
         self.socket = os.path.join(workdir, "containerd.sock")
         self.root = os.path.join(workdir, "root")
@@ -195,11 +196,11 @@ class Containerd:
         os.makedirs(workdir, exist_ok=True)
         self.config = os.path.join(workdir, "config.toml")
         with open(self.config, "w") as f:
-            f.write(self._config_toml(content_socket, registry_hosts or []))
+            f.write(self._config_toml(content_socket, registry_hosts or [], auto_gc))
         self.proc = Proc("containerd", [shutil.which("containerd") or "containerd", "--config", self.config],
                          os.path.join(workdir, "containerd.log"))
 
-    def _config_toml(self, content_socket: str | None, registry_hosts: list[str]) -> str:
+    def _config_toml(self, content_socket: str | None, registry_hosts: list[str], auto_gc: bool) -> str:
         lines = [
             "version = 2",
             f'root = "{self.root}"',
@@ -224,6 +225,10 @@ class Containerd:
             f'  bin_dir = "{self.dir}/cni-bin"',
             f'  conf_dir = "{self.dir}/cni-conf"',
         ]
+        if not auto_gc:
+            # Benchmarks ingest unreferenced blobs; only an explicit `--sync` delete collects them.
+            lines += ['[plugins."io.containerd.gc.v1.scheduler"]', "  mutation_threshold = 1000000000",
+                      "  deletion_threshold = 1000000000", "  startup_delay = \"0s\""]
         for host in registry_hosts:
             lines += [
                 f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]',

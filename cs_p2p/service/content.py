@@ -147,6 +147,7 @@ class ContentService(pb_grpc.ContentServicer):
             if writer.offset > 0:
                 # Resuming after a restart: rebuild the hash of what is on disk, off the loop.
                 await asyncio.get_running_loop().run_in_executor(None, writer.rehash)
+                log.info("ingest resumed", extra={"ref": writer.ref, "offset": writer.offset})
             while True:
                 resp = await self._write_step(writer, req)
                 yield resp

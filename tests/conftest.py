@@ -1,0 +1,114 @@
+"""Fixtures: real processes only (cs-p2p daemon, containerd, registry), each stopped by its fixture."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import tempfile
+from typing import Iterator
+
+import grpc
+import pytest
+
+from cs_p2p.api import content_pb2 as pb
+from cs_p2p.api import content_pb2_grpc
+from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry
+
+GRPC_OPTS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+HAVE_CONTAINERD = all(shutil.which(b) for b in ("containerd", "ctr", "docker-registry", "skopeo")) and os.geteuid() == 0
+
+
+@pytest.fixture
+def workdir() -> Iterator[str]:
+    # Short paths: unix socket names are limited to 108 bytes.
+    d = tempfile.mkdtemp(prefix="csp-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(workdir: str) -> Iterator[CsP2P]:
+    cs = CsP2P(os.path.join(workdir, "cs")).start()
+    yield cs
+    cs.stop()
+
+
+def content_stub(cs: CsP2P) -> tuple[grpc.Channel, content_pb2_grpc.ContentStub]:
+    ch = grpc.insecure_channel("unix:" + cs.socket, options=GRPC_OPTS)
+    return ch, content_pb2_grpc.ContentStub(ch)
+
+
+@pytest.fixture
+def stub(daemon: CsP2P) -> Iterator[content_pb2_grpc.ContentStub]:
+    ch, st = content_stub(daemon)
+    yield st
+    ch.close()
+
+
+class WriteSession:
+    """A Write stream driven one request at a time, like containerd's remote writer."""
+
+    def __init__(self, stub: content_pb2_grpc.ContentStub) -> None:
+        self._q: "queue.Queue[pb.WriteContentRequest | None]" = queue.Queue()
+        self._responses = stub.Write(iter(self._q.get, None))
+
+    def send(self, **kw) -> pb.WriteContentResponse:
+        self._q.put(pb.WriteContentRequest(**kw))
+        return next(self._responses)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._responses.cancel()
+
+
+@pytest.fixture
+def writes(stub) -> Iterator:
+    sessions: list[WriteSession] = []
+
+    def open_session() -> WriteSession:
+        s = WriteSession(stub)
+        sessions.append(s)
+        return s
+
+    yield open_session
+    for s in sessions:
+        s.close()
+
+
+requires_containerd = pytest.mark.skipif(
+    not HAVE_CONTAINERD, reason="needs root and containerd, ctr, docker-registry, skopeo (hack/install-deps.sh)"
+)
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Registry]:
+    if not HAVE_CONTAINERD:
+        pytest.skip("needs docker-registry (hack/install-deps.sh)")
+    d = tempfile.mkdtemp(prefix="csp-reg-", dir="/tmp")
+    reg = Registry(d).start()
+    yield reg
+    reg.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Node:
+    """One containerd whose content store is one cs-p2p daemon."""
+
+    def __init__(self, workdir: str, registry: Registry) -> None:
+        self.cs = CsP2P(os.path.join(workdir, "cs")).start()
+        self.containerd = Containerd(os.path.join(workdir, "ctd"), self.cs.socket, [registry.addr]).start()
+
+    def ctr(self, *args: str, **kw):
+        return self.containerd.ctr(*args, **kw)
+
+    def stop(self) -> None:
+        self.containerd.stop()
+        self.cs.stop()
+
+
+@pytest.fixture
+def node(workdir: str, registry: Registry) -> Iterator[Node]:
+    n = Node(workdir, registry)
+    yield n
+    n.stop()

@@ -1,0 +1,47 @@
+"""Configuration: TOML keys are flag names, flags win, mistakes are errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cs_p2p.config import Config, ConfigError, load_config
+
+
+def test_toml_then_flags(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('root = "/data/cs"\nsocket = "/run/a.sock"\nlog-level = "debug"\nsocket-mode = "0600"\n')
+    cfg = load_config(str(f), {"socket": "/run/b.sock", "root": None})
+    assert cfg == Config(root="/data/cs", socket="/run/b.sock", log_level="debug", socket_mode=0o600)
+
+
+@pytest.mark.parametrize("body", ['bogus = 1\n', 'root = 5\n', 'log-level = "loud"\n', "root = \n"])
+def test_bad_config_is_an_error(tmp_path, body):
+    f = tmp_path / "c.toml"
+    f.write_text(body)
+    with pytest.raises(ConfigError):
+        load_config(str(f), {})
+
+
+def test_cli_reports_bad_config_with_exit_2(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("bogus = 1\n")
+    res = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "serve", "--config", str(f)], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown setting 'bogus'" in res.stderr
+
+
+def test_containerd_config_disables_builtin_and_registers_proxy():
+    import tomllib
+
+    out = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--socket", "/run/x.sock"],
+                         capture_output=True, text=True, check=True).stdout
+    cfg = tomllib.loads(out)
+    assert cfg["version"] == 2
+    assert cfg["disabled_plugins"] == ["io.containerd.content.v1.content"]
+    assert cfg["proxy_plugins"]["cs-p2p"] == {"type": "content", "address": "/run/x.sock"}
+    with open("packaging/containerd/config.toml", "rb") as f:
+        shipped = tomllib.load(f)
+    assert shipped["proxy_plugins"]["cs-p2p"]["type"] == "content"
+    assert shipped["disabled_plugins"] == cfg["disabled_plugins"]
