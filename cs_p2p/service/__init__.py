@@ -10,12 +10,37 @@ import signal
 
 import grpc
 
-from ..api import content_pb2_grpc
+from google.protobuf.message_factory import GetMessageClass
+
+from ..api import content_pb2
 from ..config import Config
 from ..store import LocalStore
 from .content import ContentService
+from .wire import decode_write_request
 
 log = logging.getLogger("cs_p2p.serve")
+
+
+def content_handler(servicer: ContentService) -> grpc.GenericRpcHandler:
+    """Method handlers for the Content service, built from its descriptor.
+
+    Like the generated `add_ContentServicer_to_server`, except that Write's requests are
+    decoded without copying their data (`wire.decode_write_request`).
+    """
+    service = content_pb2.DESCRIPTOR.services_by_name["Content"]
+    handlers = {}
+    for method in service.methods:
+        request = GetMessageClass(method.input_type)
+        response = GetMessageClass(method.output_type)
+        decode = decode_write_request if method.name == "Write" else request.FromString
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(getattr(servicer, method.name), request_deserializer=decode,
+                                     response_serializer=response.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 def _bind_unix(server: grpc.aio.Server, path: str) -> None:
@@ -49,7 +74,7 @@ async def serve(cfg: Config) -> None:
         ("grpc.max_send_message_length", cfg.grpc_max_message_bytes),
     ]
     server = grpc.aio.server(options=opts)
-    content_pb2_grpc.add_ContentServicer_to_server(ContentService(store), server)
+    server.add_generic_rpc_handlers((content_handler(ContentService(store)),))
     _bind_unix(server, cfg.socket)
     await server.start()
     os.chmod(cfg.socket, cfg.socket_mode)

@@ -23,6 +23,7 @@ from ..errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
 from ..filters import info_adaptor, parse_filters, status_adaptor
 from ..store import BlobInfo, IngestStatus, IngestWriter, LocalStore
 from .errors import grpc_errors
+from .wire import WriteRequest
 
 log = logging.getLogger("cs_p2p.service")
 
@@ -159,7 +160,7 @@ class ContentService(pb_grpc.ContentServicer):
         finally:
             writer.close()
 
-    async def _write_step(self, writer: IngestWriter, req: pb.WriteContentRequest) -> pb.WriteContentResponse:
+    async def _write_step(self, writer: IngestWriter, req: WriteRequest) -> pb.WriteContentResponse:
         """One request of a Write stream, as containerd's content service handles it."""
         if req.expected and self.store.blobs.exists(req.expected):
             writer.close()

@@ -15,10 +15,12 @@ state cannot be saved, so a resumed ingest re-reads its data once to rebuild it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -26,6 +28,9 @@ from ..digests import parse_digest
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 _HASH_CHUNK = 4 << 20
+# Write-behind: bytes accepted but not yet on disk, per writer.  Bounds memory per ingest.
+MAX_BYTES_IN_FLIGHT = 16 << 20
+_INLINE_WRITE = 64 << 10
 MAX_REF_LEN = 4096
 
 
@@ -74,6 +79,9 @@ class IngestWriter:
         self.offset = status.offset
         self._hasher = hashlib.sha256()
         self._fd = os.open(self.data_path, os.O_WRONLY | os.O_CREAT, 0o644)
+        self._io: ThreadPoolExecutor | None = None
+        self._inflight: collections.deque[Future[None]] = collections.deque()
+        self._inflight_bytes: collections.deque[int] = collections.deque()
         self.closed = False
 
     def rehash(self) -> None:
@@ -98,26 +106,56 @@ class IngestWriter:
             _write_small(os.path.join(self.path, "total"), str(total))
 
     def truncate(self) -> None:
+        self.drain_sync()
         os.ftruncate(self._fd, 0)
         self._hasher = hashlib.sha256()
         self.offset = 0
         self.updated_at_ns = time.time_ns()
 
-    def write_sync(self, data: bytes | memoryview) -> None:
-        """Append `data`: hash and write with the GIL released (hashlib and os.pwrite both release it)."""
+    def _pwrite_all(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
         written = 0
         while written < len(view):
-            written += os.pwrite(self._fd, view[written:], self.offset + written)
-        self._hasher.update(view)
-        self.offset += written
-        self.updated_at_ns = time.time_ns()
+            written += os.pwrite(self._fd, view[written:], offset + written)
 
-    async def write(self, data: bytes) -> None:
-        if len(data) < 64 << 10:
-            self.write_sync(data)
-        else:
-            await asyncio.get_running_loop().run_in_executor(None, self.write_sync, data)
+    async def write(self, data: bytes | memoryview) -> None:
+        """Append `data`.  The hash is updated before returning (responses carry the digest);
+        the disk write is queued behind it on this writer's own thread, in order, so that it
+        overlaps with receiving the next message.  A failed disk write surfaces on the next
+        call, and `drain` (before commit, truncate and close) waits for all of them.
+        """
+        self._raise_io_error()
+        offset = self.offset
+        self.offset += len(data)
+        self.updated_at_ns = time.time_ns()
+        if len(data) < _INLINE_WRITE and not self._inflight:
+            self._pwrite_all(data, offset)
+            self._hasher.update(data)
+            return
+        if self._io is None:
+            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-io")
+        self._inflight.append(self._io.submit(self._pwrite_all, data, offset))
+        self._inflight_bytes.append(len(data))
+        await asyncio.get_running_loop().run_in_executor(None, self._hasher.update, data)
+        while sum(self._inflight_bytes) > MAX_BYTES_IN_FLIGHT:
+            await asyncio.wrap_future(self._inflight[0])
+            self._raise_io_error()
+
+    def _raise_io_error(self) -> None:
+        while self._inflight and self._inflight[0].done():
+            fut = self._inflight.popleft()
+            self._inflight_bytes.popleft()
+            fut.result()  # re-raises the OSError of a failed write
+
+    async def drain(self) -> None:
+        while self._inflight:
+            await asyncio.wrap_future(self._inflight[0])
+            self._raise_io_error()
+
+    def drain_sync(self) -> None:
+        while self._inflight:
+            self._inflight[0].result()
+            self._raise_io_error()
 
     def commit_sync(self, size: int, expected: str, on_commit: Callable[[str], None]) -> str:
         """Verify size and digest, then fsync and atomically rename into the blob store.
@@ -127,6 +165,7 @@ class IngestWriter:
         """
         if self.closed:
             raise FailedPrecondition("cannot commit on closed writer")
+        self.drain_sync()
         if not os.path.isdir(self.path):
             raise NotFound(f"ingest ref {self.ref!r} was aborted")
         if size > 0 and size != self.offset:
@@ -148,10 +187,18 @@ class IngestWriter:
         return digest
 
     def close(self) -> None:
+        """Release the ref.  Queued writes finish first (bounded by MAX_BYTES_IN_FLIGHT), so
+        the data file holds every byte a response acknowledged before anyone resumes it."""
         if not self.closed:
             self.closed = True
-            os.close(self._fd)
-            self._ingests.release(self.ref)
+            try:
+                for fut in self._inflight:
+                    fut.exception()  # wait; an error here only shortens the resumable prefix
+            finally:
+                if self._io is not None:
+                    self._io.shutdown(wait=True)
+                os.close(self._fd)
+                self._ingests.release(self.ref)
 
 
 def _write_small(path: str, text: str) -> None:

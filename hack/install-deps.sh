@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs everything cs-p2p's demo, tests and benchmarks need on a fresh Debian machine:
+# containerd + runc, the distribution registry, skopeo, containerd's .proto files (for the
+# wire-compatibility test), iproute2 (network namespaces for benchmarks), and the package
+# itself with its dev extras.  Idempotent; needs root (or sudo) for apt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+PKGS=(containerd runc docker-registry skopeo golang-github-containerd-containerd-dev iproute2)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: apt packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian's packages start their services where systemd runs; the tests start their own
+# instances on private sockets and ports, so the system ones are not needed.
+
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import cs_p2p, grpc_tools, pytest_asyncio, pytest_timeout' 2>/dev/null; then
+  echo "install-deps: pip install -e .[dev]"
+  "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]'
+fi
+echo "install-deps: ok ($(containerd --version | awk '{print $3}'), $("$PY" --version))"
