@@ -327,3 +327,20 @@ def test_sigterm_keeps_ingests_resumable_and_metadata_persisted(daemon, writes):
     finally:
         ch.close()
 
+
+
+def test_undecodable_messages_are_invalid_argument(daemon, stub):
+    ch = grpc.insecure_channel("unix:" + daemon.socket)
+    try:
+        info = ch.unary_unary("/containerd.services.content.v1.Content/Info")
+        with pytest.raises(grpc.RpcError) as exc:
+            info(b"\x0a\xff\xff")  # a string field longer than the message
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        write = ch.stream_stream("/containerd.services.content.v1.Content/Write")
+        first = pb.WriteContentRequest(action=pb.STAT, ref="ok").SerializeToString()
+        with pytest.raises(grpc.RpcError) as exc:
+            list(write(iter([first, b"\x32\x09short"])))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        ch.close()
+    assert stub.Status(pb.StatusRequest(ref="ok")).status.offset == 0  # the daemon carries on

@@ -16,7 +16,7 @@ from ..api import content_pb2
 from ..config import Config
 from ..store import LocalStore
 from .content import ContentService
-from .wire import decode_write_request
+from .wire import decode_write_request, tolerant
 
 log = logging.getLogger("cs_p2p.serve")
 
@@ -25,7 +25,8 @@ def content_handler(servicer: ContentService) -> grpc.GenericRpcHandler:
     """Method handlers for the Content service, built from its descriptor.
 
     Like the generated `add_ContentServicer_to_server`, except that Write's requests are
-    decoded without copying their data (`wire.decode_write_request`).
+    decoded without copying their data (`wire.decode_write_request`) and undecodable
+    requests reach the handler as `wire.Malformed` (answered INVALID_ARGUMENT).
     """
     service = content_pb2.DESCRIPTOR.services_by_name["Content"]
     handlers = {}
@@ -38,7 +39,7 @@ def content_handler(servicer: ContentService) -> grpc.GenericRpcHandler:
             (False, True): grpc.unary_stream_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = kind(getattr(servicer, method.name), request_deserializer=decode,
+        handlers[method.name] = kind(getattr(servicer, method.name), request_deserializer=tolerant(decode),
                                      response_serializer=response.SerializeToString)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 

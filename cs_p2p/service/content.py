@@ -22,7 +22,7 @@ from ..digests import parse_digest
 from ..errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
 from ..filters import info_adaptor, parse_filters, status_adaptor
 from ..store import BlobInfo, IngestStatus, IngestWriter, LocalStore
-from .errors import grpc_errors
+from .errors import check_request, grpc_errors
 from .wire import WriteRequest
 
 log = logging.getLogger("cs_p2p.service")
@@ -141,6 +141,7 @@ class ContentService(pb_grpc.ContentServicer):
         req = await context.read()
         if req is grpc.aio.EOF:
             return
+        check_request(req)
         if not req.ref:
             raise InvalidArgument("first message must have a reference")
         writer = self.store.ingests.open_writer(req.ref, req.total, req.expected)
@@ -157,6 +158,7 @@ class ContentService(pb_grpc.ContentServicer):
                 req = await context.read()
                 if req is grpc.aio.EOF:
                     return
+                check_request(req)
         finally:
             writer.close()
 

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import grpc
 
-from ..errors import ContentError
+from ..errors import ContentError, InvalidArgument
+from .wire import Malformed
 
 log = logging.getLogger("cs_p2p.service")
 
@@ -28,13 +29,23 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {exc}"
 
 
+def check_request(request: Any) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(request.reason)
+
+
 def grpc_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a servicer method (coroutine or async generator) to map errors to statuses."""
+    """Wrap a servicer method (coroutine or async generator) to map errors to statuses.
+
+    Unary requests that could not be decoded are refused here; stream handlers call
+    `check_request` on each message they read.
+    """
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def gen(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                check_request(request)
                 async for item in fn(self, request, context):
                     yield item
             except (ContentError, OSError) as exc:
@@ -45,6 +56,7 @@ def grpc_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            check_request(request)
             return await fn(self, request, context)
         except (ContentError, OSError) as exc:
             await context.abort(*_status_for(exc))

@@ -11,6 +11,7 @@ two on random messages.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
@@ -108,3 +109,21 @@ def decode_write_request(raw: bytes) -> WriteRequest:
                     val = _text(evalue)
             req.labels[key] = val
     return req
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Stands in for a request that could not be decoded, so the handler can answer
+    INVALID_ARGUMENT (grpc itself would answer INTERNAL and log a traceback)."""
+
+    reason: str
+
+
+def tolerant(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def run(raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except Exception as exc:  # protobuf's DecodeError, ours, or a bad UTF-8 string
+            return Malformed(f"malformed request: {exc}")
+
+    return run
