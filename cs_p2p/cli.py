@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--socket-mode", help="permissions of the socket, octal (default 0660)")
     s.add_argument("--log-level", help="debug, info, warning or error (default info)")
     s.add_argument("--log-format", help="json or text (default json)")
+    s.add_argument("--peer-listen", help="HOST:PORT for the peer transfer server (default: off)")
+    s.add_argument("--peer-max-uploads", type=int, help="concurrent uploads to peers (default 16)")
+    s.add_argument("--peer-rate-limit", type=int, help="upload bytes per second to peers, 0 = unlimited")
 
     c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment")
     c.add_argument("--socket", default=DEFAULT_SOCKET, help="cs-p2p's unix socket")

@@ -27,6 +27,9 @@ class Config:
     log_level: str = "info"
     log_format: str = "json"
     grpc_max_message_bytes: int = 16 << 20
+    peer_listen: str = ""  # HOST:PORT of the peer transfer server; empty: not started
+    peer_max_uploads: int = 16
+    peer_rate_limit: int = 0  # bytes per second over all uploads; 0: unlimited
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -63,6 +66,18 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
     cfg = cfg.merged(flags, "flags")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log-level must be debug, info, warning or error, got {cfg.log_level!r}")
+    if cfg.peer_listen:
+        parse_host_port(cfg.peer_listen, "peer-listen")
+    if cfg.peer_max_uploads < 1 or cfg.peer_rate_limit < 0:
+        raise ConfigError("peer-max-uploads must be >= 1 and peer-rate-limit >= 0")
     if cfg.log_format not in ("json", "text"):
         raise ConfigError(f"log-format must be json or text, got {cfg.log_format!r}")
     return cfg
+
+
+def parse_host_port(value: str, what: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[v6]:PORT`; port 0 lets the system choose."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{what} must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)

@@ -344,3 +344,14 @@ def test_undecodable_messages_are_invalid_argument(daemon, stub):
     finally:
         ch.close()
     assert stub.Status(pb.StatusRequest(ref="ok")).status.offset == 0  # the daemon carries on
+
+
+def test_logs_are_json_lines_with_event_fields(daemon, writes):
+    import json
+
+    digest = commit_blob(writes, b"logged", ref="log-ref")
+    records = [json.loads(line) for line in open(daemon.proc.log_path) if line.strip()]
+    assert records[0]["msg"] == "serving" and records[0]["socket"] == daemon.socket
+    committed = [r for r in records if r["msg"] == "blob committed"]
+    assert committed and committed[-1]["digest"] == digest and committed[-1]["ref"] == "log-ref"
+    assert all({"time", "level", "logger", "msg"} <= r.keys() for r in records)

@@ -13,7 +13,8 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 
 from ..api import content_pb2
-from ..config import Config
+from ..config import Config, parse_host_port
+from ..peer.server import PeerServer
 from ..store import LocalStore
 from .content import ContentService
 from .wire import decode_write_request, tolerant
@@ -80,6 +81,12 @@ async def serve(cfg: Config) -> None:
     await server.start()
     os.chmod(cfg.socket, cfg.socket_mode)
     log.info("serving", extra={"socket": cfg.socket, "root": store.root})
+    peer = None
+    if cfg.peer_listen:
+        host, port = parse_host_port(cfg.peer_listen, "peer-listen")
+        peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit)
+        port = await peer.start(host, port)
+        log.info("peer server listening", extra={"host": host, "port": port})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -87,6 +94,8 @@ async def serve(cfg: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
+    if peer:
+        await peer.stop()
     await server.stop(grace=5)
     try:
         os.unlink(cfg.socket)

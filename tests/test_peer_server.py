@@ -1,0 +1,123 @@
+"""The peer transfer server: what another node's fetcher sees over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+
+import aiohttp
+import pytest
+
+from cs_p2p.peer.server import PeerServer
+from cs_p2p.store import LocalStore
+
+
+async def commit(store: LocalStore, data: bytes, ref: str = "r") -> str:
+    w = store.ingests.open_writer(ref, len(data), "")
+    await w.write(data)
+    await w.drain()
+    digest = w.commit_sync(len(data), "", lambda d: store.blobs.record_commit(d, {}))
+    return digest
+
+
+@pytest.fixture
+async def peer(tmp_path):
+    servers = []
+
+    async def start(**kw):
+        store = LocalStore(str(tmp_path / f"root{len(servers)}"))
+        srv = PeerServer(store, **kw)
+        port = await srv.start("127.0.0.1", 0)
+        servers.append(srv)
+        return store, srv, f"http://127.0.0.1:{port}"
+
+    yield start
+    for srv in servers:
+        await srv.stop()
+
+
+async def test_get_head_and_ranges(peer):
+    store, _, base = await peer()
+    data = os.urandom(3 << 20)
+    digest = await commit(store, data)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/blobs/{digest}") as r:
+            assert r.status == 200 and await r.read() == data
+            assert r.headers["Docker-Content-Digest"] == digest
+        async with s.head(f"{base}/blobs/{digest}") as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) == len(data)
+        for rng, expect in [("bytes=10-19", data[10:20]), ("bytes=100-", data[100:]), ("bytes=-5", data[-5:])]:
+            async with s.get(f"{base}/blobs/{digest}", headers={"Range": rng}) as r:
+                assert r.status == 206, rng
+                assert await r.read() == expect, rng
+        async with s.get(f"{base}/blobs/{digest}", headers={"Range": f"bytes={len(data)}-"}) as r:
+            assert r.status == 416
+
+
+async def test_unknown_malformed_and_uncommitted_blobs(peer):
+    store, _, base = await peer()
+    w = store.ingests.open_writer("in-flight", 10, "")
+    await w.write(b"12345")
+    partial = "sha256:" + hashlib.sha256(b"12345").hexdigest()
+    async with aiohttp.ClientSession() as s:
+        for path, status in [(f"/blobs/{partial}", 404), ("/blobs/sha256:xyz", 400),
+                             ("/blobs/sha256:" + "0" * 64, 404), ("/blobs/..%2F..%2Fetc%2Fpasswd", 400)]:
+            async with s.get(base + path) as r:
+                assert r.status == status, path
+    w.close()
+
+
+async def test_full_upload_slots_answer_503_and_rate_limit_paces(peer):
+    rate = 2 << 20
+    store, srv, base = await peer(max_uploads=1, rate_limit=rate)
+    data = os.urandom(5 << 20)
+    digest = await commit(store, data)
+    async with aiohttp.ClientSession() as s:
+        t0 = time.monotonic()
+        first = asyncio.ensure_future(s.get(f"{base}/blobs/{digest}"))
+        deadline = time.monotonic() + 10
+        while srv.active == 0:  # wait until the first upload holds the only slot
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        async with s.get(f"{base}/blobs/{digest}") as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "1"
+        r1 = await first
+        assert await r1.read() == data
+        elapsed = time.monotonic() - t0
+    # One second of burst, then `rate` bytes per second: 5 MiB at 2 MiB/s takes >= 1.5 s.
+    assert elapsed >= (len(data) - rate) / rate * 0.9
+    assert srv.bytes_sent == len(data)
+
+
+def test_daemon_serves_committed_blobs_to_peers(workdir):
+    """`cs-p2p serve --peer-listen`: a blob committed through containerd's API is fetchable."""
+    import urllib.error
+    import urllib.request
+
+    from cs_p2p.api import content_pb2 as pb
+    from cs_p2p.devcluster.processes import CsP2P, free_port
+    from tests.conftest import WriteSession, content_stub
+
+    port = free_port()
+    cs = CsP2P(os.path.join(workdir, "cs"), ["--peer-listen", f"127.0.0.1:{port}"]).start()
+    try:
+        ch, stub = content_stub(cs)
+        data = os.urandom(100_000)
+        w = WriteSession(stub)
+        w.send(action=pb.STAT, ref="r")
+        w.send(action=pb.WRITE, offset=0, data=data)
+        digest = w.send(action=pb.COMMIT, offset=len(data)).digest
+        w.close()
+        ch.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/blobs/{digest}", timeout=10) as r:
+            assert r.read() == data
+        stub_ch, stub = content_stub(cs)
+        stub.Delete(pb.DeleteContentRequest(digest=digest))
+        stub_ch.close()
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/blobs/{digest}", timeout=10)
+        assert exc.value.code == 404  # deleted by containerd's GC: no longer served
+    finally:
+        cs.stop()
