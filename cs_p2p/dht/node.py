@@ -1,0 +1,174 @@
+"""A DHT node: announce, withdraw and look up the providers of a digest.
+
+Built on `kademlia`'s routing, crawling and UDP transport; provider records travel through
+the RPCs of `protocol.ProviderProtocol`.  Lookups merge the records of every node they ask
+instead of stopping at the first answer (kademlia's `get` returns the first value it meets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import time
+
+from kademlia.crawling import NodeSpiderCrawl
+from kademlia.network import Server
+from kademlia.node import Node, NodeHeap
+
+from ..config import parse_host_port
+from .protocol import ProviderProtocol
+from .providers import ProviderRecord
+
+log = logging.getLogger("cs_p2p.dht")
+
+DEFAULT_TTL = 3600.0
+
+
+def provider_key(digest: str) -> bytes:
+    """The 20-byte DHT key under which the providers of `digest` are kept."""
+    return hashlib.sha1(b"cs-p2p/providers/" + digest.encode()).digest()
+
+
+def load_or_create_node_id(root: str) -> bytes:
+    """A node keeps its id across restarts, so its records and routing entries stay valid."""
+    path = os.path.join(root, "dht", "node_id")
+    try:
+        with open(path) as f:
+            node_id = bytes.fromhex(f.read().strip())
+        if len(node_id) == 20:
+            return node_id
+    except (FileNotFoundError, ValueError):
+        pass
+    node_id = os.urandom(20)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(node_id.hex())
+    os.replace(tmp, path)
+    return node_id
+
+
+class _KademliaServer(Server):
+    protocol_class = ProviderProtocol
+
+    def __init__(self, ksize: int, alpha: int, node_id: bytes, wait_timeout: float) -> None:
+        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id)
+        self._wait_timeout = wait_timeout
+
+    def _create_protocol(self) -> ProviderProtocol:
+        return ProviderProtocol(self.node, self.storage, self.ksize, self._wait_timeout)
+
+
+class DhtNode:
+    def __init__(self, node_id: bytes, peer_addr: str, ttl: float = DEFAULT_TTL, ksize: int = 20, alpha: int = 3,
+                 rpc_timeout: float = 1.0) -> None:
+        self.node_id = node_id
+        self.peer_addr = peer_addr
+        self.ttl = ttl
+        self.server = _KademliaServer(ksize, alpha, node_id, rpc_timeout)
+        self.held: dict[str, int] = {}  # digest -> size, re-announced before expiry
+        self._republisher: asyncio.Task | None = None
+
+    @property
+    def protocol(self) -> ProviderProtocol:
+        return self.server.protocol
+
+    async def listen(self, host: str, port: int) -> int:
+        await self.server.listen(port, interface=host)
+        port = self.server.transport.get_extra_info("sockname")[1]
+        self._republisher = asyncio.get_running_loop().create_task(self._republish_loop())
+        return port
+
+    async def bootstrap(self, addrs: list[str]) -> int:
+        """Join through `HOST:PORT` contacts (names resolved, e.g. a headless Service); returns peers met."""
+        loop = asyncio.get_running_loop()
+        resolved: set[tuple[str, int]] = set()
+        for addr in addrs:
+            host, port = parse_host_port(addr, "bootstrap")
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except socket.gaierror as exc:
+                log.warning("bootstrap address does not resolve", extra={"addr": addr, "error": str(exc)})
+                continue
+            resolved.update((info[4][0], info[4][1]) for info in infos if info[0] == socket.AF_INET)
+        if not resolved:
+            return 0
+        found = await self.server.bootstrap(sorted(resolved))
+        return len(found)
+
+    def stop(self) -> None:
+        if self._republisher:
+            self._republisher.cancel()
+        self.server.stop()
+
+    def _record(self, size: int) -> ProviderRecord:
+        return ProviderRecord(self.node_id, self.peer_addr, size, time.time() + self.ttl)
+
+    async def _closest(self, key: bytes) -> list[Node]:
+        target = Node(key)
+        nearest = self.protocol.router.find_neighbors(target)
+        if not nearest:
+            return []
+        return await NodeSpiderCrawl(self.protocol, target, nearest, self.server.ksize, self.server.alpha).find()
+
+    async def announce(self, digest: str, size: int) -> int:
+        """Publish this node as a provider of `digest`; returns how many nodes stored it."""
+        self.held[digest] = size
+        key, rec = provider_key(digest), self._record(size)
+        self.protocol.providers.add(key, rec)
+        nodes = await self._closest(key)
+        results = await asyncio.gather(*(self.protocol.call_add_provider(n, key, rec) for n in nodes))
+        return sum(results)
+
+    async def withdraw(self, digest: str) -> int:
+        """Stop providing `digest` (deleted locally): remove our record where it was stored."""
+        self.held.pop(digest, None)
+        key = provider_key(digest)
+        self.protocol.providers.remove(key, self.node_id)
+        nodes = await self._closest(key)
+        results = await asyncio.gather(*(self.protocol.call_remove_provider(n, key) for n in nodes))
+        return sum(results)
+
+    async def find_providers(self, digest: str, want: int = 0) -> list[ProviderRecord]:
+        """Providers of `digest` other than this node, freshest first.
+
+        Walks towards the key like a node lookup, asking `alpha` nodes at a time, and merges
+        every record it is given; stops when the k closest have answered or, with `want`,
+        once that many providers are known.
+        """
+        key = provider_key(digest)
+        found = {r.node_id: r for r in self.protocol.providers.get(key)}
+        target = Node(key)
+        shortlist = NodeHeap(target, self.server.ksize)
+        shortlist.push(self.protocol.router.find_neighbors(target, self.server.ksize))
+        while not (want and len(found.keys() - {self.node_id}) >= want):
+            batch = shortlist.get_uncontacted()[: self.server.alpha]
+            if not batch:
+                break
+            for n in batch:
+                shortlist.mark_contacted(n)
+            replies = await asyncio.gather(*(self.protocol.call_get_providers(n, key) for n in batch))
+            for n, reply in zip(batch, replies):
+                if reply is None:
+                    shortlist.remove([n.id])
+                    continue
+                records, nodes = reply
+                for rec in records:
+                    if rec.expires > time.time():
+                        found[rec.node_id] = rec
+                shortlist.push([m for m in nodes if m.id != self.node_id])
+        found.pop(self.node_id, None)
+        return sorted(found.values(), key=lambda r: -r.expires)
+
+    async def _republish_loop(self) -> None:
+        """Re-announce every held blob at half the record lifetime, before records expire."""
+        while True:
+            await asyncio.sleep(self.ttl / 2)
+            for digest, size in list(self.held.items()):
+                try:
+                    await self.announce(digest, size)
+                except Exception:  # one failed announce must not stop the loop
+                    log.exception("re-announce failed", extra={"digest": digest})

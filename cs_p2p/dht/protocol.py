@@ -1,0 +1,97 @@
+"""Kademlia protocol with provider-record RPCs.
+
+Sharp edges of `kademlia`/`rpcudp` guarded here:
+- a handler that raises sends no reply, and the caller waits out its whole timeout:
+  every RPC of ours catches bad input and answers `{"error": ...}` instead;
+- replies must fit the 8 KiB datagram cap: `get_providers` returns at most
+  `MAX_RECORDS_PER_REPLY` records and the usual k neighbours;
+- calls to peers that are gone wait `wait_timeout` (5 s by default): lookups use a
+  shorter timeout, since `Info` must answer quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+
+from .providers import ProviderRecord, ProviderStore
+
+log = logging.getLogger("cs_p2p.dht")
+
+MAX_RECORDS_PER_REPLY = 40  # 40 x ~70 bytes + 20 neighbours x ~45 bytes < 8 KiB
+
+
+def _is_key(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) == 20
+
+
+class ProviderProtocol(KademliaProtocol):
+    def __init__(self, source_node: Node, storage: Any, ksize: int, wait_timeout: float = 1.0) -> None:
+        super().__init__(source_node, storage, ksize)
+        self._wait_timeout = wait_timeout
+        self.providers = ProviderStore()
+
+    def _sender_node(self, sender: tuple[str, int], nodeid: object) -> Node | None:
+        if not _is_key(nodeid):
+            return None
+        node = Node(nodeid, sender[0], sender[1])
+        self.welcome_if_new(node)
+        return node
+
+    def rpc_add_provider(self, sender, nodeid, key, record) -> Any:
+        node = self._sender_node(sender, nodeid)
+        if node is None or not _is_key(key):
+            return {"error": "bad node id or key"}
+        try:
+            rec = ProviderRecord.from_wire(record)
+        except ValueError as exc:
+            return {"error": str(exc)}
+        if rec.node_id != nodeid:
+            return {"error": "a node announces only itself"}
+        self.providers.add(key, rec)
+        return True
+
+    def rpc_remove_provider(self, sender, nodeid, key) -> Any:
+        if self._sender_node(sender, nodeid) is None or not _is_key(key):
+            return {"error": "bad node id or key"}
+        self.providers.remove(key, nodeid)  # only the sender's own record
+        return True
+
+    def rpc_get_providers(self, sender, nodeid, key) -> Any:
+        node = self._sender_node(sender, nodeid)
+        if node is None or not _is_key(key):
+            return {"error": "bad node id or key"}
+        records = [r.to_wire() for r in self.providers.get(key)[:MAX_RECORDS_PER_REPLY]]
+        neighbors = self.router.find_neighbors(Node(key), exclude=node)
+        return {"providers": records, "nodes": [tuple(n) for n in neighbors]}
+
+    async def call_add_provider(self, node: Node, key: bytes, rec: ProviderRecord) -> bool:
+        result = await self.add_provider((node.ip, node.port), self.source_node.id, key, rec.to_wire())
+        self.handle_call_response(result, node)
+        return result[0] and result[1] is True
+
+    async def call_remove_provider(self, node: Node, key: bytes) -> bool:
+        result = await self.remove_provider((node.ip, node.port), self.source_node.id, key)
+        self.handle_call_response(result, node)
+        return result[0] and result[1] is True
+
+    async def call_get_providers(self, node: Node, key: bytes) -> tuple[list[ProviderRecord], list[Node]] | None:
+        """Records and closer nodes from `node`, or None if it did not answer sensibly."""
+        result = await self.get_providers((node.ip, node.port), self.source_node.id, key)
+        self.handle_call_response(result, node)
+        ok, reply = result
+        if not ok or not isinstance(reply, dict) or "providers" not in reply:
+            return None
+        records, nodes = [], []
+        for raw in reply.get("providers", [])[:MAX_RECORDS_PER_REPLY]:
+            try:
+                records.append(ProviderRecord.from_wire(raw))
+            except ValueError:
+                continue  # one bad record does not spoil the rest
+        for raw in reply.get("nodes", []):
+            if isinstance(raw, (list, tuple)) and len(raw) == 3 and _is_key(raw[0]):
+                nodes.append(Node(raw[0], raw[1], raw[2]))
+        return records, nodes

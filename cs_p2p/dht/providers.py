@@ -1,0 +1,80 @@
+"""Provider records: which nodes hold a blob, many per digest, each with an expiry.
+
+The `kademlia` package stores ONE value per key (a second `set` overwrites it), so provider
+records live in this store of their own and travel through RPCs of our own
+(`cs_p2p.dht.protocol`).  A record is keyed by the publishing node's id, so a node's
+re-announce replaces its own record and a withdraw removes only its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+MAX_PROVIDERS_PER_KEY = 64  # what one node keeps per digest; the newest win
+
+
+@dataclass(frozen=True)
+class ProviderRecord:
+    node_id: bytes  # 20-byte Kademlia id of the provider
+    addr: str  # host:port of its peer transfer server
+    size: int
+    expires: float  # unix time
+
+    def to_wire(self) -> list:
+        return [self.node_id, self.addr, self.size, self.expires]
+
+    @classmethod
+    def from_wire(cls, value: object) -> "ProviderRecord":
+        """Parse a record from an RPC; anything malformed raises ValueError."""
+        if not isinstance(value, (list, tuple)) or len(value) != 4:
+            raise ValueError("provider record must have 4 fields")
+        node_id, addr, size, expires = value
+        if not (isinstance(node_id, bytes) and len(node_id) == 20):
+            raise ValueError("provider node id must be 20 bytes")
+        if not (isinstance(addr, str) and 0 < len(addr) <= 262 and ":" in addr):
+            raise ValueError("provider address must be host:port")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+            raise ValueError("provider size must be a non-negative integer")
+        if not isinstance(expires, (int, float)) or isinstance(expires, bool):
+            raise ValueError("provider expiry must be a number")
+        return cls(node_id, addr, size, float(expires))
+
+
+class ProviderStore:
+    """key (20 bytes) -> {node id -> record}; expired records vanish on access."""
+
+    def __init__(self, max_per_key: int = MAX_PROVIDERS_PER_KEY) -> None:
+        self.max_per_key = max_per_key
+        self._data: dict[bytes, dict[bytes, ProviderRecord]] = {}
+
+    def add(self, key: bytes, rec: ProviderRecord) -> None:
+        recs = self._data.setdefault(key, {})
+        recs[rec.node_id] = rec
+        if len(recs) > self.max_per_key:
+            oldest = min(recs.values(), key=lambda r: r.expires)
+            del recs[oldest.node_id]
+
+    def remove(self, key: bytes, node_id: bytes) -> bool:
+        recs = self._data.get(key)
+        if not recs or node_id not in recs:
+            return False
+        del recs[node_id]
+        if not recs:
+            del self._data[key]
+        return True
+
+    def get(self, key: bytes, now: float | None = None) -> list[ProviderRecord]:
+        now = time.time() if now is None else now
+        recs = self._data.get(key)
+        if not recs:
+            return []
+        live = {nid: r for nid, r in recs.items() if r.expires > now}
+        if live:
+            self._data[key] = live
+        else:
+            del self._data[key]
+        return sorted(live.values(), key=lambda r: -r.expires)
+
+    def keys(self) -> list[bytes]:
+        return list(self._data)

@@ -1,0 +1,133 @@
+"""Provider records in a real Kademlia network of in-process nodes on loopback (UDP)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from cs_p2p.dht.node import DhtNode, load_or_create_node_id, provider_key
+from cs_p2p.dht.protocol import MAX_RECORDS_PER_REPLY
+from cs_p2p.dht.providers import ProviderRecord
+
+D1 = "sha256:" + "11" * 32
+D2 = "sha256:" + "22" * 32
+
+
+def addr_of(node: DhtNode) -> tuple[str, int]:
+    host, port = node.dht_addr.rsplit(":", 1)
+    return host, int(port)
+
+
+@pytest.fixture
+async def network():
+    nodes: list[DhtNode] = []
+
+    async def make(n: int, ttl: float = 3600) -> list[DhtNode]:
+        for i in range(n):
+            node = DhtNode(os.urandom(20), f"127.0.0.1:{20000 + len(nodes)}", ttl=ttl)
+            port = await node.listen("127.0.0.1", 0)
+            node.dht_addr = f"127.0.0.1:{port}"
+            if nodes:
+                await node.bootstrap([nodes[0].dht_addr])
+            nodes.append(node)
+        # a second pass lets early nodes learn of later ones, as refreshes would
+        for node in nodes[1:]:
+            await node.bootstrap([nodes[-1].dht_addr])
+        return nodes
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+async def test_many_providers_per_digest_are_found_from_any_node(network):
+    nodes = await network(10)
+    await nodes[1].announce(D1, 1234)
+    await nodes[2].announce(D1, 1234)
+    for asker in (nodes[0], nodes[5], nodes[9]):
+        found = await asker.find_providers(D1)
+        assert {r.node_id for r in found} == {nodes[1].node_id, nodes[2].node_id}
+        assert {r.addr for r in found} == {nodes[1].peer_addr, nodes[2].peer_addr}
+        assert all(r.size == 1234 for r in found)
+    assert await nodes[3].find_providers(D2) == []
+
+
+async def test_withdraw_removes_only_the_withdrawing_node(network):
+    nodes = await network(8)
+    await nodes[1].announce(D1, 10)
+    await nodes[2].announce(D1, 10)
+    assert await nodes[1].withdraw(D1) > 0
+    found = await nodes[6].find_providers(D1)
+    assert [r.node_id for r in found] == [nodes[2].node_id]
+    assert D1 not in nodes[1].held
+
+
+async def test_records_expire_and_are_reannounced(network):
+    nodes = await network(5, ttl=1.0)
+    await nodes[1].announce(D1, 5)
+    # The republisher runs every ttl/2, so the record stays findable past its first expiry.
+    first = (await nodes[3].find_providers(D1))[0]
+    deadline = time.monotonic() + 10
+    while True:
+        found = await nodes[3].find_providers(D1)
+        if found and found[0].expires > first.expires:
+            break
+        assert time.monotonic() < deadline, "record was never re-announced"
+        await asyncio.sleep(0.1)
+    nodes[1].stop()  # a node that is gone stops re-announcing: its record expires
+    deadline = time.monotonic() + 10
+    while await nodes[3].find_providers(D1):
+        assert time.monotonic() < deadline, "expired record still returned"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_node_cannot_announce_or_withdraw_for_another(network):
+    nodes = await network(3)
+    await nodes[1].announce(D1, 7)
+    key = provider_key(D1)
+    target = addr_of(nodes[2])
+    forged = ProviderRecord(nodes[1].node_id, "10.9.9.9:1", 7, time.time() + 60)
+    ok, reply = await nodes[0].protocol.add_provider(target, nodes[0].node_id, key, forged.to_wire())
+    assert ok and "error" in reply
+    # remove_provider only ever removes the sender's own record
+    ok, _ = await nodes[0].protocol.remove_provider(target, nodes[0].node_id, key)
+    assert [r.node_id for r in await nodes[0].find_providers(D1)] == [nodes[1].node_id]
+
+
+async def test_bad_rpc_arguments_get_an_error_reply_not_a_timeout(network):
+    nodes = await network(2)
+    target = addr_of(nodes[1])
+    for args in [(b"short", b"k" * 20), (nodes[0].node_id, "not-bytes"), (nodes[0].node_id, b"k" * 20, ["x"])]:
+        method = nodes[0].protocol.add_provider if len(args) == 3 else nodes[0].protocol.get_providers
+        ok, reply = await method(target, *args)
+        assert ok and isinstance(reply, dict) and "error" in reply, args
+
+
+async def test_replies_stay_under_the_datagram_cap_with_many_providers(network):
+    nodes = await network(4)
+    key = provider_key(D1)
+    for _ in range(60):  # more providers than one reply carries
+        rec = ProviderRecord(os.urandom(20), "127.0.0.1:65535", 2**40, time.time() + 600)
+        for n in nodes:
+            n.protocol.providers.add(key, rec)
+    found = await nodes[0].find_providers(D1)
+    assert len(found) >= MAX_RECORDS_PER_REPLY
+
+
+async def test_bootstrap_resolves_names_and_node_id_persists(tmp_path, network):
+    nodes = await network(2)
+    node_id = load_or_create_node_id(str(tmp_path))
+    assert load_or_create_node_id(str(tmp_path)) == node_id  # kept across restarts
+    joiner = DhtNode(node_id, "127.0.0.1:1")
+    await joiner.listen("127.0.0.1", 0)
+    try:
+        port = nodes[0].dht_addr.split(":")[1]
+        assert await joiner.bootstrap([f"localhost:{port}"]) >= 1
+        await nodes[1].announce(D2, 3)
+        assert [r.node_id for r in await joiner.find_providers(D2)] == [nodes[1].node_id]
+        assert await joiner.bootstrap(["no-such-host.invalid:1"]) == 0
+    finally:
+        joiner.stop()
