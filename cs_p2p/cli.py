@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--peer-listen", help="HOST:PORT for the peer transfer server (default: off)")
     s.add_argument("--peer-max-uploads", type=int, help="concurrent uploads to peers (default 16)")
     s.add_argument("--peer-rate-limit", type=int, help="upload bytes per second to peers, 0 = unlimited")
+    s.add_argument("--advertise-addr", help="host other nodes reach this one at (default: peer-listen's host)")
+    s.add_argument("--dht-listen", help="HOST:PORT (UDP) for the DHT node (default: off)")
+    s.add_argument("--bootstrap", action="append", help="HOST:PORT of a DHT node to join through (repeatable)")
+    s.add_argument("--dht-ttl", type=int, help="provider record lifetime in seconds (default 3600)")
+
+    loc = sub.add_parser("locate", help="print the nodes that provide a digest")
+    loc.add_argument("digest")
+    loc.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
 
     c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment")
     c.add_argument("--socket", default=DEFAULT_SOCKET, help="cs-p2p's unix socket")
@@ -39,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "containerd-config":
         sys.stdout.write(containerd_config(args.socket))
         return 0
+    if args.command == "locate":
+        from .dht.locate import locate
+
+        return asyncio.run(locate(args.digest, args.bootstrap))
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         cfg = load_config(args.config, flags)

@@ -30,6 +30,10 @@ class Config:
     peer_listen: str = ""  # HOST:PORT of the peer transfer server; empty: not started
     peer_max_uploads: int = 16
     peer_rate_limit: int = 0  # bytes per second over all uploads; 0: unlimited
+    advertise_addr: str = ""  # host other nodes reach this one at; default: peer-listen's host
+    dht_listen: str = ""  # HOST:PORT (UDP) of the DHT node; empty: no DHT
+    bootstrap: list = dataclasses.field(default_factory=list)  # HOST:PORT contacts, names resolved
+    dht_ttl: int = 3600  # seconds a provider record lives; re-announced at half of it
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -46,6 +50,11 @@ class Config:
             if key not in known:
                 raise ConfigError(f"{source}: unknown setting {raw_key!r}")
             default = getattr(type(self)(), key)
+            if isinstance(default, list):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{source}: {raw_key} must be a list of strings, got {value!r}")
+                changes[key] = list(value)
+                continue
             if key == "socket_mode" and isinstance(value, str):
                 value = int(value, 8)
             if not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool):
@@ -68,6 +77,15 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         raise ConfigError(f"log-level must be debug, info, warning or error, got {cfg.log_level!r}")
     if cfg.peer_listen:
         parse_host_port(cfg.peer_listen, "peer-listen")
+    if cfg.dht_listen:
+        parse_host_port(cfg.dht_listen, "dht-listen")
+        if not cfg.peer_listen:
+            raise ConfigError("dht-listen needs peer-listen: provider records carry the peer address")
+        peer_advertised(cfg)
+    for addr in cfg.bootstrap:
+        parse_host_port(addr, "bootstrap")
+    if cfg.dht_ttl < 10:
+        raise ConfigError("dht-ttl must be at least 10 seconds")
     if cfg.peer_max_uploads < 1 or cfg.peer_rate_limit < 0:
         raise ConfigError("peer-max-uploads must be >= 1 and peer-rate-limit >= 0")
     if cfg.log_format not in ("json", "text"):
@@ -81,3 +99,12 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"{what} must be HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def peer_advertised(cfg: Config) -> str:
+    """The `host:port` other nodes fetch from: advertise-addr, or peer-listen's own host."""
+    host, port = parse_host_port(cfg.peer_listen, "peer-listen")
+    host = cfg.advertise_addr or host
+    if host in ("0.0.0.0", "::", ""):
+        raise ConfigError("peer-listen is a wildcard address: set advertise-addr to this node's address")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -71,6 +71,7 @@ class DhtNode:
         self.server = _KademliaServer(ksize, alpha, node_id, rpc_timeout)
         self.held: dict[str, int] = {}  # digest -> size, re-announced before expiry
         self._republisher: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
 
     @property
     def protocol(self) -> ProviderProtocol:
@@ -82,8 +83,7 @@ class DhtNode:
         self._republisher = asyncio.get_running_loop().create_task(self._republish_loop())
         return port
 
-    async def bootstrap(self, addrs: list[str]) -> int:
-        """Join through `HOST:PORT` contacts (names resolved, e.g. a headless Service); returns peers met."""
+    async def _resolve(self, addrs: list[str]) -> set[tuple[str, int]]:
         loop = asyncio.get_running_loop()
         resolved: set[tuple[str, int]] = set()
         for addr in addrs:
@@ -94,14 +94,39 @@ class DhtNode:
                 log.warning("bootstrap address does not resolve", extra={"addr": addr, "error": str(exc)})
                 continue
             resolved.update((info[4][0], info[4][1]) for info in infos if info[0] == socket.AF_INET)
+        return resolved
+
+    async def bootstrap(self, addrs: list[str]) -> int:
+        """Join through `HOST:PORT` contacts (names resolved, e.g. a headless Service); returns peers met."""
+        resolved = await self._resolve(addrs)
         if not resolved:
             return 0
         found = await self.server.bootstrap(sorted(resolved))
         return len(found)
 
+    async def keep_joined(self, addrs: list[str], interval: float = 5.0, sparse_interval: float = 60.0) -> None:
+        """Bootstrap again until a bootstrap contact is in the routing table (contacts may start
+        after us, and passing clients fill the table without joining us to the cluster), then
+        now and then while the table holds fewer than k nodes."""
+        while True:
+            contacts = self.protocol.router.find_neighbors(Node(self.node_id), self.server.ksize)
+            known = {(n.ip, n.port) for n in contacts}
+            resolved = await self._resolve(addrs)
+            joined = bool(known & resolved)
+            if not joined or len(contacts) < self.server.ksize:
+                met = await self.server.bootstrap(sorted(resolved)) if resolved else []
+                if met and not joined:
+                    log.info("dht joined", extra={"peers": len(met)})
+                    for digest, size in list(self.held.items()):
+                        await self.announce(digest, size)
+                    joined = True
+            await asyncio.sleep(sparse_interval if joined else interval)
+
     def stop(self) -> None:
         if self._republisher:
             self._republisher.cancel()
+        for task in list(self._background):
+            task.cancel()
         self.server.stop()
 
     def _record(self, size: int) -> ProviderRecord:
@@ -162,6 +187,31 @@ class DhtNode:
                 shortlist.push([m for m in nodes if m.id != self.node_id])
         found.pop(self.node_id, None)
         return sorted(found.values(), key=lambda r: -r.expires)
+
+    # ContentEvents: the content service reports commits and deletes; the network work runs
+    # in the background so that no containerd call waits on the DHT.
+    def committed(self, digest: str, size: int) -> None:
+        self._spawn(self.announce(digest, size), "announce", digest)
+
+    def deleted(self, digest: str) -> None:
+        self._spawn(self.withdraw(digest), "withdraw", digest)
+
+    def _spawn(self, coro, what: str, digest: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning(f"{what} failed", extra={"digest": digest, "error": repr(t.exception())})
+
+        task.add_done_callback(done)
+
+    async def announce_all(self, blobs: list[tuple[str, int]]) -> None:
+        """Start-up: announce what the node already holds."""
+        for digest, size in blobs:
+            await self.announce(digest, size)
+        log.info("announced held blobs", extra={"count": len(blobs)})
 
     async def _republish_loop(self) -> None:
         """Re-announce every held blob at half the record lifetime, before records expire."""

@@ -13,7 +13,8 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 
 from ..api import content_pb2
-from ..config import Config, parse_host_port
+from ..config import Config, parse_host_port, peer_advertised
+from ..dht.node import DhtNode, load_or_create_node_id
 from ..peer.server import PeerServer
 from ..store import LocalStore
 from .content import ContentService
@@ -71,12 +72,15 @@ async def serve(cfg: Config) -> None:
     """Run until SIGTERM/SIGINT; ingests in flight stay on disk and resume on the next start."""
     store = LocalStore(cfg.root)
     lock = _lock_root(store.root)
+    dht = None
+    if cfg.dht_listen:
+        dht = DhtNode(load_or_create_node_id(store.root), peer_advertised(cfg), ttl=cfg.dht_ttl)
     opts = [
         ("grpc.max_receive_message_length", cfg.grpc_max_message_bytes),
         ("grpc.max_send_message_length", cfg.grpc_max_message_bytes),
     ]
     server = grpc.aio.server(options=opts)
-    server.add_generic_rpc_handlers((content_handler(ContentService(store)),))
+    server.add_generic_rpc_handlers((content_handler(ContentService(store, dht)),))
     _bind_unix(server, cfg.socket)
     await server.start()
     os.chmod(cfg.socket, cfg.socket_mode)
@@ -87,6 +91,15 @@ async def serve(cfg: Config) -> None:
         peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit)
         port = await peer.start(host, port)
         log.info("peer server listening", extra={"host": host, "port": port})
+    if dht:
+        host, port = parse_host_port(cfg.dht_listen, "dht-listen")
+        port = await dht.listen(host, port)
+        log.info("dht listening", extra={"host": host, "port": port, "node_id": dht.node_id.hex()})
+        held = [(info.digest, info.size) for info in store.blobs.walk()]
+        dht.held.update(held)
+        if cfg.bootstrap:
+            dht._spawn(dht.keep_joined(cfg.bootstrap), "join", "*")
+        dht._spawn(dht.announce_all(held), "announce held blobs", "*")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,6 +107,8 @@ async def serve(cfg: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
+    if dht:
+        dht.stop()
     if peer:
         await peer.stop()
     await server.stop(grace=5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Protocol
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -57,9 +58,19 @@ def _status_pb(st: IngestStatus) -> pb.Status:
     )
 
 
+class ContentEvents(Protocol):
+    """Told of blobs appearing and disappearing (the DHT announces and withdraws them).
+    Called on the event loop; must not block."""
+
+    def committed(self, digest: str, size: int) -> None: ...
+
+    def deleted(self, digest: str) -> None: ...
+
+
 class ContentService(pb_grpc.ContentServicer):
-    def __init__(self, store: LocalStore) -> None:
+    def __init__(self, store: LocalStore, events: ContentEvents | None = None) -> None:
         self.store = store
+        self.events = events
 
     @grpc_errors
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
@@ -89,6 +100,8 @@ class ContentService(pb_grpc.ContentServicer):
     async def Delete(self, request: pb.DeleteContentRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         self.store.blobs.delete(request.digest)
         log.info("blob deleted", extra={"digest": request.digest})
+        if self.events:
+            self.events.deleted(request.digest)
         return empty_pb2.Empty()
 
     @grpc_errors
@@ -197,6 +210,8 @@ class ContentService(pb_grpc.ContentServicer):
                 lambda d: self.store.blobs.record_commit(d, labels),
             )
             log.info("blob committed", extra={"digest": digest, "size": writer.offset, "ref": writer.ref})
+            if self.events:
+                self.events.committed(digest, writer.offset)
         return pb.WriteContentResponse(
             action=req.action,
             started_at=_ts(writer.started_at_ns),
