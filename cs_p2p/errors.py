@@ -40,3 +40,10 @@ class Unavailable(ContentError):
 
 class OutOfRange(ContentError):
     code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Aborted(ContentError):
+    """A blob being fetched from peers could not be completed (every provider failed, or the
+    bytes did not match the digest).  Not UNAVAILABLE: containerd would retry that forever."""
+
+    code = grpc.StatusCode.ABORTED

@@ -8,6 +8,7 @@ cs-p2p registered as a content proxy plugin.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -138,6 +139,17 @@ class Registry:
 
     def stop(self) -> None:
         self.proc.stop()
+
+    def blob_bytes_served(self) -> dict[str, int]:
+        """Bytes of each blob the registry sent to containerd, from its access log."""
+        served: dict[str, int] = {}
+        pattern = re.compile(r'"GET /v2/\S+/blobs/(sha256:[0-9a-f]{64}) HTTP/[0-9.]+" (\d+) (\d+) "[^"]*" "containerd')
+        with open(self.proc.log_path, errors="replace") as f:
+            for line in f:
+                m = pattern.search(line)
+                if m and m.group(2) in ("200", "206"):
+                    served[m.group(1)] = served.get(m.group(1), 0) + int(m.group(3))
+        return served
 
 
 class CsP2P:

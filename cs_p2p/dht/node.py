@@ -157,12 +157,14 @@ class DhtNode:
         results = await asyncio.gather(*(self.protocol.call_remove_provider(n, key) for n in nodes))
         return sum(results)
 
-    async def find_providers(self, digest: str, want: int = 0) -> list[ProviderRecord]:
+    async def find_providers(self, digest: str, want: int = 0, round_timeout: float = 0.3) -> list[ProviderRecord]:
         """Providers of `digest` other than this node, freshest first.
 
         Walks towards the key like a node lookup, asking `alpha` nodes at a time, and merges
         every record it is given; stops when the k closest have answered or, with `want`,
-        once that many providers are known.
+        once that many providers are known.  A round waits at most `round_timeout` for its
+        replies: a dead contact must not stall a lookup that `Info` is waiting on (late
+        replies still update the routing table in the background).
         """
         key = provider_key(digest)
         found = {r.node_id: r for r in self.protocol.providers.get(key)}
@@ -175,10 +177,12 @@ class DhtNode:
                 break
             for n in batch:
                 shortlist.mark_contacted(n)
-            replies = await asyncio.gather(*(self.protocol.call_get_providers(n, key) for n in batch))
-            for n, reply in zip(batch, replies):
+            calls = {asyncio.ensure_future(self.protocol.call_get_providers(n, key)): n for n in batch}
+            done, _late = await asyncio.wait(calls, timeout=round_timeout)
+            for call in done:
+                reply = call.result()
                 if reply is None:
-                    shortlist.remove([n.id])
+                    shortlist.remove([calls[call].id])
                     continue
                 records, nodes = reply
                 for rec in records:

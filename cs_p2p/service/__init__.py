@@ -15,6 +15,8 @@ from google.protobuf.message_factory import GetMessageClass
 from ..api import content_pb2
 from ..config import Config, parse_host_port, peer_advertised
 from ..dht.node import DhtNode, load_or_create_node_id
+from ..fetch.fetcher import Fetcher
+from ..fetch.source import PeerSource
 from ..peer.server import PeerServer
 from ..store import LocalStore
 from .content import ContentService
@@ -72,15 +74,17 @@ async def serve(cfg: Config) -> None:
     """Run until SIGTERM/SIGINT; ingests in flight stay on disk and resume on the next start."""
     store = LocalStore(cfg.root)
     lock = _lock_root(store.root)
-    dht = None
+    dht = peers = fetcher = None
     if cfg.dht_listen:
         dht = DhtNode(load_or_create_node_id(store.root), peer_advertised(cfg), ttl=cfg.dht_ttl)
+        fetcher = Fetcher(store, on_committed=dht.committed)
+        peers = PeerSource(dht, fetcher)
     opts = [
         ("grpc.max_receive_message_length", cfg.grpc_max_message_bytes),
         ("grpc.max_send_message_length", cfg.grpc_max_message_bytes),
     ]
     server = grpc.aio.server(options=opts)
-    server.add_generic_rpc_handlers((content_handler(ContentService(store, dht)),))
+    server.add_generic_rpc_handlers((content_handler(ContentService(store, dht, peers)),))
     _bind_unix(server, cfg.socket)
     await server.start()
     os.chmod(cfg.socket, cfg.socket_mode)
@@ -107,6 +111,8 @@ async def serve(cfg: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
+    if fetcher:
+        await fetcher.close()
     if dht:
         dht.stop()
     if peer:

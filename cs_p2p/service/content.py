@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Protocol
+import time
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -20,11 +21,15 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from ..api import content_pb2 as pb
 from ..api import content_pb2_grpc as pb_grpc
 from ..digests import parse_digest
-from ..errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
+from ..errors import Aborted, AlreadyExists, InvalidArgument, NotFound, OutOfRange
+from ..fetch.fetcher import Fetch, FetchFailed
 from ..filters import info_adaptor, parse_filters, status_adaptor
 from ..store import BlobInfo, IngestStatus, IngestWriter, LocalStore
 from .errors import check_request, grpc_errors
 from .wire import WriteRequest
+
+if TYPE_CHECKING:
+    from ..fetch.source import PeerSource
 
 log = logging.getLogger("cs_p2p.service")
 
@@ -68,13 +73,24 @@ class ContentEvents(Protocol):
 
 
 class ContentService(pb_grpc.ContentServicer):
-    def __init__(self, store: LocalStore, events: ContentEvents | None = None) -> None:
+    def __init__(self, store: LocalStore, events: ContentEvents | None = None,
+                 peers: "PeerSource | None" = None) -> None:
         self.store = store
         self.events = events
+        self.peers = peers
 
     @grpc_errors
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
+        try:
+            return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
+        except NotFound:
+            fetch = await self.peers.locate(request.digest) if self.peers else None
+            if fetch is None:
+                raise
+        # Held by peers: containerd records it as present and reads it through Read, which
+        # streams the bytes as the background fetch brings them.
+        now = time.time_ns()
+        return pb.InfoResponse(info=_info_pb(BlobInfo(fetch.digest, fetch.size, now, now, {})))
 
     @grpc_errors
     async def Update(self, request: pb.UpdateRequest, context: grpc.aio.ServicerContext) -> pb.UpdateResponse:
@@ -107,12 +123,16 @@ class ContentService(pb_grpc.ContentServicer):
     @grpc_errors
     async def Read(self, request: pb.ReadContentRequest, context: grpc.aio.ServicerContext):
         hex_ = parse_digest(request.digest)
+        fetch = None
         try:
             fd = os.open(self.store.blobs.blob_path(hex_), os.O_RDONLY)
         except FileNotFoundError:
-            raise NotFound(f"content {request.digest}: not found") from None
+            fetch = self.peers.inflight(request.digest) if self.peers else None
+            if fetch is None:
+                raise NotFound(f"content {request.digest}: not found") from None
+            fd = self._open_fetch(fetch, hex_)
         try:
-            size = os.fstat(fd).st_size
+            size = fetch.size if fetch else os.fstat(fd).st_size
             offset = max(request.offset, 0)
             if offset > size:
                 raise OutOfRange(f"read past object length {size} bytes")
@@ -120,6 +140,11 @@ class ContentService(pb_grpc.ContentServicer):
             loop = asyncio.get_running_loop()
             while offset < end:
                 n = min(READ_CHUNK, end - offset)
+                if fetch is not None:
+                    try:
+                        await fetch.wait_range(offset, n)  # stream as pieces arrive from peers
+                    except FetchFailed as exc:
+                        raise Aborted(f"fetching {request.digest} from peers failed: {exc}") from None
                 if n <= _INLINE_IO:
                     data = os.pread(fd, n, offset)
                 else:
@@ -130,6 +155,15 @@ class ContentService(pb_grpc.ContentServicer):
                 offset += len(data)
         finally:
             os.close(fd)
+
+    def _open_fetch(self, fetch: "Fetch", hex_: str) -> int:
+        """The file a fetch writes into, or the blob it has just been committed as."""
+        for path in (fetch.path, self.store.blobs.blob_path(hex_)):
+            try:
+                return os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+        raise Aborted(f"fetching sha256:{hex_} from peers failed: {fetch.error}")
 
     @grpc_errors
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:

@@ -1,0 +1,224 @@
+"""Multi-source fetch of a blob from peers, readable while it arrives.
+
+A blob is cut into pieces; workers take pieces and download them with HTTP Range requests
+from the providers in turn, so several peers serve one blob at once.  A piece that fails is
+put back and tried at another provider; a provider that fails repeatedly is dropped for this
+fetch.  Bytes are hashed in order as the prefix grows, and the digest is verified before the
+file is committed into the store (fsync + rename) and announced.  `wait_range` lets `Read`
+stream bytes as soon as their piece is on disk.
+
+Concurrent requests for one digest share one fetch.  A failed fetch is remembered for a while
+(`negative_ttl`) so that containerd's retry gets NOT_FOUND at once and uses the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import aiohttp
+
+from ..digests import parse_digest
+from ..dht.providers import ProviderRecord
+from ..store import LocalStore
+
+log = logging.getLogger("cs_p2p.fetch")
+
+PIECE = 4 << 20
+MAX_WORKERS = 8
+FAILURES_BEFORE_DROP = 2
+
+
+class FetchFailed(Exception):
+    pass
+
+
+@dataclass
+class Fetch:
+    digest: str
+    size: int
+    path: str
+    pieces: int
+    done_pieces: set[int] = field(default_factory=set)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    error: str | None = None
+    committed: bool = False
+    task: asyncio.Task | None = None
+    bytes_from: dict[str, int] = field(default_factory=dict)
+
+    def covered(self, offset: int, n: int) -> bool:
+        first, last = offset // PIECE, (offset + max(n, 1) - 1) // PIECE
+        return all(p in self.done_pieces for p in range(first, min(last, self.pieces - 1) + 1))
+
+    async def wait_range(self, offset: int, n: int) -> None:
+        """Return when [offset, offset+n) is on disk; raise FetchFailed if the fetch failed."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.error is not None or self.committed or self.covered(offset, n))
+        if self.error is not None and not self.committed:
+            raise FetchFailed(self.error)
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+
+class Fetcher:
+    def __init__(self, store: LocalStore, on_committed: Callable[[str, int], None] | None = None,
+                 negative_ttl: float = 60.0, timeout: float = 30.0) -> None:
+        self.store = store
+        self.on_committed = on_committed
+        self.negative_ttl = negative_ttl
+        self.timeout = timeout
+        self.dir = os.path.join(store.root, "fetch")
+        os.makedirs(self.dir, exist_ok=True)
+        for name in os.listdir(self.dir):  # partial fetches of a previous run are not resumable
+            os.unlink(os.path.join(self.dir, name))
+        self.inflight: dict[str, Fetch] = {}
+        self.failed: dict[str, float] = {}  # digest -> until when fetching is not retried
+        self._session: aiohttp.ClientSession | None = None
+
+    def recently_failed(self, digest: str) -> bool:
+        until = self.failed.get(digest)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self.failed[digest]
+            return False
+        return True
+
+    def start(self, digest: str, size: int, providers: list[ProviderRecord]) -> Fetch:
+        """The fetch of `digest`, started unless one is already under way."""
+        existing = self.inflight.get(digest)
+        if existing is not None:
+            return existing
+        hex_ = parse_digest(digest)
+        fetch = Fetch(digest, size, os.path.join(self.dir, hex_ + ".partial"), max(1, -(-size // PIECE)))
+        self.inflight[digest] = fetch
+        fetch.task = asyncio.get_running_loop().create_task(self._run(fetch, providers))
+        return fetch
+
+    async def close(self) -> None:
+        for fetch in list(self.inflight.values()):
+            if fetch.task:
+                fetch.task.cancel()
+        if self._session:
+            await self._session.close()
+
+    async def _run(self, fetch: Fetch, providers: list[ProviderRecord]) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout))
+        fd = os.open(fetch.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        t0 = time.monotonic()
+        try:
+            os.ftruncate(fd, fetch.size)
+            await self._download(fetch, fd, providers)
+            await asyncio.get_running_loop().run_in_executor(None, self._verify_and_commit, fetch, fd)
+            fetch.committed = True
+            log.info("fetched from peers", extra={"digest": fetch.digest, "size": fetch.size,
+                                                   "seconds": round(time.monotonic() - t0, 3),
+                                                   "sources": fetch.bytes_from})
+            if self.on_committed:
+                self.on_committed(fetch.digest, fetch.size)
+        except asyncio.CancelledError:
+            fetch.error = "fetch cancelled"
+            raise
+        except Exception as exc:
+            fetch.error = str(exc) or repr(exc)
+            self.failed[fetch.digest] = time.monotonic() + self.negative_ttl
+            log.warning("fetch from peers failed", extra={"digest": fetch.digest, "error": fetch.error})
+        finally:
+            os.close(fd)
+            if not fetch.committed and os.path.exists(fetch.path):
+                os.unlink(fetch.path)  # partial data is discarded
+            self.inflight.pop(fetch.digest, None)
+            await fetch._notify()
+
+    async def _download(self, fetch: Fetch, fd: int, providers: list[ProviderRecord]) -> None:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for p in range(fetch.pieces):
+            queue.put_nowait(p)
+        alive = [p.addr for p in providers]
+        failures: dict[str, int] = {}
+        turn = 0
+
+        async def worker() -> None:
+            nonlocal turn
+            while fetch.error is None:
+                try:
+                    piece = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                if not alive:
+                    raise FetchFailed("no provider left to fetch from")
+                addr = alive[turn % len(alive)]
+                turn += 1
+                try:
+                    await self._piece(fetch, fd, addr, piece)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, FetchFailed) as exc:
+                    failures[addr] = failures.get(addr, 0) + 1
+                    if failures[addr] >= FAILURES_BEFORE_DROP and addr in alive:
+                        alive.remove(addr)
+                        log.warning("provider dropped", extra={"digest": fetch.digest, "addr": addr,
+                                                               "error": repr(exc)})
+                    queue.put_nowait(piece)
+                    continue
+                fetch.done_pieces.add(piece)
+                await fetch._notify()
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(MAX_WORKERS, fetch.pieces, 2 * len(alive)))]
+        try:
+            while workers:
+                done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
+                for w in done:
+                    w.result()  # re-raise FetchFailed
+                workers = list(pending)
+                if not workers and len(fetch.done_pieces) < fetch.pieces:
+                    if not alive:
+                        raise FetchFailed("no provider left to fetch from")
+                    workers = [asyncio.ensure_future(worker())]
+        finally:
+            for w in workers:
+                w.cancel()
+
+    async def _piece(self, fetch: Fetch, fd: int, addr: str, piece: int) -> None:
+        start = piece * PIECE
+        end = min(fetch.size, start + PIECE)
+        assert self._session is not None
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        async with self._session.get(f"http://{addr}/blobs/{fetch.digest}", headers=headers) as resp:
+            if resp.status not in (200, 206):
+                raise FetchFailed(f"{addr} answered {resp.status}")
+            offset = start
+            if resp.status == 200:  # a server that ignored Range: skip to our piece
+                await resp.content.readexactly(start)
+            while offset < end:
+                chunk = await resp.content.read(min(1 << 20, end - offset))
+                if not chunk:
+                    raise FetchFailed(f"{addr} closed the connection at {offset}")
+                os.pwrite(fd, chunk, offset)
+                offset += len(chunk)
+        fetch.bytes_from[addr] = fetch.bytes_from.get(addr, 0) + (end - start)
+
+    def _verify_and_commit(self, fetch: Fetch, fd: int) -> None:
+        """Hash what arrived; commit only the exact blob (fsync, read-only, atomic rename)."""
+        h = hashlib.sha256()
+        offset = 0
+        while offset < fetch.size:
+            chunk = os.pread(fd, 4 << 20, offset)
+            if not chunk:
+                break
+            h.update(chunk)
+            offset += len(chunk)
+        got = "sha256:" + h.hexdigest()
+        if offset != fetch.size or got != fetch.digest:
+            raise FetchFailed(f"peers sent bytes that do not match {fetch.digest} (got {got})")
+        os.fsync(fd)
+        os.fchmod(fd, 0o444)
+        target = self.store.blobs.blob_path(parse_digest(fetch.digest))
+        os.rename(fetch.path, target)
+        self.store.blobs.record_commit(fetch.digest, {})
