@@ -50,15 +50,22 @@ class Fetch:
     committed: bool = False
     task: asyncio.Task | None = None
     bytes_from: dict[str, int] = field(default_factory=dict)
+    source: dict[int, str] = field(default_factory=dict)  # piece -> provider that sent it
 
     def covered(self, offset: int, n: int) -> bool:
         first, last = offset // PIECE, (offset + max(n, 1) - 1) // PIECE
         return all(p in self.done_pieces for p in range(first, min(last, self.pieces - 1) + 1))
 
     async def wait_range(self, offset: int, n: int) -> None:
-        """Return when [offset, offset+n) is on disk; raise FetchFailed if the fetch failed."""
+        """Return when [offset, offset+n) is on disk; raise FetchFailed if the fetch failed.
+
+        A range that reaches the end of the blob waits for the digest check: a reader never
+        gets a whole blob before it is verified, so corrupt data cannot pass as complete.
+        """
+        tail = offset + n >= self.size
         async with self.changed:
-            await self.changed.wait_for(lambda: self.error is not None or self.committed or self.covered(offset, n))
+            await self.changed.wait_for(lambda: self.error is not None or self.committed
+                                        or (not tail and self.covered(offset, n)))
         if self.error is not None and not self.committed:
             raise FetchFailed(self.error)
 
@@ -80,6 +87,8 @@ class Fetcher:
             os.unlink(os.path.join(self.dir, name))
         self.inflight: dict[str, Fetch] = {}
         self.failed: dict[str, float] = {}  # digest -> until when fetching is not retried
+        self.banned: dict[str, float] = {}  # provider addr -> until when it is not used
+        self.ban_seconds = 600.0
         self._session: aiohttp.ClientSession | None = None
 
     def recently_failed(self, digest: str) -> bool:
@@ -96,6 +105,8 @@ class Fetcher:
         existing = self.inflight.get(digest)
         if existing is not None:
             return existing
+        now = time.monotonic()
+        providers = [p for p in providers if self.banned.get(p.addr, 0) < now]
         hex_ = parse_digest(digest)
         fetch = Fetch(digest, size, os.path.join(self.dir, hex_ + ".partial"), max(1, -(-size // PIECE)))
         self.inflight[digest] = fetch
@@ -116,8 +127,8 @@ class Fetcher:
         t0 = time.monotonic()
         try:
             os.ftruncate(fd, fetch.size)
-            await self._download(fetch, fd, providers)
-            await asyncio.get_running_loop().run_in_executor(None, self._verify_and_commit, fetch, fd)
+            await self._download(fetch, fd, providers, range(fetch.pieces))
+            await self._verify_or_find_liar(fetch, fd, providers)
             fetch.committed = True
             log.info("fetched from peers", extra={"digest": fetch.digest, "size": fetch.size,
                                                    "seconds": round(time.monotonic() - t0, 3),
@@ -138,9 +149,36 @@ class Fetcher:
             self.inflight.pop(fetch.digest, None)
             await fetch._notify()
 
-    async def _download(self, fetch: Fetch, fd: int, providers: list[ProviderRecord]) -> None:
+    async def _verify_or_find_liar(self, fetch: Fetch, fd: int, providers: list[ProviderRecord]) -> None:
+        """Verify; on a mismatch, re-fetch one suspect's pieces from the others at a time.
+
+        Without per-piece hashes the whole-blob digest is the only truth: the provider whose
+        pieces, fetched elsewhere, make the blob verify is the one that lied, and is banned.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
+            return
+        except FetchFailed as mismatch:
+            first_error = mismatch
+        for suspect in sorted(set(fetch.source.values())):
+            others = [p for p in providers if p.addr != suspect]
+            pieces = [i for i, addr in fetch.source.items() if addr == suspect]
+            if not others:
+                break
+            try:
+                await self._download(fetch, fd, others, pieces)
+                await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
+            except FetchFailed:
+                continue
+            self.banned[suspect] = time.monotonic() + self.ban_seconds
+            log.warning("provider sent corrupt data: banned", extra={"digest": fetch.digest, "addr": suspect})
+            return
+        raise first_error
+
+    async def _download(self, fetch: Fetch, fd: int, providers: list[ProviderRecord], pieces) -> None:
         queue: asyncio.Queue[int] = asyncio.Queue()
-        for p in range(fetch.pieces):
+        for p in pieces:
             queue.put_nowait(p)
         alive = [p.addr for p in providers]
         failures: dict[str, int] = {}
@@ -168,16 +206,17 @@ class Fetcher:
                     queue.put_nowait(piece)
                     continue
                 fetch.done_pieces.add(piece)
+                fetch.source[piece] = addr
                 await fetch._notify()
 
-        workers = [asyncio.ensure_future(worker()) for _ in range(min(MAX_WORKERS, fetch.pieces, 2 * len(alive)))]
+        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, min(MAX_WORKERS, queue.qsize(), 2 * len(alive))))]
         try:
             while workers:
                 done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
                 for w in done:
                     w.result()  # re-raise FetchFailed
                 workers = list(pending)
-                if not workers and len(fetch.done_pieces) < fetch.pieces:
+                if not workers and not queue.empty():
                     if not alive:
                         raise FetchFailed("no provider left to fetch from")
                     workers = [asyncio.ensure_future(worker())]
