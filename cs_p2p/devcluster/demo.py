@@ -1,29 +1,47 @@
-"""`hack/demo`: one node of a local cluster, showing containerd pulling through cs-p2p.
+"""`hack/demo`: a local cluster showing a peer-to-peer pull.
 
-Starts a registry, cs-p2p and a containerd wired to it (builtin content store disabled),
-builds and pushes a random multi-layer image, pulls it with `ctr image pull`, and prints
-where the blobs went and what containerd sees.
+One registry and N nodes, each a containerd whose content store is a cs-p2p daemon (builtin
+store disabled), joined in one DHT.  A random multi-layer image is built and pushed; node 1
+pulls it from the registry, then every other node pulls it — and gets its blobs from peers.
+The table shows, per node, where the bytes came from and how long the pull took.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 
 from .images import build_image, push_image
-from .processes import Containerd, CsP2P, Registry
+from .processes import Containerd, CsP2P, Registry, free_port, wait_for
 
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def peer_bytes(cs: CsP2P) -> int:
+    """Bytes this node fetched from peers, from its structured log."""
+    total = 0
+    with open(cs.proc.log_path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("msg") == "fetched from peers":
+                total += int(rec.get("size", 0))
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hack/demo", description=__doc__)
+    p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     p.add_argument("--layers", type=int, default=4, help="number of layers (default 4)")
     p.add_argument("--layer-mib", type=int, default=8, help="size of each layer in MiB (default 8)")
     p.add_argument("--keep", action="store_true", help="keep the work directory for inspection")
@@ -35,28 +53,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"work dir: {work}")
         reg = Registry(os.path.join(work, "registry")).start()
         procs.append(reg)
-        print(f"registry: http://{reg.addr}")
         img = build_image(os.path.join(work, "image"), [args.layer_mib << 20] * args.layers)
         ref = push_image(img, reg.addr, "demo/app")
-        print(f"image:    {ref} ({args.layers} layers, {_mib(img.total_size)})")
+        print(f"registry: http://{reg.addr}   image: {ref} ({args.layers} layers, {_mib(img.total_size)})")
 
-        cs = CsP2P(os.path.join(work, "node1", "cs-p2p")).start()
-        procs.append(cs)
-        ctd = Containerd(os.path.join(work, "node1", "containerd"), cs.socket, [reg.addr]).start()
-        procs.append(ctd)
-        print(f"node1:    containerd {ctd.socket} -> cs-p2p {cs.socket}")
+        nodes = []
+        first_dht = None
+        for i in range(1, args.nodes + 1):
+            peer, dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+            flags = ["--peer-listen", peer, "--dht-listen", dht] + (["--bootstrap", first_dht] if first_dht else [])
+            cs = CsP2P(os.path.join(work, f"node{i}", "cs-p2p"), flags).start()
+            procs.append(cs)
+            ctd = Containerd(os.path.join(work, f"node{i}", "containerd"), cs.socket, [reg.addr]).start()
+            procs.append(ctd)
+            nodes.append((f"node{i}", cs, ctd))
+            first_dht = first_dht or dht
+            print(f"{nodes[-1][0]}:    containerd -> cs-p2p {cs.socket} (peer {peer}, dht {dht})")
 
-        t0 = time.monotonic()
-        ctd.ctr("image", "pull", "--plain-http", ref)
-        took = time.monotonic() - t0
-        listed = ctd.ctr("content", "ls", "-q").stdout.decode().split()
-        held = cs.blob_digests()
+        rows = []
+        ok = True
+        for name, cs, ctd in nodes:
+            before = sum(reg.blob_bytes_served().values())
+            t0 = time.monotonic()
+            ctd.ctr("image", "pull", "--plain-http", ref)
+            took = time.monotonic() - t0
+            from_registry = sum(reg.blob_bytes_served().values()) - before
+            rows.append((name, took, from_registry, peer_bytes(cs)))
+            ok &= cs.blob_digests() == set(img.digests)
+            if name == "node1" and len(nodes) > 1:
+                _wait_announced(first_dht, img.digests)
+
         print()
-        print(f"pulled {ref} in {took:.2f}s through cs-p2p")
-        print(f"  blobs in cs-p2p root ({cs.root}/blobs/sha256): {len(held)} of {len(img.digests)}")
-        print(f"  containerd's `ctr content ls`:                 {len(listed)} blobs, all served by cs-p2p: "
-              f"{set(listed) == held}")
-        ok = held == set(img.digests) and set(listed) == held
+        print(f"{'node':<8} {'pull':>8} {'from registry':>15} {'from peers':>12}")
+        for name, took, reg_bytes, peer in rows:
+            print(f"{name:<8} {took:>7.2f}s {_mib(reg_bytes):>15} {_mib(peer):>12}")
+        total_registry = sum(r[2] for r in rows)
+        print(f"\nregistry served {_mib(total_registry)} for {args.nodes} pulls of a "
+              f"{_mib(img.total_size)} image ({total_registry / img.total_size:.2f}x the image)")
+        ok &= all(r[2] == 0 for r in rows[1:])
         print("\ndemo:", "OK" if ok else "FAILED")
         return 0 if ok else 1
     finally:
@@ -66,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_announced(dht: str, digests: list[str], timeout: float = 30) -> None:
+    """Node 1 announces in the background after each commit: wait until the DHT has them all."""
+    for digest in digests:
+        wait_for(lambda: subprocess.run([sys.executable, "-m", "cs_p2p.cli", "locate", digest, "--bootstrap", dht],
+                                        capture_output=True, timeout=60).returncode == 0,
+                 timeout, f"{digest} to be announced")
 
 
 if __name__ == "__main__":

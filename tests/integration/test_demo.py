@@ -1,4 +1,4 @@
-"""The README's demo command works end to end (a small image, to keep it quick)."""
+"""The README's demo command works end to end (a small cluster and image, to keep it quick)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from tests.conftest import requires_containerd
 
 
 @requires_containerd
-def test_demo_pulls_through_cs_p2p():
-    res = subprocess.run([sys.executable, "-m", "cs_p2p.devcluster.demo", "--layers", "2", "--layer-mib", "1"],
-                         capture_output=True, text=True, timeout=300)
+def test_demo_pulls_from_the_registry_once_then_from_peers():
+    res = subprocess.run([sys.executable, "-m", "cs_p2p.devcluster.demo", "--nodes", "2", "--layers", "2",
+                          "--layer-mib", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "blobs in cs-p2p root" in res.stdout and "4 of 4" in res.stdout
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.startswith("node") and "MiB" in line}
+    assert rows["node2"][2:4] == ["0.0", "MiB"]  # nothing from the registry
+    assert "(1.00x the image)" in res.stdout
     assert res.stdout.rstrip().endswith("demo: OK")
