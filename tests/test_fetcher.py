@@ -141,3 +141,21 @@ async def test_a_corrupt_provider_among_honest_ones_is_found_and_banned(tmp_path
         assert set(again.bytes_from) == {good}
     finally:
         await fetcher.close()
+
+
+async def test_providers_found_later_join_the_fetch(tmp_path, servers):
+    honest, _ = servers
+    _, good = await honest()
+    store = LocalStore(str(tmp_path / "me"))
+    fetcher = Fetcher(store)
+
+    async def full_lookup():
+        return [record(good)]
+
+    try:
+        # Info met only a dead provider; the full lookup finds a live one.
+        fetch = fetcher.start(DIGEST, len(DATA), [record("127.0.0.1:1")], more=full_lookup)
+        await fetch.task
+        assert fetch.committed and set(fetch.bytes_from) == {good}
+    finally:
+        await fetcher.close()

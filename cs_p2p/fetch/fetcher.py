@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 import aiohttp
 
@@ -100,8 +100,13 @@ class Fetcher:
             return False
         return True
 
-    def start(self, digest: str, size: int, providers: list[ProviderRecord]) -> Fetch:
-        """The fetch of `digest`, started unless one is already under way."""
+    def start(self, digest: str, size: int, providers: list[ProviderRecord],
+              more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> Fetch:
+        """The fetch of `digest`, started unless one is already under way.
+
+        `more` finds further providers: `Info` starts the fetch with the first one it met and
+        the rest join as the full lookup returns, so one dying provider does not end it.
+        """
         existing = self.inflight.get(digest)
         if existing is not None:
             return existing
@@ -110,7 +115,7 @@ class Fetcher:
         hex_ = parse_digest(digest)
         fetch = Fetch(digest, size, os.path.join(self.dir, hex_ + ".partial"), max(1, -(-size // PIECE)))
         self.inflight[digest] = fetch
-        fetch.task = asyncio.get_running_loop().create_task(self._run(fetch, providers))
+        fetch.task = asyncio.get_running_loop().create_task(self._run(fetch, providers, more))
         return fetch
 
     async def close(self) -> None:
@@ -120,14 +125,16 @@ class Fetcher:
         if self._session:
             await self._session.close()
 
-    async def _run(self, fetch: Fetch, providers: list[ProviderRecord]) -> None:
+    async def _run(self, fetch: Fetch, providers: list[ProviderRecord],
+                   more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout))
         fd = os.open(fetch.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         t0 = time.monotonic()
         try:
             os.ftruncate(fd, fetch.size)
-            await self._download(fetch, fd, providers, range(fetch.pieces))
+            providers = list(providers)
+            await self._download(fetch, fd, providers, range(fetch.pieces), more)
             await self._verify_or_find_liar(fetch, fd, providers)
             fetch.committed = True
             log.info("fetched from peers", extra={"digest": fetch.digest, "size": fetch.size,
@@ -176,11 +183,25 @@ class Fetcher:
             return
         raise first_error
 
-    async def _download(self, fetch: Fetch, fd: int, providers: list[ProviderRecord], pieces) -> None:
+    async def _download(self, fetch: Fetch, fd: int, providers: list[ProviderRecord], pieces,
+                        more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> None:
         queue: asyncio.Queue[int] = asyncio.Queue()
         for p in pieces:
             queue.put_nowait(p)
         alive = [p.addr for p in providers]
+        finding = asyncio.ensure_future(more()) if more else None
+
+        def add_found() -> None:
+            nonlocal finding
+            if finding is None or not finding.done():
+                return
+            found = [] if finding.cancelled() or finding.exception() else finding.result()
+            finding = None
+            now = time.monotonic()
+            for rec in found:
+                if rec.size == fetch.size and rec.addr not in alive and self.banned.get(rec.addr, 0) < now:
+                    alive.append(rec.addr)
+                    providers.append(rec)
         failures: dict[str, int] = {}
         turn = 0
 
@@ -191,6 +212,10 @@ class Fetcher:
                     piece = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
+                add_found()
+                if not alive and finding is not None:
+                    await asyncio.wait([finding])  # the full lookup may still bring providers
+                    add_found()
                 if not alive:
                     raise FetchFailed("no provider left to fetch from")
                 addr = alive[turn % len(alive)]
@@ -223,6 +248,8 @@ class Fetcher:
         finally:
             for w in workers:
                 w.cancel()
+            if finding is not None:
+                finding.cancel()
 
     async def _piece(self, fetch: Fetch, fd: int, addr: str, piece: int) -> None:
         start = piece * PIECE

@@ -42,4 +42,5 @@ class PeerSource:
             return None
         # Providers that disagree on the size cannot all be right: follow the majority.
         size = collections.Counter(p.size for p in providers).most_common(1)[0][0]
-        return self.fetcher.start(digest, size, [p for p in providers if p.size == size])
+        return self.fetcher.start(digest, size, [p for p in providers if p.size == size],
+                                  more=lambda: self.dht.find_providers(digest))

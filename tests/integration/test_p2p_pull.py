@@ -18,10 +18,11 @@ pytestmark = requires_containerd
 
 
 class P2PNode:
-    def __init__(self, workdir: str, name: str, registry, bootstrap: str | None) -> None:
+    def __init__(self, workdir: str, name: str, registry, bootstrap: str | None, extra: list[str] | None = None) -> None:
         self.peer = f"127.0.0.1:{free_port()}"
         self.dht = f"127.0.0.1:{free_port()}"
         args = ["--peer-listen", self.peer, "--dht-listen", self.dht] + (["--bootstrap", bootstrap] if bootstrap else [])
+        args += extra or []
         self.cs = CsP2P(os.path.join(workdir, name, "cs"), args).start()
         self.containerd = Containerd(os.path.join(workdir, name, "ctd"), self.cs.socket, [registry.addr]).start()
 
@@ -35,9 +36,10 @@ class P2PNode:
 
 @pytest.fixture
 def cluster(workdir, registry):
+    """Three nodes; node 1 uploads at 8 MiB/s, so a transfer from it lasts long enough to cut."""
     nodes: list[P2PNode] = []
     try:
-        first = P2PNode(workdir, "n1", registry, None)
+        first = P2PNode(workdir, "n1", registry, None, ["--peer-rate-limit", str(8 << 20)])
         nodes.append(first)
         for i in (2, 3):
             nodes.append(P2PNode(workdir, f"n{i}", registry, first.dht))
@@ -80,3 +82,31 @@ def test_second_and_third_node_pull_from_peers_not_the_registry(cluster, registr
     assert registry.blob_bytes_served() == from_registry
     logs = open(n2.cs.proc.log_path).read() + open(n3.cs.proc.log_path).read()
     assert logs.count("fetched from peers") >= 2 * (1 + len(img.layer_digests))
+
+
+def test_a_provider_killed_mid_transfer_does_not_fail_the_pull(cluster, registry, tmp_path):
+    img = build_image(str(tmp_path / "oci"), [24 << 20, 24 << 20])
+    ref = push_image(img, registry.addr, "p2p/fault")
+    n1, n2, n3 = cluster
+    n1.ctr("image", "pull", "--plain-http", ref)
+    for d in img.digests:
+        wait_for(lambda: located(d, n3.dht), 30, f"{d} to be announced by node 1")
+    n2.ctr("image", "pull", "--plain-http", ref)  # now node 1 and node 2 both provide it
+    for d in img.layer_digests:
+        wait_for(lambda: n2.peer in subprocess.run(
+            [sys.executable, "-m", "cs_p2p.cli", "locate", d, "--bootstrap", n3.dht],
+            capture_output=True, text=True, timeout=60).stdout, 30, "node 2's announcement")
+    served_before = registry.blob_bytes_served()
+
+    pull = subprocess.Popen(["ctr", "--address", n3.containerd.socket, "image", "pull", "--plain-http", ref],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        fetch_dir = os.path.join(n3.cs.root, "fetch")
+        wait_for(lambda: any(n.endswith(".partial") for n in os.listdir(fetch_dir)), 60, "node 3 to start fetching")
+        n1.cs.kill()  # a provider dies in the middle of serving pieces
+        assert pull.wait(120) == 0, pull.stderr.read()
+    finally:
+        if pull.poll() is None:
+            pull.kill()
+    assert n3.cs.blob_digests() == set(img.digests)
+    assert registry.blob_bytes_served() == served_before  # completed from node 2, not the registry
