@@ -3,6 +3,7 @@ the same image from peers and the registry serves them no blob bytes at all."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -110,3 +111,89 @@ def test_a_provider_killed_mid_transfer_does_not_fail_the_pull(cluster, registry
             pull.kill()
     assert n3.cs.blob_digests() == set(img.digests)
     assert registry.blob_bytes_served() == served_before  # completed from node 2, not the registry
+
+
+class LyingPeer:
+    """A DHT node announcing blobs it serves corrupted (one flipped byte per range), run on
+    its own event loop in a thread beside the real nodes."""
+
+    def __init__(self, bootstrap: str, blobs: dict[str, bytes]) -> None:
+        import asyncio
+        import threading
+
+        self.blobs = blobs
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(bootstrap,), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30), "lying peer did not start"
+
+    def _run(self, bootstrap: str) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start(bootstrap))
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _start(self, bootstrap: str) -> None:
+        from aiohttp import web
+
+        from cs_p2p.dht.node import DhtNode
+
+        async def handler(request):
+            data = self.blobs[request.match_info["digest"]]
+            rng = request.http_range
+            start, stop = rng.start or 0, len(data) if rng.stop is None else rng.stop
+            body = bytearray(data[start:stop])
+            body[0] ^= 0xFF
+            return web.Response(body=bytes(body), status=206)
+
+        app = web.Application()
+        app.router.add_get("/blobs/{digest}", handler)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.addr = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        self.dht = DhtNode(os.urandom(20), self.addr)
+        await self.dht.listen("127.0.0.1", 0)
+        await self.dht.bootstrap([bootstrap])
+        for digest, data in self.blobs.items():
+            await self.dht.announce(digest, len(data))
+
+    def stop(self) -> None:
+        import asyncio
+
+        async def shutdown():
+            self.dht.stop()
+            await self.runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_a_peer_serving_corrupt_bytes_is_detected_and_the_pull_completes(cluster, registry, tmp_path):
+    img = build_image(str(tmp_path / "oci"), [5 << 20, 3 << 20])
+    ref = push_image(img, registry.addr, "p2p/liar")
+    n1, _, n3 = cluster
+    n1.ctr("image", "pull", "--plain-http", ref)
+    blobs = {d: img.blob_bytes(d) for d in [img.config_digest, *img.layer_digests]}
+    liar = LyingPeer(n1.dht, blobs)
+    try:
+        for d in blobs:
+            wait_for(lambda: liar.addr in subprocess.run(
+                [sys.executable, "-m", "cs_p2p.cli", "locate", d, "--bootstrap", n3.dht],
+                capture_output=True, text=True, timeout=60).stdout, 30, "the liar's announcement")
+        served_before = registry.blob_bytes_served()
+        n3.ctr("image", "pull", "--plain-http", ref)
+    finally:
+        liar.stop()
+    assert n3.cs.blob_digests() == set(img.digests)
+    for d in img.digests:  # what was committed is the real blob
+        with open(n3.cs.blob_path(d), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == d.split(":")[1]
+    assert registry.blob_bytes_served() == served_before
+    log = open(n3.cs.proc.log_path).read()
+    assert "provider sent corrupt data: banned" in log and liar.addr in log
