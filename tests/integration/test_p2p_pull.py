@@ -197,3 +197,29 @@ def test_a_peer_serving_corrupt_bytes_is_detected_and_the_pull_completes(cluster
     assert registry.blob_bytes_served() == served_before
     log = open(n3.cs.proc.log_path).read()
     assert "provider sent corrupt data: banned" in log and liar.addr in log
+
+
+def test_gc_on_a_node_withdraws_its_records_and_others_stop_asking_it(cluster, registry, tmp_path):
+    img = build_image(str(tmp_path / "oci"), [2 << 20, 1 << 20])
+    ref = push_image(img, registry.addr, "p2p/gc")
+    n1, n2, n3 = cluster
+    n1.ctr("image", "pull", "--plain-http", ref)
+    for d in img.digests:
+        wait_for(lambda: located(d, n2.dht), 30, "node 1's announcement")
+    n2.ctr("image", "pull", "--plain-http", ref)
+
+    def providers(digest: str) -> str:
+        return subprocess.run([sys.executable, "-m", "cs_p2p.cli", "locate", digest, "--bootstrap", n3.dht],
+                              capture_output=True, text=True, timeout=60).stdout
+
+    for d in img.layer_digests:
+        wait_for(lambda: n1.peer in providers(d) and n2.peer in providers(d), 30, "both providers")
+    n1.ctr("image", "rm", "--sync", ref)  # containerd GC deletes the blobs through cs-p2p
+    wait_for(lambda: n1.cs.blob_digests() == set(), 30, "GC on node 1")
+    for d in img.digests:
+        wait_for(lambda: n1.peer not in providers(d), 30, "node 1's records to be withdrawn")
+    served_before = registry.blob_bytes_served()
+    n3.ctr("image", "pull", "--plain-http", ref)
+    assert registry.blob_bytes_served() == served_before
+    log = open(n3.cs.proc.log_path).read()
+    assert n2.peer in log and n1.peer not in log  # every piece came from node 2
