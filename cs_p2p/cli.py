@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap", action="append", help="HOST:PORT of a DHT node to join through (repeatable)")
     s.add_argument("--dht-ttl", type=int, help="provider record lifetime in seconds (default 3600)")
 
+    prs = sub.add_parser("peers", help="print the nodes of the DHT network")
+    prs.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
+
     loc = sub.add_parser("locate", help="print the nodes that provide a digest")
     loc.add_argument("digest")
     loc.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
@@ -48,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(containerd_config(args.socket))
         return 0
     if args.command == "locate":
-        from .dht.locate import locate
+        from .dht.operator import locate
 
         return asyncio.run(locate(args.digest, args.bootstrap))
+    if args.command == "peers":
+        from .dht.operator import peers
+
+        return asyncio.run(peers(args.bootstrap))
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         cfg = load_config(args.config, flags)

@@ -76,3 +76,19 @@ def test_restart_keeps_node_id_and_reannounces_held_blobs(pair, workdir):
     assert open(os.path.join(a.root, "dht", "node_id")).read() == node_id
     out = wait_for(lambda: a_peer in locate(digest, b_dht) and locate(digest, b_dht), 30, "re-announce")
     assert node_id in out
+
+
+def test_peers_lists_the_nodes_of_the_network(pair):
+    a, _, a_dht, b, b_dht = pair
+    ids = {open(os.path.join(cs.root, "dht", "node_id")).read() for cs in (a, b)}
+
+    def listed() -> str:
+        res = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "peers", "--bootstrap", a_dht],
+                             capture_output=True, text=True, timeout=60)
+        return res.stdout if res.returncode == 0 and all(i in res.stdout for i in ids) else ""
+
+    out = wait_for(listed, 30, "both daemons to be listed")
+    assert b_dht in out and a_dht in out
+    res = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "peers", "--bootstrap", "127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "no DHT node answered" in res.stderr

@@ -1,0 +1,71 @@
+"""Operator commands that join the DHT for a moment as a client (providing nothing):
+`cs-p2p locate DIGEST` prints who provides a blob, `cs-p2p peers` the nodes of the network."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from ..config import ConfigError
+from ..digests import parse_digest
+from ..errors import InvalidArgument
+from kademlia.node import Node
+
+from .node import DhtNode
+
+
+async def _joined_client(bootstrap: list[str]) -> DhtNode | None:
+    node = DhtNode(os.urandom(20), "0.0.0.0:0")  # a client: it provides nothing
+    await node.listen("0.0.0.0", 0)
+    try:
+        met = await node.bootstrap(bootstrap)
+    except ConfigError as exc:
+        node.stop()
+        print(f"cs-p2p: {exc}", file=sys.stderr)
+        return None
+    if not met:
+        node.stop()
+        print(f"cs-p2p: no DHT node answered at {', '.join(bootstrap)}", file=sys.stderr)
+        return None
+    return node
+
+
+async def locate(digest: str, bootstrap: list[str]) -> int:
+    try:
+        parse_digest(digest)
+    except InvalidArgument as exc:
+        print(f"cs-p2p: {exc}", file=sys.stderr)
+        return 2
+    node = await _joined_client(bootstrap)
+    if node is None:
+        return 1
+    try:
+        providers = await node.find_providers(digest)
+    finally:
+        node.stop()
+    if not providers:
+        print(f"no provider of {digest}")
+        return 1
+    print(f"{'NODE':<40} {'ADDRESS':<24} {'SIZE':>12} EXPIRES IN")
+    for rec in providers:
+        print(f"{rec.node_id.hex():<40} {rec.addr:<24} {rec.size:>12} {int(rec.expires - time.time())}s")
+    return 0
+
+
+async def peers(bootstrap: list[str]) -> int:
+    """Walk the network towards a few random ids and print every node that answered."""
+    node = await _joined_client(bootstrap)
+    if node is None:
+        return 1
+    try:
+        for _ in range(3):
+            await node.find_providers("sha256:" + os.urandom(32).hex())  # each walk meets more nodes
+        contacts = node.protocol.router.find_neighbors(Node(node.node_id), k=1000)
+    finally:
+        node.stop()
+    print(f"{'NODE':<40} DHT ADDRESS")
+    for n in sorted(contacts, key=lambda n: n.id):
+        print(f"{n.id.hex():<40} {n.ip}:{n.port}")
+    print(f"{len(contacts)} nodes")
+    return 0
