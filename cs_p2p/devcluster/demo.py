@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 from .images import build_image, push_image
 from .processes import Containerd, CsP2P, Registry, free_port, wait_for
@@ -39,6 +40,30 @@ def peer_bytes(cs: CsP2P) -> int:
     return total
 
 
+@dataclass
+class Node:
+    name: str
+    cs: CsP2P
+    containerd: Containerd
+    peer: str
+    dht: str
+
+
+def start_nodes(work: str, count: int, reg: Registry, procs: list) -> list[Node]:
+    """`count` containerd + cs-p2p pairs in one DHT (node 1 is everyone's bootstrap contact).
+    Every process is appended to `procs` as it starts, for the caller to stop."""
+    nodes: list[Node] = []
+    for i in range(1, count + 1):
+        peer, dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        flags = ["--peer-listen", peer, "--dht-listen", dht] + (["--bootstrap", nodes[0].dht] if nodes else [])
+        cs = CsP2P(os.path.join(work, f"node{i}", "cs-p2p"), flags).start()
+        procs.append(cs)
+        ctd = Containerd(os.path.join(work, f"node{i}", "containerd"), cs.socket, [reg.addr]).start()
+        procs.append(ctd)
+        nodes.append(Node(f"node{i}", cs, ctd, peer, dht))
+    return nodes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hack/demo", description=__doc__)
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
@@ -57,22 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         ref = push_image(img, reg.addr, "demo/app")
         print(f"registry: http://{reg.addr}   image: {ref} ({args.layers} layers, {_mib(img.total_size)})")
 
-        nodes = []
-        first_dht = None
-        for i in range(1, args.nodes + 1):
-            peer, dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-            flags = ["--peer-listen", peer, "--dht-listen", dht] + (["--bootstrap", first_dht] if first_dht else [])
-            cs = CsP2P(os.path.join(work, f"node{i}", "cs-p2p"), flags).start()
-            procs.append(cs)
-            ctd = Containerd(os.path.join(work, f"node{i}", "containerd"), cs.socket, [reg.addr]).start()
-            procs.append(ctd)
-            nodes.append((f"node{i}", cs, ctd))
-            first_dht = first_dht or dht
-            print(f"{nodes[-1][0]}:    containerd -> cs-p2p {cs.socket} (peer {peer}, dht {dht})")
+        nodes = start_nodes(work, args.nodes, reg, procs)
+        first_dht = nodes[0].dht
+        for n in nodes:
+            print(f"{n.name}:    containerd -> cs-p2p {n.cs.socket} (peer {n.peer}, dht {n.dht})")
 
         rows = []
         ok = True
-        for name, cs, ctd in nodes:
+        for node in nodes:
+            name, cs, ctd = node.name, node.cs, node.containerd
             before = sum(reg.blob_bytes_served().values())
             t0 = time.monotonic()
             ctd.ctr("image", "pull", "--plain-http", ref)
