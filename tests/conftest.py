@@ -62,6 +62,20 @@ class WriteSession:
         self._responses.cancel()
 
 
+def commit_via_socket(cs: CsP2P, data: bytes, ref: str = "r") -> str:
+    """Commit `data` through the daemon's content API, as containerd would; returns its digest."""
+    ch, stub = content_stub(cs)
+    try:
+        w = WriteSession(stub)
+        w.send(action=pb.STAT, ref=ref)
+        w.send(action=pb.WRITE, offset=0, data=data)
+        digest = w.send(action=pb.COMMIT, offset=len(data)).digest
+        w.close()
+        return digest
+    finally:
+        ch.close()
+
+
 @pytest.fixture
 def writes(stub) -> Iterator:
     sessions: list[WriteSession] = []
@@ -95,8 +109,8 @@ def registry() -> Iterator[Registry]:
 class Node:
     """One containerd whose content store is one cs-p2p daemon."""
 
-    def __init__(self, workdir: str, registry: Registry) -> None:
-        self.cs = CsP2P(os.path.join(workdir, "cs")).start()
+    def __init__(self, workdir: str, registry: Registry, cs_args: list[str] | None = None) -> None:
+        self.cs = CsP2P(os.path.join(workdir, "cs"), cs_args).start()
         self.containerd = Containerd(os.path.join(workdir, "ctd"), self.cs.socket, [registry.addr]).start()
 
     def ctr(self, *args: str, **kw):

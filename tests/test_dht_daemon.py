@@ -11,7 +11,7 @@ import pytest
 
 from cs_p2p.api import content_pb2 as pb
 from cs_p2p.devcluster.processes import CsP2P, free_port, wait_for
-from tests.conftest import WriteSession, content_stub
+from tests.conftest import commit_via_socket, content_stub
 
 
 def daemon(workdir: str, name: str, bootstrap: str | None = None) -> tuple[CsP2P, str, str]:
@@ -28,17 +28,6 @@ def locate(digest: str, via: str) -> str:
     return res.stdout
 
 
-def commit(cs: CsP2P, data: bytes) -> str:
-    ch, stub = content_stub(cs)
-    w = WriteSession(stub)
-    w.send(action=pb.STAT, ref="r")
-    w.send(action=pb.WRITE, offset=0, data=data)
-    digest = w.send(action=pb.COMMIT, offset=len(data)).digest
-    w.close()
-    ch.close()
-    return digest
-
-
 @pytest.fixture
 def pair(workdir):
     a, a_peer, a_dht = daemon(workdir, "a")
@@ -52,7 +41,7 @@ def pair(workdir):
 def test_commit_is_announced_located_fetched_and_withdrawn_on_delete(pair):
     a, a_peer, _, b, b_dht = pair
     data = os.urandom(300_000)
-    digest = commit(a, data)
+    digest = commit_via_socket(a, data)
     out = wait_for(lambda: a_peer in locate(digest, b_dht) and locate(digest, b_dht), 30, "provider record")
     assert str(len(data)) in out
     with urllib.request.urlopen(f"http://{a_peer}/blobs/{digest}", timeout=10) as r:
@@ -65,7 +54,7 @@ def test_commit_is_announced_located_fetched_and_withdrawn_on_delete(pair):
 
 def test_restart_keeps_node_id_and_reannounces_held_blobs(pair, workdir):
     a, a_peer, a_dht, b, b_dht = pair
-    digest = commit(a, os.urandom(1000))
+    digest = commit_via_socket(a, os.urandom(1000))
     wait_for(lambda: a_peer in locate(digest, b_dht), 30, "first announce")
     node_id = open(os.path.join(a.root, "dht", "node_id")).read()
     # Both restart with nothing in memory: only a start-up announce can bring the record back.

@@ -98,19 +98,13 @@ def test_daemon_serves_committed_blobs_to_peers(workdir):
 
     from cs_p2p.api import content_pb2 as pb
     from cs_p2p.devcluster.processes import CsP2P, free_port
-    from tests.conftest import WriteSession, content_stub
+    from tests.conftest import commit_via_socket, content_stub
 
     port = free_port()
     cs = CsP2P(os.path.join(workdir, "cs"), ["--peer-listen", f"127.0.0.1:{port}"]).start()
     try:
-        ch, stub = content_stub(cs)
         data = os.urandom(100_000)
-        w = WriteSession(stub)
-        w.send(action=pb.STAT, ref="r")
-        w.send(action=pb.WRITE, offset=0, data=data)
-        digest = w.send(action=pb.COMMIT, offset=len(data)).digest
-        w.close()
-        ch.close()
+        digest = commit_via_socket(cs, data)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/blobs/{digest}", timeout=10) as r:
             assert r.read() == data
         stub_ch, stub = content_stub(cs)

@@ -38,6 +38,18 @@ def layer_file(img, index: int) -> bytes:
         return tar.extractfile(f"layer{index}/data.bin").read()
 
 
+def assert_unpacked(node, img, ref: str, target: str) -> None:
+    """The image was unpacked by the overlayfs snapshotter: every layer's file is really there."""
+    os.makedirs(target)
+    node.ctr("image", "mount", ref, target)
+    try:
+        for i in range(len(img.layer_digests)):
+            with open(os.path.join(target, f"layer{i}", "data.bin"), "rb") as f:
+                assert f.read() == layer_file(img, i)
+    finally:
+        node.ctr("image", "unmount", "--rm", target)
+
+
 def registry_bytes(registry, img, digest: str, name: str = "cs-p2p/test") -> bytes:
     """What the registry serves for `digest`: manifests from /manifests/, the rest from /blobs/."""
     import urllib.request
@@ -61,16 +73,7 @@ def test_pull_unpacks_and_blobs_live_in_cs_p2p(node, image, registry, workdir):
         got = node.ctr("content", "get", digest).stdout
         assert hashlib.sha256(got).hexdigest() == digest.split(":")[1]
         assert got == registry_bytes(registry, img, digest)
-    # The image was unpacked by the overlayfs snapshotter: its files are really there.
-    target = os.path.join(workdir, "mnt")
-    os.makedirs(target)
-    node.ctr("image", "mount", ref, target)
-    try:
-        for i in range(len(img.layer_digests)):
-            with open(os.path.join(target, f"layer{i}", "data.bin"), "rb") as f:
-                assert f.read() == layer_file(img, i)
-    finally:
-        node.ctr("image", "unmount", "--rm", target)
+    assert_unpacked(node, img, ref, os.path.join(workdir, "mnt"))
 
 
 def test_image_rm_and_gc_remove_blobs_and_unknown_ingests(node, image):

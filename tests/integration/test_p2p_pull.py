@@ -11,28 +11,22 @@ import sys
 import pytest
 
 from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import Containerd, CsP2P, free_port, wait_for
+from cs_p2p.devcluster.processes import free_port, wait_for
 from tests.conftest import requires_containerd
-from tests.integration.test_containerd import layer_file
+from tests.conftest import Node
+from tests.integration.test_containerd import assert_unpacked
 
 pytestmark = requires_containerd
 
 
-class P2PNode:
+class P2PNode(Node):
+    """A node with its peer transfer server and DHT node on free loopback ports."""
+
     def __init__(self, workdir: str, name: str, registry, bootstrap: str | None, extra: list[str] | None = None) -> None:
         self.peer = f"127.0.0.1:{free_port()}"
         self.dht = f"127.0.0.1:{free_port()}"
         args = ["--peer-listen", self.peer, "--dht-listen", self.dht] + (["--bootstrap", bootstrap] if bootstrap else [])
-        args += extra or []
-        self.cs = CsP2P(os.path.join(workdir, name, "cs"), args).start()
-        self.containerd = Containerd(os.path.join(workdir, name, "ctd"), self.cs.socket, [registry.addr]).start()
-
-    def ctr(self, *args: str, **kw):
-        return self.containerd.ctr(*args, **kw)
-
-    def stop(self) -> None:
-        self.containerd.stop()
-        self.cs.stop()
+        super().__init__(os.path.join(workdir, name), registry, args + (extra or []))
 
 
 @pytest.fixture
@@ -50,10 +44,18 @@ def cluster(workdir, registry):
             n.stop()
 
 
+def _locate(digest: str, via: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cs_p2p.cli", "locate", digest, "--bootstrap", via],
+                          capture_output=True, text=True, timeout=60)
+
+
+def providers_of(digest: str, via: str) -> str:
+    """What `cs-p2p locate` prints for `digest`, asking through the DHT node at `via`."""
+    return _locate(digest, via).stdout
+
+
 def located(digest: str, via: str) -> bool:
-    res = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "locate", digest, "--bootstrap", via],
-                         capture_output=True, text=True, timeout=60)
-    return res.returncode == 0
+    return _locate(digest, via).returncode == 0
 
 
 def test_second_and_third_node_pull_from_peers_not_the_registry(cluster, registry, tmp_path, workdir):
@@ -70,15 +72,7 @@ def test_second_and_third_node_pull_from_peers_not_the_registry(cluster, registr
     for node in (n2, n3):
         node.ctr("image", "pull", "--plain-http", ref)
         assert node.cs.blob_digests() == set(img.digests)
-        target = os.path.join(workdir, f"mnt-{node.dht.split(':')[1]}")
-        os.makedirs(target)
-        node.ctr("image", "mount", ref, target)
-        try:
-            for i in range(len(img.layer_digests)):
-                with open(os.path.join(target, f"layer{i}", "data.bin"), "rb") as f:
-                    assert f.read() == layer_file(img, i)
-        finally:
-            node.ctr("image", "unmount", "--rm", target)
+        assert_unpacked(node, img, ref, os.path.join(workdir, f"mnt-{node.dht.split(':')[1]}"))
     # Not one more blob byte left the registry: config and layers came from peers.
     assert registry.blob_bytes_served() == from_registry
     logs = open(n2.cs.proc.log_path).read() + open(n3.cs.proc.log_path).read()
@@ -94,9 +88,7 @@ def test_a_provider_killed_mid_transfer_does_not_fail_the_pull(cluster, registry
         wait_for(lambda: located(d, n3.dht), 30, f"{d} to be announced by node 1")
     n2.ctr("image", "pull", "--plain-http", ref)  # now node 1 and node 2 both provide it
     for d in img.layer_digests:
-        wait_for(lambda: n2.peer in subprocess.run(
-            [sys.executable, "-m", "cs_p2p.cli", "locate", d, "--bootstrap", n3.dht],
-            capture_output=True, text=True, timeout=60).stdout, 30, "node 2's announcement")
+        wait_for(lambda: n2.peer in providers_of(d, n3.dht), 30, "node 2's announcement")
     served_before = registry.blob_bytes_served()
 
     pull = subprocess.Popen(["ctr", "--address", n3.containerd.socket, "image", "pull", "--plain-http", ref],
@@ -183,9 +175,7 @@ def test_a_peer_serving_corrupt_bytes_is_detected_and_the_pull_completes(cluster
     liar = LyingPeer(n1.dht, blobs)
     try:
         for d in blobs:
-            wait_for(lambda: liar.addr in subprocess.run(
-                [sys.executable, "-m", "cs_p2p.cli", "locate", d, "--bootstrap", n3.dht],
-                capture_output=True, text=True, timeout=60).stdout, 30, "the liar's announcement")
+            wait_for(lambda: liar.addr in providers_of(d, n3.dht), 30, "the liar's announcement")
         served_before = registry.blob_bytes_served()
         n3.ctr("image", "pull", "--plain-http", ref)
     finally:
@@ -209,8 +199,7 @@ def test_gc_on_a_node_withdraws_its_records_and_others_stop_asking_it(cluster, r
     n2.ctr("image", "pull", "--plain-http", ref)
 
     def providers(digest: str) -> str:
-        return subprocess.run([sys.executable, "-m", "cs_p2p.cli", "locate", digest, "--bootstrap", n3.dht],
-                              capture_output=True, text=True, timeout=60).stdout
+        return providers_of(digest, n3.dht)
 
     for d in img.layer_digests:
         wait_for(lambda: n1.peer in providers(d) and n2.peer in providers(d), 30, "both providers")
