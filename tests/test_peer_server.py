@@ -17,8 +17,7 @@ from cs_p2p.store import LocalStore
 async def commit(store: LocalStore, data: bytes, ref: str = "r") -> str:
     w = store.ingests.open_writer(ref, len(data), "")
     await w.write(data)
-    await w.drain()
-    digest = w.commit_sync(len(data), "", lambda d: store.blobs.record_commit(d, {}))
+    digest = w.commit_sync(len(data), "", {})
     return digest
 
 

@@ -14,7 +14,6 @@ Concurrent requests for one digest share one fetch.  A failed fetch is remembere
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
@@ -26,6 +25,7 @@ import aiohttp
 from ..digests import parse_digest
 from ..dht.providers import ProviderRecord
 from ..store import LocalStore
+from ..store.blobs import sha256_of_fd
 
 log = logging.getLogger("cs_p2p.fetch")
 
@@ -272,19 +272,8 @@ class Fetcher:
 
     def _verify_and_commit(self, fetch: Fetch, fd: int) -> None:
         """Hash what arrived; commit only the exact blob (fsync, read-only, atomic rename)."""
-        h = hashlib.sha256()
-        offset = 0
-        while offset < fetch.size:
-            chunk = os.pread(fd, 4 << 20, offset)
-            if not chunk:
-                break
-            h.update(chunk)
-            offset += len(chunk)
-        got = "sha256:" + h.hexdigest()
-        if offset != fetch.size or got != fetch.digest:
+        hasher, length = sha256_of_fd(fd)
+        got = "sha256:" + hasher.hexdigest()
+        if length != fetch.size or got != fetch.digest:
             raise FetchFailed(f"peers sent bytes that do not match {fetch.digest} (got {got})")
-        os.fsync(fd)
-        os.fchmod(fd, 0o444)
-        target = self.store.blobs.blob_path(parse_digest(fetch.digest))
-        os.rename(fetch.path, target)
-        self.store.blobs.record_commit(fetch.digest, {})
+        self.store.blobs.commit_file(fd, fetch.path, fetch.digest, {})

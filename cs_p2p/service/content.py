@@ -240,9 +240,7 @@ class ContentService(pb_grpc.ContentServicer):
             labels = dict(req.labels)
             expected = req.expected or writer.expected
             digest = await asyncio.get_running_loop().run_in_executor(
-                None, writer.commit_sync, req.total or writer.total, expected,
-                lambda d: self.store.blobs.record_commit(d, labels),
-            )
+                None, writer.commit_sync, req.total or writer.total, expected, labels)
             log.info("blob committed", extra={"digest": digest, "size": writer.offset, "ref": writer.ref})
             if self.events:
                 self.events.committed(digest, writer.offset)

@@ -17,4 +17,4 @@ class LocalStore:
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
         self.blobs = BlobStore(self.root)
-        self.ingests = Ingests(self.root, self.blobs.blob_path)
+        self.ingests = Ingests(self.root, self.blobs)

@@ -11,6 +11,7 @@ can never disagree after a crash by more than "labels missing", which reads as n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -40,6 +41,19 @@ def write_file_atomic(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+_HASH_CHUNK = 4 << 20
+
+
+def sha256_of_fd(fd: int) -> tuple["hashlib._Hash", int]:
+    """Hash a file's contents from its start, in bounded chunks: (hasher, bytes read)."""
+    hasher = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, _HASH_CHUNK, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher, offset
 
 
 class BlobStore:
@@ -81,6 +95,14 @@ class BlobStore:
     def _save_meta(self, info: BlobInfo) -> None:
         meta = {"created_at": info.created_at_ns, "updated_at": info.updated_at_ns, "labels": info.labels}
         write_file_atomic(self._meta_path(parse_digest(info.digest)), json.dumps(meta, sort_keys=True).encode())
+
+    def commit_file(self, fd: int, path: str, digest: str, labels: dict[str, str]) -> None:
+        """Make a verified file the blob `digest`: fsync, read-only, atomic rename into
+        blobs/sha256/, then its metadata.  The one way bytes become a committed blob."""
+        os.fsync(fd)
+        os.fchmod(fd, 0o444)
+        os.rename(path, self.blob_path(parse_digest(digest)))
+        self.record_commit(digest, labels)
 
     def record_commit(self, digest: str, labels: dict[str, str]) -> None:
         now = time.time_ns()

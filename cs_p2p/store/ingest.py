@@ -22,12 +22,15 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..digests import parse_digest
+from .blobs import sha256_of_fd
+
+if TYPE_CHECKING:
+    from .blobs import BlobStore
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
-_HASH_CHUNK = 4 << 20
 # Write-behind: bytes accepted but not yet on disk, per writer.  Bounds memory per ingest.
 MAX_BYTES_IN_FLIGHT = 16 << 20
 _INLINE_WRITE = 64 << 10
@@ -86,19 +89,14 @@ class IngestWriter:
 
     def rehash(self) -> None:
         """Rebuild the hash of bytes already on disk (resume after a restart)."""
-        hasher = hashlib.sha256()
-        offset = 0
-        with open(self.data_path, "rb", buffering=0) as f:
-            while chunk := f.read(_HASH_CHUNK):
-                hasher.update(chunk)
-                offset += len(chunk)
-        self._hasher, self.offset = hasher, offset
+        fd = os.open(self.data_path, os.O_RDONLY)
+        try:
+            self._hasher, self.offset = sha256_of_fd(fd)
+        finally:
+            os.close(fd)
 
     def digest(self) -> str:
         return "sha256:" + self._hasher.copy().hexdigest()
-
-    def status(self) -> IngestStatus:
-        return IngestStatus(self.ref, self.offset, self.total, self.started_at_ns, self.updated_at_ns, self.expected)
 
     def set_total(self, total: int) -> None:
         if total > 0 and total != self.total:
@@ -122,7 +120,7 @@ class IngestWriter:
         """Append `data`.  The hash is updated before returning (responses carry the digest);
         the disk write is queued behind it on this writer's own thread, in order, so that it
         overlaps with receiving the next message.  A failed disk write surfaces on the next
-        call, and `drain` (before commit, truncate and close) waits for all of them.
+        call, and commit, truncate and close wait for all of them first.
         """
         self._raise_io_error()
         offset = self.offset
@@ -147,17 +145,12 @@ class IngestWriter:
             self._inflight_bytes.popleft()
             fut.result()  # re-raises the OSError of a failed write
 
-    async def drain(self) -> None:
-        while self._inflight:
-            await asyncio.wrap_future(self._inflight[0])
-            self._raise_io_error()
-
     def drain_sync(self) -> None:
         while self._inflight:
             self._inflight[0].result()
             self._raise_io_error()
 
-    def commit_sync(self, size: int, expected: str, on_commit: Callable[[str], None]) -> str:
+    def commit_sync(self, size: int, expected: str, labels: dict[str, str]) -> str:
         """Verify size and digest, then fsync and atomically rename into the blob store.
 
         On a mismatch the ingest stays as it was (FAILED_PRECONDITION), so nothing is lost
@@ -173,16 +166,13 @@ class IngestWriter:
         digest = self.digest()
         if expected and expected != digest:
             raise FailedPrecondition(f"unexpected commit digest {digest}, expected {expected}")
-        target = self._ingests.blob_path(parse_digest(digest))
-        if os.path.exists(target):
+        blobs = self._ingests.blobs
+        if os.path.exists(blobs.blob_path(parse_digest(digest))):
             self.close()
             shutil.rmtree(self.path, ignore_errors=True)
             raise AlreadyExists(f"content {digest}: already exists")
-        os.fsync(self._fd)
-        os.fchmod(self._fd, 0o444)
-        os.rename(self.data_path, target)
+        blobs.commit_file(self._fd, self.data_path, digest, labels)
         self.close()
-        on_commit(digest)
         shutil.rmtree(self.path, ignore_errors=True)
         return digest
 
@@ -207,10 +197,10 @@ def _write_small(path: str, text: str) -> None:
 
 
 class Ingests:
-    def __init__(self, root: str, blob_path: Callable[[str], str]) -> None:
+    def __init__(self, root: str, blobs: "BlobStore") -> None:
         self.dir = os.path.join(root, "ingest")
         os.makedirs(self.dir, exist_ok=True)
-        self.blob_path = blob_path
+        self.blobs = blobs
         self._locked: dict[str, int] = {}
 
     def path(self, ref: str) -> str:
@@ -223,7 +213,7 @@ class Ingests:
         """Create or resume the ingest of `ref` and lock it (UNAVAILABLE if already locked)."""
         validate_ref(ref)
         if expected:
-            if os.path.exists(self.blob_path(parse_digest(expected))):
+            if os.path.exists(self.blobs.blob_path(parse_digest(expected))):
                 raise AlreadyExists(f"content {expected}: already exists")
         if ref in self._locked:
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._locked[ref] / 1e9))
