@@ -211,6 +211,14 @@ class DhtNode:
 
         task.add_done_callback(done)
 
+    def join_and_announce(self, bootstrap: list[str], held: list[tuple[str, int]]) -> None:
+        """Start-up, in the background: keep joined through `bootstrap` and announce what the
+        node already holds (re-announced on every (re)join and at half the record lifetime)."""
+        self.held.update(held)
+        if bootstrap:
+            self._spawn(self.keep_joined(bootstrap), "join", "*")
+        self._spawn(self.announce_all(held), "announce held blobs", "*")
+
     async def announce_all(self, blobs: list[tuple[str, int]]) -> None:
         """Start-up: announce what the node already holds."""
         for digest, size in blobs:

@@ -99,11 +99,7 @@ async def serve(cfg: Config) -> None:
         host, port = parse_host_port(cfg.dht_listen, "dht-listen")
         port = await dht.listen(host, port)
         log.info("dht listening", extra={"host": host, "port": port, "node_id": dht.node_id.hex()})
-        held = [(info.digest, info.size) for info in store.blobs.walk()]
-        dht.held.update(held)
-        if cfg.bootstrap:
-            dht._spawn(dht.keep_joined(cfg.bootstrap), "join", "*")
-        dht._spawn(dht.announce_all(held), "announce held blobs", "*")
+        dht.join_and_announce(cfg.bootstrap, [(info.digest, info.size) for info in store.blobs.walk()])
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
