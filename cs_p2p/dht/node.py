@@ -129,8 +129,8 @@ class DhtNode:
             task.cancel()
         self.server.stop()
 
-    def _record(self, size: int) -> ProviderRecord:
-        return ProviderRecord(self.node_id, self.peer_addr, size, time.time() + self.ttl)
+    def _record(self, size: int, started: float = 0.0) -> ProviderRecord:
+        return ProviderRecord(self.node_id, self.peer_addr, size, time.time() + self.ttl, started)
 
     async def _closest(self, key: bytes) -> list[Node]:
         target = Node(key)
@@ -139,10 +139,15 @@ class DhtNode:
             return []
         return await NodeSpiderCrawl(self.protocol, target, nearest, self.server.ksize, self.server.alpha).find()
 
-    async def announce(self, digest: str, size: int) -> int:
-        """Publish this node as a provider of `digest`; returns how many nodes stored it."""
-        self.held[digest] = size
-        key, rec = provider_key(digest), self._record(size)
+    async def announce(self, digest: str, size: int, started: float = 0.0) -> int:
+        """Publish this node as a provider of `digest`; returns how many nodes stored it.
+
+        With `started`, as an in-flight provider (see `providers`): such a record is not
+        re-announced, and the commit's announce replaces it.
+        """
+        if not started:
+            self.held[digest] = size
+        key, rec = provider_key(digest), self._record(size, started)
         self.protocol.providers.add(key, rec)
         nodes = await self._closest(key)
         results = await asyncio.gather(*(self.protocol.call_add_provider(n, key, rec) for n in nodes))
@@ -195,6 +200,7 @@ class DhtNode:
     # ContentEvents: the content service reports commits and deletes; the network work runs
     # in the background so that no containerd call waits on the DHT.
     def committed(self, digest: str, size: int) -> None:
+        self.held[digest] = size  # at once: an in-flight record's end must not withdraw it
         self._spawn(self.announce(digest, size), "announce", digest)
 
     def deleted(self, digest: str) -> None:

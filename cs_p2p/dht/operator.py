@@ -47,9 +47,11 @@ async def locate(digest: str, bootstrap: list[str]) -> int:
     if not providers:
         print(f"no provider of {digest}")
         return 1
-    print(f"{'NODE':<40} {'ADDRESS':<24} {'SIZE':>12} EXPIRES IN")
+    print(f"{'NODE':<40} {'ADDRESS':<24} {'SIZE':>12} {'STATE':<9} EXPIRES IN")
     for rec in providers:
-        print(f"{rec.node_id.hex():<40} {rec.addr:<24} {rec.size:>12} {int(rec.expires - time.time())}s")
+        state = "in-flight" if rec.inflight else "held"
+        print(f"{rec.node_id.hex():<40} {rec.addr:<24} {rec.size:>12} {state:<9} "
+              f"{int(rec.expires - time.time())}s")
     return 0
 
 

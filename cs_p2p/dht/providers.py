@@ -4,6 +4,11 @@ The `kademlia` package stores ONE value per key (a second `set` overwrites it), 
 records live in this store of their own and travel through RPCs of our own
 (`cs_p2p.dht.protocol`).  A record is keyed by the publishing node's id, so a node's
 re-announce replaces its own record and a withdraw removes only its own.
+
+A record with `started` > 0 is an in-flight provider: the node is downloading the blob
+right now (from the registry) and serves the prefix it has written.  `started` (the
+ingest's start, unix time) orders in-flight providers, so that nodes downloading the same
+blob at the same moment agree on one of them to follow.
 """
 
 from __future__ import annotations
@@ -20,16 +25,22 @@ class ProviderRecord:
     addr: str  # host:port of its peer transfer server
     size: int
     expires: float  # unix time
+    started: float = 0.0  # > 0: still being written since then (unix time)
+
+    @property
+    def inflight(self) -> bool:
+        return self.started > 0
 
     def to_wire(self) -> list:
-        return [self.node_id, self.addr, self.size, self.expires]
+        return [self.node_id, self.addr, self.size, self.expires, self.started]
 
     @classmethod
     def from_wire(cls, value: object) -> "ProviderRecord":
         """Parse a record from an RPC; anything malformed raises ValueError."""
-        if not isinstance(value, (list, tuple)) or len(value) != 4:
-            raise ValueError("provider record must have 4 fields")
-        node_id, addr, size, expires = value
+        if not isinstance(value, (list, tuple)) or len(value) not in (4, 5):
+            raise ValueError("provider record must have 4 or 5 fields")
+        node_id, addr, size, expires = value[:4]
+        started = value[4] if len(value) == 5 else 0.0
         if not (isinstance(node_id, bytes) and len(node_id) == 20):
             raise ValueError("provider node id must be 20 bytes")
         if not (isinstance(addr, str) and 0 < len(addr) <= 262 and ":" in addr):
@@ -38,7 +49,9 @@ class ProviderRecord:
             raise ValueError("provider size must be a non-negative integer")
         if not isinstance(expires, (int, float)) or isinstance(expires, bool):
             raise ValueError("provider expiry must be a number")
-        return cls(node_id, addr, size, float(expires))
+        if not isinstance(started, (int, float)) or isinstance(started, bool) or started < 0:
+            raise ValueError("provider start time must be a non-negative number")
+        return cls(node_id, addr, size, float(expires), float(started))
 
 
 class ProviderStore:

@@ -32,10 +32,15 @@ log = logging.getLogger("cs_p2p.fetch")
 PIECE = 4 << 20
 MAX_WORKERS = 8
 FAILURES_BEFORE_DROP = 2
+BUSY_BEFORE_FAILURE = 100  # 503s in a row from one provider that count as one failure
 
 
 class FetchFailed(Exception):
     pass
+
+
+class ProviderBusy(Exception):
+    """503: all upload slots taken.  Not the provider's fault; try again a little later."""
 
 
 @dataclass
@@ -203,6 +208,7 @@ class Fetcher:
                     alive.append(rec.addr)
                     providers.append(rec)
         failures: dict[str, int] = {}
+        busy: dict[str, int] = {}
         turn = 0
 
         async def worker() -> None:
@@ -222,13 +228,19 @@ class Fetcher:
                 turn += 1
                 try:
                     await self._piece(fetch, fd, addr, piece)
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, FetchFailed) as exc:
+                    busy.pop(addr, None)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, FetchFailed, ProviderBusy) as exc:
+                    queue.put_nowait(piece)
+                    if isinstance(exc, ProviderBusy):
+                        busy[addr] = busy.get(addr, 0) + 1
+                        if busy[addr] % BUSY_BEFORE_FAILURE:
+                            await asyncio.sleep(min(0.02 * busy[addr], 0.5))
+                            continue
                     failures[addr] = failures.get(addr, 0) + 1
                     if failures[addr] >= FAILURES_BEFORE_DROP and addr in alive:
                         alive.remove(addr)
                         log.warning("provider dropped", extra={"digest": fetch.digest, "addr": addr,
                                                                "error": repr(exc)})
-                    queue.put_nowait(piece)
                     continue
                 fetch.done_pieces.add(piece)
                 fetch.source[piece] = addr
@@ -257,6 +269,8 @@ class Fetcher:
         assert self._session is not None
         headers = {"Range": f"bytes={start}-{end - 1}"}
         async with self._session.get(f"http://{addr}/blobs/{fetch.digest}", headers=headers) as resp:
+            if resp.status == 503:
+                raise ProviderBusy(addr)
             if resp.status not in (200, 206):
                 raise FetchFailed(f"{addr} answered {resp.status}")
             offset = start

@@ -1,8 +1,17 @@
-"""What the content service asks when containerd wants a blob this node lacks.
+"""What the content service asks of the peer network for blobs this node lacks.
 
-`Info` runs inside containerd's bolt write transaction, so it must answer fast: it looks the
-digest up in the DHT (bounded by `lookup_timeout`), starts the fetch in the background and
-answers with the size the providers announced.  It never waits for bytes.
+`Info` runs inside containerd's bolt write transaction, so it must answer fast: `locate`
+looks the digest up in the DHT (bounded by `lookup_timeout`), starts the fetch in the
+background and answers with the size the providers announced.  It never waits for bytes.
+
+Cold, concurrent pulls are the other way in (`share`): when every node asks `Info` at the
+same moment nobody holds the blob yet, and each containerd opens an ingest to download it
+from the registry.  Each such ingest is announced at once as an in-flight provider.  At
+the ingest's second STAT (containerd's `Status()`, after the bolt transaction, before it
+contacts the registry) the node looks again: if a node that started earlier is already
+downloading the blob (or has it), this one follows it — fetches the blob from peers while
+they write it — and answers the STAT with the ingest complete, so its containerd commits
+without contacting the registry.  Otherwise it stays the source and containerd downloads.
 """
 
 from __future__ import annotations
@@ -12,9 +21,12 @@ import collections
 import logging
 
 from ..dht.node import DhtNode
+from ..dht.providers import ProviderRecord
 from .fetcher import Fetch, Fetcher
 
 log = logging.getLogger("cs_p2p.fetch")
+
+ANNOUNCE_WAIT = 0.5  # seconds a download may be held back for its in-flight announce
 
 
 class PeerSource:
@@ -44,3 +56,70 @@ class PeerSource:
         size = collections.Counter(p.size for p in providers).most_common(1)[0][0]
         return self.fetcher.start(digest, size, [p for p in providers if p.size == size],
                                   more=lambda: self.dht.find_providers(digest))
+
+    def share(self, digest: str, size: int, started: float) -> "SharedIngest":
+        """Announce an ingest of `digest` that is starting now (see the module docstring)."""
+        return SharedIngest(self, digest, size, started)
+
+
+class SharedIngest:
+    def __init__(self, source: PeerSource, digest: str, size: int, started: float) -> None:
+        self.source = source
+        self.digest = digest
+        self.size = size
+        self.started = started
+        self.decided = False
+        self._ended = False
+        self._announce = asyncio.ensure_future(source.dht.announce(digest, size, started=started))
+
+    def _earlier(self, rec: ProviderRecord) -> bool:
+        """Whether to follow `rec`: a holder, or a download that began before ours (ties by
+        node id), so that two nodes never wait on each other."""
+        if rec.size != self.size:
+            return False
+        return not rec.inflight or (rec.started, rec.node_id) < (self.started, self.source.dht.node_id)
+
+    async def sources(self) -> list[ProviderRecord]:
+        """Providers to follow instead of downloading; [] means this node is the source.
+
+        Our own announce is finished first (or given `ANNOUNCE_WAIT`; a dead contact can
+        hold it up to the RPC timeout): of two nodes that start together, at least the later
+        one then sees the earlier one's record.
+        """
+        self.decided = True
+        dht, timeout = self.source.dht, self.source.lookup_timeout
+        if self.source.fetcher.recently_failed(self.digest):
+            return []
+        await asyncio.wait([self._announce], timeout=ANNOUNCE_WAIT)
+        try:
+            found = await asyncio.wait_for(dht.find_providers(self.digest), timeout)
+        except Exception as exc:  # a slow or failing DHT: download as if alone
+            log.warning("in-flight lookup failed", extra={"digest": self.digest, "error": repr(exc)})
+            return []
+        return [r for r in found if self._earlier(r)]
+
+    async def follow(self, providers: list[ProviderRecord]) -> bool:
+        """Fetch the blob from `providers` (and any found later); True once it is committed
+        here.  Our in-flight record is withdrawn first: we will not write this ingest."""
+        self.end(committed=False)
+        fetcher, dht = self.source.fetcher, self.source.dht
+        fetch = fetcher.start(self.digest, self.size, providers,
+                              more=lambda: self._more(dht.find_providers(self.digest)))
+        assert fetch.task is not None
+        await asyncio.wait([fetch.task])  # not cancelled with this call: others may share it
+        return fetch.committed
+
+    async def _more(self, lookup) -> list[ProviderRecord]:
+        return [r for r in await lookup if self._earlier(r)]
+
+    def end(self, committed: bool) -> None:
+        """The ingest is over (or will not be written here): withdraw the in-flight record,
+        unless the blob was committed, whose announce replaces it."""
+        if self._ended:
+            return
+        self._ended = True
+        if not self._announce.done():
+            self._announce.cancel()
+        dht = self.source.dht
+        if not committed and self.digest not in dht.held:
+            dht.deleted(self.digest)

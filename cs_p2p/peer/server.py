@@ -3,11 +3,17 @@
     GET  /blobs/sha256:<hex>    the blob (Range: one byte range, 206 / 416)
     HEAD /blobs/sha256:<hex>    its size and digest, no body
 
-Only committed blobs are served: they are final and read-only, so a response can never
-change under a reader.  Unthrottled bodies go out with sendfile (aiohttp's FileResponse);
-with a rate limit they are streamed from pread through a token bucket instead, since
-sendfile cannot be paced.  A node that is already serving `max_uploads` blobs answers 503
-at once, so a fetcher moves on to another provider rather than queueing here.
+Committed blobs are final and read-only, so a response never changes under a reader.
+Unthrottled bodies go out with sendfile (aiohttp's FileResponse); with a rate limit they are
+streamed from pread through a token bucket instead, since sendfile cannot be paced.  A node
+that is already serving `max_uploads` blobs answers 503 at once, so a fetcher moves on to
+another provider rather than queueing here.
+
+A blob this node is downloading right now (an ingest the content service published, see
+`fetch.source`) is served as it is written: the response sends what is on disk and waits
+for more.  If the ingest is truncated or ends without a commit, the response stops short of
+its Content-Length, and the fetcher takes the piece elsewhere.  The fetcher verifies the
+whole blob, so these unverified bytes cannot pass as the blob.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from aiohttp import web
 
 from ..digests import parse_digest
 from ..errors import InvalidArgument
-from ..store import LocalStore
+from ..store import IngestWriter, LocalStore
+from ..store.progress import IngestGone
 
 log = logging.getLogger("cs_p2p.peer")
 
@@ -81,7 +88,10 @@ class PeerServer:
             raise web.HTTPBadRequest(text=str(exc))
         path = self.store.blobs.blob_path(hex_)
         if not os.path.exists(path):
-            raise web.HTTPNotFound(text=f"blob {digest} not found")
+            writer = self.store.ingests.published(digest)
+            if writer is None:
+                raise web.HTTPNotFound(text=f"blob {digest} not found")
+            return await self._ingest(request, writer, path, digest)
         if request.method == "HEAD":
             size = os.path.getsize(path)
             return web.Response(headers={"Content-Length": str(size), "Docker-Content-Digest": digest,
@@ -105,24 +115,8 @@ class PeerServer:
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            try:
-                rng = request.http_range
-            except ValueError:
-                raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
-            start, stop = rng.start, rng.stop
-            if start is None and stop is not None and stop < 0:
-                start, stop = max(size + stop, 0), size
-            start = start or 0
-            stop = size if stop is None else min(stop, size)
-            if start >= size or start >= stop:
-                raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
-            partial = request.headers.get("Range") is not None
-            resp = web.StreamResponse(status=206 if partial else 200, headers={
-                "Docker-Content-Digest": digest, "Content-Type": "application/octet-stream",
-                "Accept-Ranges": "bytes", "Content-Length": str(stop - start)})
-            if partial:
-                resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-            await resp.prepare(request)
+            start, stop = _byte_range(request, size)
+            resp = await _start_body(request, digest, start, stop, size)
             offset = start
             assert self.bucket is not None
             while offset < stop:
@@ -136,3 +130,75 @@ class PeerServer:
             return resp
         finally:
             os.close(fd)
+
+    async def _ingest(self, request: web.Request, writer: IngestWriter, blob_path: str,
+                      digest: str) -> web.StreamResponse:
+        """Serve a blob while this node writes it, waiting for each byte to reach the disk."""
+        size, progress = writer.total, writer.progress
+        if request.method == "HEAD":
+            return web.Response(headers={"Content-Length": str(size), "Docker-Content-Digest": digest,
+                                         "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
+        start, stop = _byte_range(request, size)
+        generation = progress.generation
+        try:
+            fd = os.open(writer.data_path, os.O_RDONLY)
+        except FileNotFoundError:  # committed (renamed) or aborted a moment ago
+            if os.path.exists(blob_path):
+                return await self.get_blob(request)
+            raise web.HTTPNotFound(text=f"blob {digest} not found") from None
+        if self.active >= self.max_uploads:
+            os.close(fd)
+            raise web.HTTPServiceUnavailable(text="upload slots full", headers={"Retry-After": "1"})
+        self.active += 1
+        try:
+            resp = await _start_body(request, digest, start, stop, size)
+            offset = start
+            while offset < stop:
+                try:
+                    durable = await progress.wait_beyond(offset, generation)
+                except IngestGone:
+                    resp.force_close()  # short of Content-Length: the client sees it failed
+                    return resp
+                n = min(_CHUNK, durable - offset, stop - offset)
+                if self.bucket is not None:
+                    await self.bucket.take(n)
+                data = os.pread(fd, n, offset)
+                if not data:  # truncated under us
+                    resp.force_close()
+                    return resp
+                await resp.write(data)
+                offset += len(data)
+                self.bytes_sent += len(data)
+            await resp.write_eof()
+            return resp
+        finally:
+            self.active -= 1
+            os.close(fd)
+
+
+def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
+    """[start, stop) of the one byte range asked for (the whole blob without Range); 416 if
+    it lies outside the blob."""
+    try:
+        rng = request.http_range
+    except ValueError:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    start, stop = rng.start, rng.stop
+    if start is None and stop is not None and stop < 0:
+        start, stop = max(size + stop, 0), size
+    start = start or 0
+    stop = size if stop is None else min(stop, size)
+    if start >= size or start >= stop:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    return start, stop
+
+
+async def _start_body(request: web.Request, digest: str, start: int, stop: int, size: int) -> web.StreamResponse:
+    partial = request.headers.get("Range") is not None
+    resp = web.StreamResponse(status=206 if partial else 200, headers={
+        "Docker-Content-Digest": digest, "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes", "Content-Length": str(stop - start)})
+    if partial:
+        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    await resp.prepare(request)
+    return resp

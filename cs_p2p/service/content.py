@@ -25,11 +25,12 @@ from ..errors import Aborted, AlreadyExists, InvalidArgument, NotFound, OutOfRan
 from ..fetch.fetcher import Fetch, FetchFailed
 from ..filters import info_adaptor, parse_filters, status_adaptor
 from ..store import BlobInfo, IngestStatus, IngestWriter, LocalStore
+from ..store.ingest import digest_in_ref
 from .errors import check_request, grpc_errors
 from .wire import WriteRequest
 
 if TYPE_CHECKING:
-    from ..fetch.source import PeerSource
+    from ..fetch.source import PeerSource, SharedIngest
 
 log = logging.getLogger("cs_p2p.service")
 
@@ -192,12 +193,18 @@ class ContentService(pb_grpc.ContentServicer):
         if not req.ref:
             raise InvalidArgument("first message must have a reference")
         writer = self.store.ingests.open_writer(req.ref, req.total, req.expected)
+        shared = self._share(writer)
         try:
             if writer.offset > 0:
                 # Resuming after a restart: rebuild the hash of what is on disk, off the loop.
                 await asyncio.get_running_loop().run_in_executor(None, writer.rehash)
                 log.info("ingest resumed", extra={"ref": writer.ref, "offset": writer.offset})
             while True:
+                if shared and not shared.decided and req.action == pb.STAT and not req.ref:
+                    if await self._follow(writer, shared):
+                        async for resp in self._answer_filled(context, req, shared):
+                            yield resp
+                        return
                 resp = await self._write_step(writer, req)
                 yield resp
                 if req.action == pb.COMMIT:
@@ -208,6 +215,49 @@ class ContentService(pb_grpc.ContentServicer):
                 check_request(req)
         finally:
             writer.close()
+            if shared:
+                shared.end(committed=writer.committed)
+
+    def _share(self, writer: IngestWriter) -> "SharedIngest | None":
+        """Announce a fresh download (its ref names the digest) so that peers can stream it
+        while it is written, and can follow it instead of downloading it themselves."""
+        digest = digest_in_ref(writer.ref)
+        if self.peers is None or digest is None or writer.total <= 0 or writer.offset > 0:
+            return None
+        if self.store.blobs.exists(digest) or not self.store.ingests.publish(digest, writer):
+            return None
+        return self.peers.share(digest, writer.total, writer.started_at_ns / 1e9)
+
+    async def _follow(self, writer: IngestWriter, shared: "SharedIngest") -> bool:
+        """containerd's Status() before it downloads: True if the blob came from peers instead."""
+        sources = await shared.sources()
+        if not sources:
+            return False
+        self.store.ingests.unpublish(writer)
+        writer.progress.failed()  # peers that chose us look elsewhere
+        log.info("following in-flight download", extra={"digest": shared.digest,
+                                                        "providers": [p.addr for p in sources]})
+        if not await shared.follow(sources):
+            return False  # containerd downloads it after all
+        writer.close()
+        self.store.ingests.abort(writer.ref)
+        return True
+
+    async def _answer_filled(self, context: grpc.aio.ServicerContext, req: WriteRequest,
+                             shared: "SharedIngest"):
+        """The rest of a Write stream whose blob came from peers: the ingest reads as complete,
+        so containerd commits, and the commit finds the blob (ALREADY_EXISTS, which
+        containerd's fetch and metadata layer accept as success)."""
+        now = _ts(time.time_ns())
+        while True:
+            if req.action != pb.STAT:
+                raise AlreadyExists(f"content {shared.digest}: already exists")
+            yield pb.WriteContentResponse(action=pb.STAT, started_at=now, updated_at=now, offset=shared.size,
+                                          total=shared.size, digest=shared.digest)
+            req = await context.read()
+            if req is grpc.aio.EOF:
+                return
+            check_request(req)
 
     async def _write_step(self, writer: IngestWriter, req: WriteRequest) -> pb.WriteContentResponse:
         """One request of a Write stream, as containerd's content service handles it."""

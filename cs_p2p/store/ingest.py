@@ -18,6 +18,7 @@ import asyncio
 import collections
 import hashlib
 import os
+import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..digests import parse_digest
 from .blobs import sha256_of_fd
+from .progress import Progress
 
 if TYPE_CHECKING:
     from .blobs import BlobStore
@@ -35,6 +37,14 @@ from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFoun
 MAX_BYTES_IN_FLIGHT = 16 << 20
 _INLINE_WRITE = 64 << 10
 MAX_REF_LEN = 4096
+# containerd names a download's ingest `<namespace>/<n>/<kind>-sha256:<hex>` (remotes.MakeRefKey).
+_REF_DIGEST = re.compile(r"(?:^|[-/])(sha256:[0-9a-f]{64})$")
+
+
+def digest_in_ref(ref: str) -> str | None:
+    """The digest a download's ref names, if it names one."""
+    m = _REF_DIGEST.search(ref)
+    return m.group(1) if m else None
 
 
 @dataclass
@@ -86,6 +96,12 @@ class IngestWriter:
         self._inflight: collections.deque[Future[None]] = collections.deque()
         self._inflight_bytes: collections.deque[int] = collections.deque()
         self.closed = False
+        self.committed = False
+        self.published_as: str | None = None
+        # Peers may stream the ingest while it is written: they follow its durable length.
+        self.generation = 0
+        self.progress = Progress()
+        self.progress.advance(0, self.offset)
 
     def rehash(self) -> None:
         """Rebuild the hash of bytes already on disk (resume after a restart)."""
@@ -108,6 +124,8 @@ class IngestWriter:
         os.ftruncate(self._fd, 0)
         self._hasher = hashlib.sha256()
         self.offset = 0
+        self.generation += 1
+        self.progress.reset(self.generation)
         self.updated_at_ns = time.time_ns()
 
     def _pwrite_all(self, data: bytes | memoryview, offset: int) -> None:
@@ -126,13 +144,18 @@ class IngestWriter:
         offset = self.offset
         self.offset += len(data)
         self.updated_at_ns = time.time_ns()
+        end, generation = self.offset, self.generation
         if len(data) < _INLINE_WRITE and not self._inflight:
             self._pwrite_all(data, offset)
             self._hasher.update(data)
+            self.progress.advance(generation, end)
             return
         if self._io is None:
             self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-io")
-        self._inflight.append(self._io.submit(self._pwrite_all, data, offset))
+        fut = self._io.submit(self._pwrite_all, data, offset)
+        fut.add_done_callback(
+            lambda f: f.exception() is None and self.progress.advance(generation, end))
+        self._inflight.append(fut)
         self._inflight_bytes.append(len(data))
         await asyncio.get_running_loop().run_in_executor(None, self._hasher.update, data)
         while sum(self._inflight_bytes) > MAX_BYTES_IN_FLIGHT:
@@ -172,6 +195,8 @@ class IngestWriter:
             shutil.rmtree(self.path, ignore_errors=True)
             raise AlreadyExists(f"content {digest}: already exists")
         blobs.commit_file(self._fd, self.data_path, digest, labels)
+        self.committed = True
+        self.progress.committed(self.offset)
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
         return digest
@@ -188,7 +213,8 @@ class IngestWriter:
                 if self._io is not None:
                     self._io.shutdown(wait=True)
                 os.close(self._fd)
-                self._ingests.release(self.ref)
+                self.progress.failed()  # no-op after a commit
+                self._ingests.release(self)
 
 
 def _write_small(path: str, text: str) -> None:
@@ -202,12 +228,31 @@ class Ingests:
         os.makedirs(self.dir, exist_ok=True)
         self.blobs = blobs
         self._locked: dict[str, int] = {}
+        self._published: dict[str, IngestWriter] = {}  # digest -> writer peers may stream
 
     def path(self, ref: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(ref.encode()).hexdigest())
 
-    def release(self, ref: str) -> None:
-        self._locked.pop(ref, None)
+    def release(self, writer: IngestWriter) -> None:
+        self._locked.pop(writer.ref, None)
+        self.unpublish(writer)
+
+    def publish(self, digest: str, writer: IngestWriter) -> bool:
+        """Let peers stream `writer` as `digest` while it is written (one writer per digest)."""
+        if self._published.setdefault(digest, writer) is not writer:
+            return False
+        writer.published_as = digest
+        return True
+
+    def unpublish(self, writer: IngestWriter) -> None:
+        digest = writer.published_as
+        if digest and self._published.get(digest) is writer:
+            del self._published[digest]
+        writer.published_as = None
+
+    def published(self, digest: str) -> IngestWriter | None:
+        """The ingest being written as `digest`, if peers may stream it."""
+        return self._published.get(digest)
 
     def open_writer(self, ref: str, total: int, expected: str) -> IngestWriter:
         """Create or resume the ingest of `ref` and lock it (UNAVAILABLE if already locked)."""
@@ -244,7 +289,7 @@ class Ingests:
             if resumed:
                 writer.set_total(total)
         except BaseException:
-            self.release(ref)
+            self._locked.pop(ref, None)
             raise
         return writer
 

@@ -1,0 +1,132 @@
+"""Blobs shared while they are being written (cold, concurrent pulls), with two daemons.
+
+A Write stream whose ref names a digest (`…/layer-sha256:<hex>`, as containerd's downloads
+do) is announced at once as an in-flight provider and served to peers as it grows; a node
+that starts the same download later follows the earlier one instead of the registry.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import http.client
+import os
+import urllib.request
+
+import grpc
+import pytest
+
+from cs_p2p.api import content_pb2 as pb
+from tests.conftest import WriteSession, content_stub
+from tests.test_dht_daemon import locate, pair  # noqa: F401  (fixture)
+from cs_p2p.devcluster.processes import wait_for
+
+DATA = os.urandom(6 << 20)
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+REF = f"default/1/layer-{DIGEST}"
+HALF = len(DATA) // 2
+
+
+@pytest.fixture
+def sessions(pair):  # noqa: F811
+    """Open Write streams on daemon a or b; all closed at the end."""
+    a, _, _, b, _ = pair
+    opened = []
+
+    def open_on(cs) -> WriteSession:
+        ch, stub = content_stub(cs)
+        w = WriteSession(stub)
+        opened.append((ch, w))
+        return w
+
+    yield open_on
+    for ch, w in opened:
+        w.close()
+        ch.close()
+
+
+def start_download(w: WriteSession, *, second_stat: bool = True) -> None:
+    """What containerd's fetch sends first: STAT with ref and total, then Status()."""
+    w.send(action=pb.STAT, ref=REF, total=len(DATA))
+    if second_stat:
+        assert w.send(action=pb.STAT).offset == 0  # nobody earlier: this node downloads
+
+
+def test_ingest_is_announced_and_its_prefix_served_while_written(pair, sessions):  # noqa: F811
+    a, a_peer, _, _, b_dht = pair
+    w = sessions(a)
+    start_download(w)
+    w.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
+    out = wait_for(lambda: a_peer in locate(DIGEST, b_dht) and locate(DIGEST, b_dht), 30, "in-flight record")
+    assert "in-flight" in out and str(len(DATA)) in out
+    with urllib.request.urlopen(f"http://{a_peer}/blobs/{DIGEST}", timeout=30) as r:
+        assert r.headers["Content-Length"] == str(len(DATA))
+        assert r.read(HALF) == DATA[:HALF]  # served before the rest exists
+        w.send(action=pb.WRITE, offset=HALF, data=DATA[HALF:])
+        w.send(action=pb.COMMIT, offset=len(DATA), total=len(DATA), expected=DIGEST)
+        assert r.read() == DATA[HALF:]
+    wait_for(lambda: "held" in locate(DIGEST, b_dht), 30, "the commit to replace the in-flight record")
+
+
+def test_an_abandoned_ingest_cuts_its_readers_short_and_is_withdrawn(pair, sessions):  # noqa: F811
+    a, a_peer, _, _, b_dht = pair
+    w = sessions(a)
+    start_download(w)
+    w.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
+    wait_for(lambda: a_peer in locate(DIGEST, b_dht), 30, "in-flight record")
+    req = urllib.request.Request(f"http://{a_peer}/blobs/{DIGEST}", headers={"Range": f"bytes=1000-{HALF + 10}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 206
+        assert r.read(HALF - 1000) == DATA[1000:HALF]
+        w.close()  # containerd went away: the ingest ends without a commit
+        with pytest.raises(http.client.IncompleteRead):
+            r.read()
+    wait_for(lambda: "no provider" in locate(DIGEST, b_dht), 30, "the in-flight record to be withdrawn")
+
+
+def test_a_later_download_follows_the_earlier_one_instead_of_the_registry(pair, sessions):  # noqa: F811
+    a, a_peer, _, b, b_dht = pair
+    first = sessions(a)
+    start_download(first)
+    first.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
+    wait_for(lambda: a_peer in locate(DIGEST, b_dht), 30, "in-flight record")
+    later = sessions(b)
+    later.send(action=pb.STAT, ref=REF, total=len(DATA))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        status = pool.submit(later.send, action=pb.STAT)  # containerd's Status(): waits for the peer
+        with pytest.raises(concurrent.futures.TimeoutError):
+            status.result(timeout=1.0)  # half the blob exists anywhere: it cannot be complete yet
+        first.send(action=pb.WRITE, offset=HALF, data=DATA[HALF:])
+        first.send(action=pb.COMMIT, offset=len(DATA), total=len(DATA), expected=DIGEST)
+        st = status.result(timeout=60)
+    assert (st.offset, st.total, st.digest) == (len(DATA), len(DATA), DIGEST)
+    # containerd then commits (rw.offset is still the first STAT's 0) and accepts ALREADY_EXISTS.
+    with pytest.raises(grpc.RpcError) as err:
+        later.send(action=pb.COMMIT, offset=0, total=len(DATA), expected=DIGEST)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    ch, stub = content_stub(b)
+    try:
+        assert stub.Info(pb.InfoRequest(digest=DIGEST)).info.size == len(DATA)
+        got = b"".join(r.data for r in stub.Read(pb.ReadContentRequest(digest=DIGEST)))
+        assert got == DATA
+        assert not stub.ListStatuses(pb.ListStatusesRequest()).statuses  # the follower's ingest is gone
+    finally:
+        ch.close()
+
+
+def test_a_follower_downloads_itself_when_the_source_fails(pair, sessions):  # noqa: F811
+    a, a_peer, _, b, b_dht = pair
+    first = sessions(a)
+    start_download(first)
+    first.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
+    wait_for(lambda: a_peer in locate(DIGEST, b_dht), 30, "in-flight record")
+    later = sessions(b)
+    later.send(action=pb.STAT, ref=REF, total=len(DATA))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        status = pool.submit(later.send, action=pb.STAT)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            status.result(timeout=1.0)
+        first.close()  # the source's containerd gave up
+        assert status.result(timeout=60).offset == 0  # so this containerd downloads it itself
+    later.send(action=pb.WRITE, offset=0, data=DATA)
+    assert later.send(action=pb.COMMIT, offset=len(DATA), total=len(DATA), expected=DIGEST).digest == DIGEST
