@@ -212,3 +212,30 @@ def test_gc_on_a_node_withdraws_its_records_and_others_stop_asking_it(cluster, r
     assert registry.blob_bytes_served() == served_before
     log = open(n3.cs.proc.log_path).read()
     assert n2.peer in log and n1.peer not in log  # every piece came from node 2
+
+
+def test_nodes_pulling_at_once_get_each_blob_from_the_registry_about_once(cluster, registry, tmp_path, workdir):
+    """A rollout: every node pulls the same new image at the same moment and nobody holds it.
+    Each blob is downloaded by one node; the others follow its in-flight download."""
+    img = build_image(str(tmp_path / "oci"), [16 << 20, 12 << 20, 8 << 20])
+    ref = push_image(img, registry.addr, "p2p/rollout")
+    blobs = [img.config_digest, *img.layer_digests]
+    sizes = {d: len(img.blob_bytes(d)) for d in blobs}
+    before = registry.blob_bytes_served()
+    pulls = [subprocess.Popen(["ctr", "--address", n.containerd.socket, "image", "pull", "--plain-http", ref],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in cluster]
+    try:
+        for p in pulls:
+            assert p.wait(180) == 0, p.stderr.read()
+    finally:
+        for p in pulls:
+            if p.poll() is None:
+                p.kill()
+    served = registry.blob_bytes_served()
+    sent = {d: served.get(d, 0) - before.get(d, 0) for d in blobs}
+    assert sent == sizes, "the registry sent a blob to more than one of the 3 nodes"
+    for node in cluster:
+        assert node.cs.blob_digests() == set(img.digests)
+        assert_unpacked(node, img, ref, os.path.join(workdir, f"mnt-at-once-{node.dht.split(':')[1]}"))
+    logs = "".join(open(n.cs.proc.log_path).read() for n in cluster)
+    assert logs.count("fetched from peers") == 2 * len(img.digests)  # the other two nodes, every blob
