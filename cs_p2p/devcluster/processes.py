@@ -34,6 +34,10 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
         time.sleep(interval)
 
 
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,12 +63,13 @@ class Proc:
     argv: list[str]
     log_path: str
     env: dict[str, str] | None = None
+    netns: str | None = None  # run inside this network namespace (the cluster benchmark)
     popen: subprocess.Popen | None = field(default=None, init=False)
 
     def start(self) -> "Proc":
         log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            in_netns(self.netns, self.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
             start_new_session=True,
         )
         log.close()
@@ -108,10 +113,11 @@ class Proc:
 class Registry:
     """Debian's docker-registry (distribution v2) on 127.0.0.1 with its own storage."""
 
-    def __init__(self, workdir: str, port: int | None = None) -> None:
+    def __init__(self, workdir: str, port: int | None = None, host: str = "127.0.0.1",
+                 netns: str | None = None) -> None:
         self.dir = workdir
         self.port = port or free_port()
-        self.addr = f"127.0.0.1:{self.port}"
+        self.addr = f"{host}:{self.port}"
         os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
         self.config = os.path.join(workdir, "config.yml")
         with open(self.config, "w") as f:
@@ -122,7 +128,7 @@ class Registry:
                 f"http:\n  addr: {self.addr}\n"
             )
         self.proc = Proc("registry", [shutil.which("docker-registry") or "docker-registry", "serve", self.config],
-                         os.path.join(workdir, "registry.log"))
+                         os.path.join(workdir, "registry.log"), netns=netns)
 
     def _ready(self) -> bool:
         self.proc.check_alive()
@@ -155,8 +161,9 @@ class Registry:
 class CsP2P:
     """One cs-p2p daemon (`python -m cs_p2p.cli serve`) with its own root and socket."""
 
-    def __init__(self, workdir: str, extra_args: list[str] | None = None) -> None:
+    def __init__(self, workdir: str, extra_args: list[str] | None = None, netns: str | None = None) -> None:
         self.dir = workdir
+        self.netns = netns
         self.root = os.path.join(workdir, "root")
         self.socket = os.path.join(workdir, "cs.sock")
         self.extra_args = extra_args or []
@@ -166,7 +173,7 @@ class CsP2P:
     def _new_proc(self) -> Proc:
         argv = [sys.executable, "-m", "cs_p2p.cli", "serve", "--root", self.root, "--socket", self.socket,
                 *self.extra_args]
-        return Proc("cs-p2p", argv, os.path.join(self.dir, "cs-p2p.log"))
+        return Proc("cs-p2p", argv, os.path.join(self.dir, "cs-p2p.log"), netns=self.netns)
 
     def start(self) -> "CsP2P":
         if os.path.exists(self.socket):
@@ -200,8 +207,9 @@ class Containerd:
     """
 
     def __init__(self, workdir: str, content_socket: str | None, registry_hosts: list[str] | None = None,
-                 auto_gc: bool = True) -> None:
+                 auto_gc: bool = True, netns: str | None = None) -> None:
         self.dir = workdir
+        self.netns = netns
         self.socket = os.path.join(workdir, "containerd.sock")
         self.root = os.path.join(workdir, "root")
         self.state = os.path.join(workdir, "state")
@@ -210,7 +218,7 @@ class Containerd:
         with open(self.config, "w") as f:
             f.write(self._config_toml(content_socket, registry_hosts or [], auto_gc))
         self.proc = Proc("containerd", [shutil.which("containerd") or "containerd", "--config", self.config],
-                         os.path.join(workdir, "containerd.log"))
+                         os.path.join(workdir, "containerd.log"), netns=netns)
 
     def _config_toml(self, content_socket: str | None, registry_hosts: list[str], auto_gc: bool) -> str:
         lines = [
@@ -258,7 +266,7 @@ class Containerd:
 
     def ctr(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 300,
             namespace: str = "default") -> subprocess.CompletedProcess:
-        argv = ["ctr", "--address", self.socket, "--namespace", namespace, *args]
+        argv = in_netns(self.netns, ["ctr", "--address", self.socket, "--namespace", namespace, *args])
         res = subprocess.run(argv, input=input, capture_output=True, timeout=timeout)
         if check and res.returncode != 0:
             raise subprocess.CalledProcessError(res.returncode, argv, res.stdout, res.stderr)

@@ -1,0 +1,20 @@
+"""docs/benchmarks.md: each benchmark script owns one `## ` section and rewrites only it."""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "benchmarks.md")
+
+
+def write_section(path: str, section: str, head: str) -> None:
+    """Replace the section starting at `head` (or append it), keeping the others."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
