@@ -130,3 +130,42 @@ def test_a_follower_downloads_itself_when_the_source_fails(pair, sessions):  # n
         assert status.result(timeout=60).offset == 0  # so this containerd downloads it itself
     later.send(action=pb.WRITE, offset=0, data=DATA)
     assert later.send(action=pb.COMMIT, offset=len(DATA), total=len(DATA), expected=DIGEST).digest == DIGEST
+
+
+@pytest.fixture
+def third(pair, workdir):  # noqa: F811
+    from tests.test_dht_daemon import daemon
+
+    c, c_peer, _ = daemon(workdir, "c", bootstrap=pair[2])
+    c.start()
+    yield c, c_peer
+    c.stop()
+
+
+def test_a_follower_relays_what_it_has_to_nodes_that_started_after_it(pair, third, sessions):  # noqa: F811
+    a, a_peer, _, b, b_dht = pair
+    c, _ = third
+    first = sessions(a)
+    start_download(first)
+    first.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
+    wait_for(lambda: a_peer in locate(DIGEST, b_dht), 30, "in-flight record")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        second = sessions(b)
+        second.send(action=pb.STAT, ref=REF, total=len(DATA))
+        b_status = pool.submit(second.send, action=pb.STAT)  # b follows a
+        b_peer = wait_for(lambda: [ln.split()[1] for ln in locate(DIGEST, b_dht).splitlines()
+                                   if "in-flight" in ln and a_peer not in ln], 30, "b's in-flight record")[0]
+        third_ = sessions(c)
+        third_.send(action=pb.STAT, ref=REF, total=len(DATA))
+        c_status = pool.submit(third_.send, action=pb.STAT)  # c follows a and b
+        first.send(action=pb.WRITE, offset=HALF, data=DATA[HALF:])
+        first.send(action=pb.COMMIT, offset=len(DATA), total=len(DATA), expected=DIGEST)
+        assert b_status.result(timeout=60).offset == len(DATA)
+        assert c_status.result(timeout=60).offset == len(DATA)
+    fetched = [ln for ln in open(c.proc.log_path) if "fetched from peers" in ln]
+    assert len(fetched) == 1 and b_peer in fetched[0]  # some of c's pieces came through b
+    ch, stub = content_stub(c)
+    try:
+        assert b"".join(r.data for r in stub.Read(pb.ReadContentRequest(digest=DIGEST))) == DATA
+    finally:
+        ch.close()

@@ -12,6 +12,8 @@ contacts the registry) the node looks again: if a node that started earlier is a
 downloading the blob (or has it), this one follows it — fetches the blob from peers while
 they write it — and answers the STAT with the ingest complete, so its containerd commits
 without contacting the registry.  Otherwise it stays the source and containerd downloads.
+A follower relays the pieces it has to nodes that started after it; since nodes only wait on
+earlier ones, no two wait on each other.
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ class SharedIngest:
 
     async def follow(self, providers: list[ProviderRecord]) -> bool:
         """Fetch the blob from `providers` (and any found later); True once it is committed
-        here.  Our in-flight record is withdrawn first: we will not write this ingest."""
-        self.end(committed=False)
+        here.  Our in-flight record stays: the peer server relays the pieces of this fetch to
+        nodes that started after us, so the earliest node's link is not the only source."""
         fetcher, dht = self.source.fetcher, self.source.dht
         fetch = fetcher.start(self.digest, self.size, providers,
                               more=lambda: self._more(dht.find_providers(self.digest)))

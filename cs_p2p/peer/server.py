@@ -12,8 +12,10 @@ another provider rather than queueing here.
 A blob this node is downloading right now (an ingest the content service published, see
 `fetch.source`) is served as it is written: the response sends what is on disk and waits
 for more.  If the ingest is truncated or ends without a commit, the response stops short of
-its Content-Length, and the fetcher takes the piece elsewhere.  The fetcher verifies the
-whole blob, so these unverified bytes cannot pass as the blob.
+its Content-Length, and the fetcher takes the piece elsewhere.  Likewise a blob this node is
+fetching from peers is relayed piece by piece as the pieces land (its final bytes once the
+digest matched).  The fetcher verifies the whole blob, so unverified bytes relayed here
+cannot pass as the blob.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aiohttp import web
 
 from ..digests import parse_digest
 from ..errors import InvalidArgument
+from ..fetch.fetcher import PIECE, Fetch, Fetcher, FetchFailed
 from ..store import IngestWriter, LocalStore
 from ..store.progress import IngestGone
 
@@ -57,8 +60,10 @@ class TokenBucket:
 
 
 class PeerServer:
-    def __init__(self, store: LocalStore, max_uploads: int = 16, rate_limit: int = 0) -> None:
+    def __init__(self, store: LocalStore, max_uploads: int = 16, rate_limit: int = 0,
+                 fetcher: Fetcher | None = None) -> None:
         self.store = store
+        self.fetcher = fetcher
         self.max_uploads = max_uploads
         self.active = 0
         self.bucket = TokenBucket(rate_limit) if rate_limit > 0 else None
@@ -89,9 +94,12 @@ class PeerServer:
         path = self.store.blobs.blob_path(hex_)
         if not os.path.exists(path):
             writer = self.store.ingests.published(digest)
-            if writer is None:
-                raise web.HTTPNotFound(text=f"blob {digest} not found")
-            return await self._ingest(request, writer, path, digest)
+            if writer is not None:
+                return await self._ingest(request, writer, path, digest)
+            fetch = self.fetcher.inflight.get(digest) if self.fetcher else None
+            if fetch is not None:
+                return await self._relay(request, fetch, path, digest)
+            raise web.HTTPNotFound(text=f"blob {digest} not found")
         if request.method == "HEAD":
             size = os.path.getsize(path)
             return web.Response(headers={"Content-Length": str(size), "Docker-Content-Digest": digest,
@@ -134,15 +142,34 @@ class PeerServer:
     async def _ingest(self, request: web.Request, writer: IngestWriter, blob_path: str,
                       digest: str) -> web.StreamResponse:
         """Serve a blob while this node writes it, waiting for each byte to reach the disk."""
-        size, progress = writer.total, writer.progress
+        progress = writer.progress
+        generation = progress.generation
+
+        async def available(offset: int, stop: int) -> int:
+            return min(await progress.wait_beyond(offset, generation), stop)
+
+        return await self._growing(request, writer.total, writer.data_path, blob_path, digest, available)
+
+    async def _relay(self, request: web.Request, fetch: Fetch, blob_path: str, digest: str) -> web.StreamResponse:
+        """Serve a blob this node is fetching, each piece once it has landed."""
+        async def available(offset: int, stop: int) -> int:
+            n = min(stop, (offset // PIECE + 1) * PIECE) - offset
+            await fetch.wait_range(offset, n)
+            return offset + n
+
+        return await self._growing(request, fetch.size, fetch.path, blob_path, digest, available)
+
+    async def _growing(self, request: web.Request, size: int, data_path: str, blob_path: str, digest: str,
+                       available) -> web.StreamResponse:
+        """Stream [start, stop) of a file still being written: `available(offset, stop)` waits
+        until bytes up to some end past `offset` are there, or raises if they never will be."""
         if request.method == "HEAD":
             return web.Response(headers={"Content-Length": str(size), "Docker-Content-Digest": digest,
                                          "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
         start, stop = _byte_range(request, size)
-        generation = progress.generation
         try:
-            fd = os.open(writer.data_path, os.O_RDONLY)
-        except FileNotFoundError:  # committed (renamed) or aborted a moment ago
+            fd = os.open(data_path, os.O_RDONLY)
+        except FileNotFoundError:  # committed (renamed) or given up a moment ago
             if os.path.exists(blob_path):
                 return await self.get_blob(request)
             raise web.HTTPNotFound(text=f"blob {digest} not found") from None
@@ -155,20 +182,21 @@ class PeerServer:
             offset = start
             while offset < stop:
                 try:
-                    durable = await progress.wait_beyond(offset, generation)
-                except IngestGone:
+                    end = await available(offset, stop)
+                except (IngestGone, FetchFailed):
                     resp.force_close()  # short of Content-Length: the client sees it failed
                     return resp
-                n = min(_CHUNK, durable - offset, stop - offset)
-                if self.bucket is not None:
-                    await self.bucket.take(n)
-                data = os.pread(fd, n, offset)
-                if not data:  # truncated under us
-                    resp.force_close()
-                    return resp
-                await resp.write(data)
-                offset += len(data)
-                self.bytes_sent += len(data)
+                while offset < end:
+                    n = min(_CHUNK, end - offset)
+                    if self.bucket is not None:
+                        await self.bucket.take(n)
+                    data = os.pread(fd, n, offset)
+                    if not data:  # truncated under us
+                        resp.force_close()
+                        return resp
+                    await resp.write(data)
+                    offset += len(data)
+                    self.bytes_sent += len(data)
             await resp.write_eof()
             return resp
         finally:

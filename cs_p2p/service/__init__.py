@@ -92,7 +92,7 @@ async def serve(cfg: Config) -> None:
     peer = None
     if cfg.peer_listen:
         host, port = parse_host_port(cfg.peer_listen, "peer-listen")
-        peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit)
+        peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit, fetcher)
         port = await peer.start(host, port)
         log.info("peer server listening", extra={"host": host, "port": port})
     if dht:

@@ -233,8 +233,8 @@ class ContentService(pb_grpc.ContentServicer):
         sources = await shared.sources()
         if not sources:
             return False
-        self.store.ingests.unpublish(writer)
-        writer.progress.failed()  # peers that chose us look elsewhere
+        self.store.ingests.unpublish(writer)  # not written here: peers get the fetch's pieces
+        writer.progress.failed()
         log.info("following in-flight download", extra={"digest": shared.digest,
                                                         "providers": [p.addr for p in sources]})
         if not await shared.follow(sources):
