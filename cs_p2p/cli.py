@@ -9,7 +9,8 @@ import sys
 
 from . import __version__
 from .config import DEFAULT_SOCKET, Config, ConfigError, load_config
-from .containerd_config import containerd_config
+from .config import MirrorRegistry
+from .containerd_config import DEFAULT_HOSTS_DIR, containerd_config, write_hosts_dir
 from .logs import setup_logging
 
 
@@ -32,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dht-listen", help="HOST:PORT (UDP) for the DHT node (default: off)")
     s.add_argument("--bootstrap", action="append", help="HOST:PORT of a DHT node to join through (repeatable)")
     s.add_argument("--dht-ttl", type=int, help="provider record lifetime in seconds (default 3600)")
+    s.add_argument("--mirror-registry", action="append",
+                   help="serve a registry mirror for http://HOST[:PORT] or https://HOST (repeatable)")
+    s.add_argument("--mirror-listen", help="HOST:PORT of the registry mirror (default 127.0.0.1:5080)")
+    s.add_argument("--mirror-timeout-ms", type=int, help="wait for an upstream registry (default 3000)")
 
     prs = sub.add_parser("peers", help="print the nodes of the DHT network")
     prs.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
@@ -40,15 +45,29 @@ def _parser() -> argparse.ArgumentParser:
     loc.add_argument("digest")
     loc.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
 
-    c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment")
+    c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment; with "
+                       "--mirror-registry, write hosts.toml files that put the mirror in front")
     c.add_argument("--socket", default=DEFAULT_SOCKET, help="cs-p2p's unix socket")
+    c.add_argument("--mirror-registry", action="append", default=[],
+                   help="registry to mirror: http://HOST[:PORT] or https://HOST (repeatable)")
+    c.add_argument("--mirror-listen", default=Config.mirror_listen, help="the mirror's HOST:PORT")
+    c.add_argument("--hosts-dir", default=DEFAULT_HOSTS_DIR,
+                   help=f"containerd's registry config_path (default {DEFAULT_HOSTS_DIR})")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "containerd-config":
-        sys.stdout.write(containerd_config(args.socket))
+        try:
+            registries = [MirrorRegistry.parse(r, 3000, "--mirror-registry") for r in args.mirror_registry]
+        except ConfigError as exc:
+            print(f"cs-p2p: {exc}", file=sys.stderr)
+            return 2
+        if registries:
+            for path in write_hosts_dir(args.hosts_dir, registries, args.mirror_listen):
+                print(f"# wrote {path}", file=sys.stderr)
+        sys.stdout.write(containerd_config(args.socket, hosts_dir=args.hosts_dir if registries else None))
         return 0
     if args.command == "locate":
         from .dht.operator import locate

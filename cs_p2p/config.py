@@ -19,6 +19,43 @@ class ConfigError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class MirrorRegistry:
+    """An upstream registry the mirror serves for, as image references name it."""
+
+    host: str  # registry.example.com[:port]
+    plain_http: bool = False
+    timeout: float = 3.0  # seconds to wait for it before answering from peers
+
+    @property
+    def base_url(self) -> str:
+        """Where the registry API is: image references say docker.io, its API is elsewhere."""
+        host = "registry-1.docker.io" if self.host == "docker.io" else self.host
+        return f"{'http' if self.plain_http else 'https'}://{host}"
+
+    @classmethod
+    def parse(cls, value: object, default_timeout_ms: int, source: str) -> "MirrorRegistry":
+        """`http://host:port` or `https://host` (a bare host means https), or a table
+        `{url = ..., timeout-ms = ...}`."""
+        timeout_ms = default_timeout_ms
+        if isinstance(value, dict):
+            unknown = set(value) - {"url", "timeout-ms", "timeout_ms"}
+            if unknown or "url" not in value:
+                raise ConfigError(f"{source}: a mirror registry needs url (and optional timeout-ms), got {value!r}")
+            timeout_ms = value.get("timeout-ms", value.get("timeout_ms", timeout_ms))
+            value = value["url"]
+        if not isinstance(value, str) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
+            raise ConfigError(f"{source}: bad mirror registry {value!r}")
+        scheme, sep, host = value.partition("://")
+        if not sep:
+            scheme, host = "https", value
+        host = host.rstrip("/")
+        if scheme not in ("http", "https") or not host or "/" in host:
+            raise ConfigError(f"{source}: mirror registry must be http://HOST[:PORT] or https://HOST[:PORT], "
+                              f"got {value!r}")
+        return cls(host, scheme == "http", timeout_ms / 1000)
+
+
 @dataclass
 class Config:
     root: str = DEFAULT_ROOT
@@ -34,6 +71,9 @@ class Config:
     dht_listen: str = ""  # HOST:PORT (UDP) of the DHT node; empty: no DHT
     bootstrap: list = dataclasses.field(default_factory=list)  # HOST:PORT contacts, names resolved
     dht_ttl: int = 3600  # seconds a provider record lives; re-announced at half of it
+    mirror_listen: str = "127.0.0.1:5080"  # the registry mirror for the local containerd
+    mirror_timeout_ms: int = 3000  # default wait for an upstream registry
+    mirror_registry: list = dataclasses.field(default_factory=list)  # MirrorRegistry; empty: no mirror
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -43,12 +83,26 @@ class Config:
         """A copy with `values` applied; unknown keys and wrong types are errors, not ignored."""
         known = {f.name: f for f in dataclasses.fields(self)}
         changes: dict[str, Any] = {}
+        values = dict(values)
+        table = values.pop("mirror", None)
+        if table is not None:  # the TOML [mirror] section: listen, timeout-ms, registries
+            if not isinstance(table, dict) or set(table) - {"listen", "timeout-ms", "timeout_ms", "registries"}:
+                raise ConfigError(f"{source}: [mirror] takes listen, timeout-ms and registries, got {table!r}")
+            for k, v in table.items():
+                values["mirror_registry" if k == "registries" else f"mirror_{k}"] = v
+        timeout_ms = values.get("mirror_timeout_ms", values.get("mirror-timeout-ms", self.mirror_timeout_ms))
         for raw_key, value in values.items():
             if value is None:
                 continue
             key = raw_key.replace("-", "_")
             if key not in known:
                 raise ConfigError(f"{source}: unknown setting {raw_key!r}")
+            if key == "mirror_registry":
+                if not isinstance(value, list):
+                    raise ConfigError(f"{source}: {raw_key} must be a list, got {value!r}")
+                changes[key] = [v if isinstance(v, MirrorRegistry) else MirrorRegistry.parse(v, timeout_ms, source)
+                                for v in value]
+                continue
             default = getattr(type(self)(), key)
             if isinstance(default, list):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -84,6 +138,8 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         peer_advertised(cfg)
     for addr in cfg.bootstrap:
         parse_host_port(addr, "bootstrap")
+    if cfg.mirror_registry:
+        parse_host_port(cfg.mirror_listen, "mirror-listen")
     if cfg.dht_ttl < 10:
         raise ConfigError("dht-ttl must be at least 10 seconds")
     if cfg.peer_max_uploads < 1 or cfg.peer_rate_limit < 0:

@@ -21,6 +21,7 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.m
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 
 
@@ -98,7 +99,8 @@ class _RandomReader(io.RawIOBase):
         return os.urandom(n)
 
 
-def build_image(layout: str, layer_sizes: list[int], tag: str = "v1", compress: bool = True) -> BuiltImage:
+def build_image(layout: str, layer_sizes: list[int], tag: str = "v1", compress: bool = True,
+                arch: str = _ARCH) -> BuiltImage:
     """An OCI layout at `layout` with one image of random layers of the given sizes."""
     blobs = os.path.join(layout, "blobs", "sha256")
     os.makedirs(blobs, exist_ok=True)
@@ -108,7 +110,7 @@ def build_image(layout: str, layer_sizes: list[int], tag: str = "v1", compress: 
         layers.append({"mediaType": MT_LAYER_GZIP if compress else MT_LAYER_TAR, "digest": digest, "size": blob_size})
         diff_ids.append(diff_id)
     config = {
-        "architecture": _ARCH,
+        "architecture": arch,
         "os": "linux",
         "config": {"Cmd": ["/bin/true"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -136,11 +138,32 @@ def build_image(layout: str, layer_sizes: list[int], tag: str = "v1", compress: 
     return BuiltImage(layout, tag, manifest_digest, config_digest, [layer["digest"] for layer in layers], total)
 
 
+def build_multiarch_image(layout: str, layer_sizes: list[int], tag: str = "v1") -> tuple[BuiltImage, str]:
+    """An OCI layout whose `tag` is an image index: this machine's platform (the returned
+    image) and one other architecture.  Returns (native image, index digest)."""
+    other_arch = "arm64" if _ARCH != "arm64" else "amd64"
+    other = build_image(layout, [4096], tag="other", arch=other_arch)
+    native = build_image(layout, layer_sizes, tag=tag)
+    blobs = os.path.join(layout, "blobs", "sha256")
+    entries = []
+    for img, arch in ((native, _ARCH), (other, other_arch)):
+        size = os.path.getsize(os.path.join(blobs, img.manifest_digest.split(":")[1]))
+        entries.append({"mediaType": MT_MANIFEST, "digest": img.manifest_digest, "size": size,
+                        "platform": {"architecture": arch, "os": "linux"}})
+    index_digest, index_size = _put_blob(blobs, json.dumps(
+        {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": entries}).encode())
+    with open(os.path.join(layout, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [{
+            "mediaType": MT_INDEX, "digest": index_digest, "size": index_size,
+            "annotations": {"org.opencontainers.image.ref.name": tag}}]}, f)
+    return native, index_digest
+
+
 def push_image(image: BuiltImage, registry_addr: str, name: str) -> str:
-    """Push with skopeo over plain HTTP; returns the reference `addr/name:tag`."""
+    """Push with skopeo over plain HTTP (an index with all its platforms); returns `addr/name:tag`."""
     ref = f"{registry_addr}/{name}:{image.tag}"
     subprocess.run(
-        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+        ["skopeo", "copy", "--all", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
          f"oci:{image.layout}:{image.tag}", f"docker://{ref}"],
         check=True, capture_output=True, timeout=600,
     )

@@ -204,12 +204,15 @@ class Containerd:
     """A containerd with its own root/state/socket; content from `content_socket` or builtin.
 
     `content_socket=None` runs containerd's builtin content store: the benchmarks' baseline.
+    With `hosts_dir`, registries are configured by hosts.toml files there (the mirror), for
+    the CRI plugin and for `pull()`.
     """
 
     def __init__(self, workdir: str, content_socket: str | None, registry_hosts: list[str] | None = None,
-                 auto_gc: bool = True, netns: str | None = None) -> None:
+                 auto_gc: bool = True, netns: str | None = None, hosts_dir: str | None = None) -> None:
         self.dir = workdir
         self.netns = netns
+        self.hosts_dir = hosts_dir
         self.socket = os.path.join(workdir, "containerd.sock")
         self.root = os.path.join(workdir, "root")
         self.state = os.path.join(workdir, "state")
@@ -249,11 +252,14 @@ class Containerd:
             # Benchmarks ingest unreferenced blobs; only an explicit `--sync` delete collects them.
             lines += ['[plugins."io.containerd.gc.v1.scheduler"]', "  mutation_threshold = 1000000000",
                       "  deletion_threshold = 1000000000", "  startup_delay = \"0s\""]
-        for host in registry_hosts:
-            lines += [
-                f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]',
-                f'  endpoint = ["http://{host}"]',
-            ]
+        if self.hosts_dir:
+            lines += ['[plugins."io.containerd.grpc.v1.cri".registry]', f'  config_path = "{self.hosts_dir}"']
+        else:
+            for host in registry_hosts:
+                lines += [
+                    f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]',
+                    f'  endpoint = ["http://{host}"]',
+                ]
         return "\n".join(lines) + "\n"
 
     def start(self) -> "Containerd":
@@ -263,6 +269,11 @@ class Containerd:
 
     def stop(self) -> None:
         self.proc.stop()
+
+    def pull_args(self, ref: str) -> list[str]:
+        """`ctr` arguments that pull `ref` the way this containerd is configured."""
+        hosts = ["--hosts-dir", self.hosts_dir] if self.hosts_dir else []
+        return ["image", "pull", "--plain-http", *hosts, ref]
 
     def ctr(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 300,
             namespace: str = "default") -> subprocess.CompletedProcess:

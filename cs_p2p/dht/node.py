@@ -21,6 +21,7 @@ from kademlia.node import Node, NodeHeap
 from ..config import parse_host_port
 from .protocol import ProviderProtocol
 from .providers import ProviderRecord
+from .tags import TagRecord, tag_key
 
 log = logging.getLogger("cs_p2p.dht")
 
@@ -172,7 +173,15 @@ class DhtNode:
         replies still update the routing table in the background).
         """
         key = provider_key(digest)
-        found = {r.node_id: r for r in self.protocol.providers.get(key)}
+        local = self.protocol.providers.get(key)
+        found = await self._walk(key, local, self.protocol.call_get_providers, want, round_timeout,
+                                 keep=lambda rec: rec.expires > time.time())
+        found.pop(self.node_id, None)
+        return sorted(found.values(), key=lambda r: -r.expires)
+
+    async def _walk(self, key: bytes, local: list, call, want: int, round_timeout: float, keep) -> dict:
+        """Records under `key` from the nodes on the way to it, merged by publisher."""
+        found = {r.node_id: r for r in local}
         target = Node(key)
         shortlist = NodeHeap(target, self.server.ksize)
         shortlist.push(self.protocol.router.find_neighbors(target, self.server.ksize))
@@ -182,20 +191,33 @@ class DhtNode:
                 break
             for n in batch:
                 shortlist.mark_contacted(n)
-            calls = {asyncio.ensure_future(self.protocol.call_get_providers(n, key)): n for n in batch}
+            calls = {asyncio.ensure_future(call(n, key)): n for n in batch}
             done, _late = await asyncio.wait(calls, timeout=round_timeout)
-            for call in done:
-                reply = call.result()
+            for c in done:
+                reply = c.result()
                 if reply is None:
-                    shortlist.remove([calls[call].id])
+                    shortlist.remove([calls[c].id])
                     continue
                 records, nodes = reply
                 for rec in records:
-                    if rec.expires > time.time():
+                    if keep(rec):
                         found[rec.node_id] = rec
                 shortlist.push([m for m in nodes if m.id != self.node_id])
-        found.pop(self.node_id, None)
-        return sorted(found.values(), key=lambda r: -r.expires)
+        return found
+
+    async def publish_tag(self, reference: str, digest: str, media_type: str, size: int) -> int:
+        """Record that `reference` (`host/name:tag`) resolved to `digest` just now."""
+        key, rec = tag_key(reference), TagRecord(self.node_id, digest, media_type, size, time.time())
+        self.protocol.tags.add(key, rec)
+        nodes = await self._closest(key)
+        return sum(await asyncio.gather(*(self.protocol.call_add_tag(n, key, rec) for n in nodes)))
+
+    async def find_tag(self, reference: str, round_timeout: float = 0.3) -> TagRecord | None:
+        """The newest record of `reference` any node holds, or None."""
+        key = tag_key(reference)
+        found = await self._walk(key, self.protocol.tags.get(key), self.protocol.call_get_tags, 0, round_timeout,
+                                 keep=lambda rec: True)
+        return max(found.values(), key=lambda r: r.seen, default=None)
 
     # ContentEvents: the content service reports commits and deletes; the network work runs
     # in the background so that no containerd call waits on the DHT.

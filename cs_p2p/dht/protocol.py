@@ -18,6 +18,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
 from .providers import ProviderRecord, ProviderStore
+from .tags import TagRecord, TagStore
 
 log = logging.getLogger("cs_p2p.dht")
 
@@ -33,6 +34,7 @@ class ProviderProtocol(KademliaProtocol):
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = wait_timeout
         self.providers = ProviderStore()
+        self.tags = TagStore()
 
     def _sender_node(self, sender: tuple[str, int], nodeid: object) -> Node | None:
         if not _is_key(nodeid):
@@ -68,6 +70,35 @@ class ProviderProtocol(KademliaProtocol):
         neighbors = self.router.find_neighbors(Node(key), exclude=node)
         return {"providers": records, "nodes": [tuple(n) for n in neighbors]}
 
+    def rpc_add_tag(self, sender, nodeid, key, record) -> Any:
+        if self._sender_node(sender, nodeid) is None or not _is_key(key):
+            return {"error": "bad node id or key"}
+        try:
+            rec = TagRecord.from_wire(record)
+        except ValueError as exc:
+            return {"error": str(exc)}
+        if rec.node_id != nodeid:
+            return {"error": "a node publishes only its own tag records"}
+        self.tags.add(key, rec)
+        return True
+
+    def rpc_get_tags(self, sender, nodeid, key) -> Any:
+        node = self._sender_node(sender, nodeid)
+        if node is None or not _is_key(key):
+            return {"error": "bad node id or key"}
+        records = [r.to_wire() for r in self.tags.get(key)[:MAX_RECORDS_PER_REPLY // 4]]
+        neighbors = self.router.find_neighbors(Node(key), exclude=node)
+        return {"tags": records, "nodes": [tuple(n) for n in neighbors]}
+
+    async def call_add_tag(self, node: Node, key: bytes, rec: TagRecord) -> bool:
+        result = await self.add_tag((node.ip, node.port), self.source_node.id, key, rec.to_wire())
+        self.handle_call_response(result, node)
+        return result[0] and result[1] is True
+
+    async def call_get_tags(self, node: Node, key: bytes) -> tuple[list[TagRecord], list[Node]] | None:
+        result = await self.get_tags((node.ip, node.port), self.source_node.id, key)
+        return self._records_and_nodes(result, node, "tags", TagRecord.from_wire)
+
     async def call_add_provider(self, node: Node, key: bytes, rec: ProviderRecord) -> bool:
         result = await self.add_provider((node.ip, node.port), self.source_node.id, key, rec.to_wire())
         self.handle_call_response(result, node)
@@ -81,17 +112,21 @@ class ProviderProtocol(KademliaProtocol):
     async def call_get_providers(self, node: Node, key: bytes) -> tuple[list[ProviderRecord], list[Node]] | None:
         """Records and closer nodes from `node`, or None if it did not answer sensibly."""
         result = await self.get_providers((node.ip, node.port), self.source_node.id, key)
+        return self._records_and_nodes(result, node, "providers", ProviderRecord.from_wire)
+
+    def _records_and_nodes(self, result, node: Node, field: str, parse):
         self.handle_call_response(result, node)
         ok, reply = result
-        if not ok or not isinstance(reply, dict) or "providers" not in reply:
+        if not ok or not isinstance(reply, dict) or field not in reply or not isinstance(reply[field], list):
             return None
         records, nodes = [], []
-        for raw in reply.get("providers", [])[:MAX_RECORDS_PER_REPLY]:
+        for raw in reply[field][:MAX_RECORDS_PER_REPLY]:
             try:
-                records.append(ProviderRecord.from_wire(raw))
+                records.append(parse(raw))
             except ValueError:
                 continue  # one bad record does not spoil the rest
-        for raw in reply.get("nodes", []):
+        raw_nodes = reply.get("nodes")
+        for raw in raw_nodes if isinstance(raw_nodes, list) else []:
             if isinstance(raw, (list, tuple)) and len(raw) == 3 and _is_key(raw[0]):
                 nodes.append(Node(raw[0], raw[1], raw[2]))
         return records, nodes

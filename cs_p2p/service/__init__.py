@@ -17,6 +17,7 @@ from ..config import Config, parse_host_port, peer_advertised
 from ..dht.node import DhtNode, load_or_create_node_id
 from ..fetch.fetcher import Fetcher
 from ..fetch.source import PeerSource
+from ..mirror.server import Mirror
 from ..peer.server import PeerServer
 from ..store import LocalStore
 from .content import ContentService
@@ -101,12 +102,22 @@ async def serve(cfg: Config) -> None:
         log.info("dht listening", extra={"host": host, "port": port, "node_id": dht.node_id.hex()})
         dht.join_and_announce(cfg.bootstrap, [(info.digest, info.size) for info in store.blobs.walk()])
 
+    mirror = None
+    if cfg.mirror_registry:
+        host, port = parse_host_port(cfg.mirror_listen, "mirror-listen")
+        mirror = Mirror(store, cfg.mirror_registry, dht, peers)
+        port = await mirror.start(host, port)
+        log.info("registry mirror listening", extra={"host": host, "port": port,
+                                                     "registries": [r.host for r in cfg.mirror_registry]})
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
+    if mirror:
+        await mirror.stop()
     if fetcher:
         await fetcher.close()
     if dht:

@@ -1,0 +1,229 @@
+"""A read-only OCI distribution endpoint for the node's own containerd.
+
+containerd is pointed at it through `hosts.toml` (capabilities pull + resolve, upstream kept
+as the next host) and adds `?ns=<registry host>` to every request, which names the upstream.
+
+- Tags: the upstream registry first, bounded by its timeout; its answer is published in the
+  DHT as a tag record.  If it cannot be asked, the newest tag record any node published
+  answers instead, so pulls by tag survive a registry outage.  If the registry says the tag
+  does not exist, that is the answer.
+- Manifests by digest and blobs: the local store, then peers, then upstream.  Whatever comes
+  from elsewhere is verified against its digest before it is served.
+
+Answers 404 (with an OCI error body) when it cannot help, so containerd moves on to the next
+host; never writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import tempfile
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from ..config import MirrorRegistry
+from ..digests import parse_digest
+from ..errors import InvalidArgument
+from ..store import LocalStore
+from .upstream import MAX_MANIFEST, Manifest, Upstream, UpstreamNotFound, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from ..dht.node import DhtNode
+    from ..fetch.source import PeerSource
+
+log = logging.getLogger("cs_p2p.mirror")
+
+_NAME = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+DEFAULT_ACCEPT = ", ".join([
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+])
+
+
+def oci_error(status: type[web.HTTPException], code: str, message: str) -> web.HTTPException:
+    body = json.dumps({"errors": [{"code": code, "message": message}]})
+    return status(text=body, content_type="application/json")
+
+
+def media_type_of(body: bytes) -> str:
+    """The media type a manifest declares, or the one its shape implies (OCI makes the field
+    optional)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return "application/octet-stream"
+    if isinstance(doc, dict):
+        if isinstance(doc.get("mediaType"), str) and doc["mediaType"]:
+            return doc["mediaType"]
+        if "manifests" in doc:
+            return "application/vnd.oci.image.index.v1+json"
+        if "layers" in doc or "config" in doc:
+            return "application/vnd.oci.image.manifest.v1+json"
+    return "application/octet-stream"
+
+
+class Mirror:
+    def __init__(self, store: LocalStore, registries: list[MirrorRegistry], dht: "DhtNode | None" = None,
+                 peers: "PeerSource | None" = None) -> None:
+        self.store = store
+        self.registries = {r.host: r for r in registries}
+        self.dht = dht
+        self.peers = peers
+        self.upstreams: dict[str, Upstream] = {}
+        self.tmp = os.path.join(store.root, "mirror")
+        os.makedirs(self.tmp, exist_ok=True)
+        self.app = web.Application()
+        self.app.router.add_get("/v2/", self.base)
+        self.app.router.add_route("*", "/v2/{name:.+}/manifests/{reference}", self.manifests)
+        self.app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", self.blobs)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        self._session = aiohttp.ClientSession()
+        self.upstreams = {h: Upstream(r, self._session) for h, r in self.registries.items()}
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._runner:
+            await self._runner.cleanup()
+        if self._session:
+            await self._session.close()
+
+    async def base(self, request: web.Request) -> web.Response:
+        return web.json_response({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
+
+    def _route(self, request: web.Request) -> tuple[Upstream, str]:
+        if request.method not in ("GET", "HEAD"):
+            raise oci_error(_ReadOnly, "UNSUPPORTED", "this mirror is read-only")
+        name = request.match_info["name"]
+        if not _NAME.match(name):
+            raise oci_error(web.HTTPBadRequest, "NAME_INVALID", f"invalid repository name {name!r}")
+        ns = request.query.get("ns") or (next(iter(self.registries)) if len(self.registries) == 1 else "")
+        upstream = self.upstreams.get(ns)
+        if upstream is None:
+            raise oci_error(web.HTTPNotFound, "NAME_UNKNOWN", f"registry {ns!r} is not mirrored here")
+        return upstream, name
+
+    async def manifests(self, request: web.Request) -> web.StreamResponse:
+        upstream, name = self._route(request)
+        reference = request.match_info["reference"]
+        head = request.method == "HEAD"
+        accept = request.headers.get("Accept") or DEFAULT_ACCEPT
+        if reference.startswith("sha256:"):
+            manifest = await self._manifest_by_digest(upstream, name, reference, accept, media_type="")
+        elif _TAG.match(reference):
+            manifest = await self._manifest_by_tag(upstream, name, reference, accept, head)
+        else:
+            raise oci_error(web.HTTPBadRequest, "MANIFEST_INVALID", f"invalid reference {reference!r}")
+        headers = {"Docker-Content-Digest": manifest.digest, "Content-Type": manifest.media_type,
+                   "Content-Length": str(manifest.size)}
+        if head:
+            return web.Response(headers=headers)
+        return web.Response(body=manifest.body, headers=headers)
+
+    async def _manifest_by_tag(self, upstream: Upstream, name: str, tag: str, accept: str, head: bool) -> Manifest:
+        reference = f"{upstream.registry.host}/{name}:{tag}"
+        try:
+            manifest = await upstream.manifest(name, tag, accept, head)
+        except UpstreamNotFound:
+            raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN", f"{reference} does not exist upstream") from None
+        except UpstreamUnavailable as exc:
+            log.warning("upstream unavailable: resolving from peers", extra={"ref": reference, "error": str(exc)})
+            record = await self.dht.find_tag(reference) if self.dht else None
+            if record is None:
+                raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN",
+                                f"{reference}: registry unreachable ({exc}) and no peer has resolved it") from None
+            log.info("tag resolved from peers", extra={"ref": reference, "digest": record.digest})
+            return await self._manifest_by_digest(upstream, name, record.digest, accept, record.media_type,
+                                                  allow_upstream=False)
+        if self.dht:
+            self._spawn(self.dht.publish_tag(reference, manifest.digest, manifest.media_type, manifest.size))
+        return manifest
+
+    async def _manifest_by_digest(self, upstream: Upstream, name: str, digest: str, accept: str, media_type: str,
+                                  allow_upstream: bool = True) -> Manifest:
+        self._check_digest(digest)
+        path = await self._local_or_peers(digest)
+        if path is not None and os.path.getsize(path) <= MAX_MANIFEST:
+            with open(path, "rb") as f:
+                body = f.read()
+            return Manifest(digest, media_type_of(body) if not media_type or media_type == "application/octet-stream"
+                            else media_type, len(body), body)
+        if not allow_upstream:
+            raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN", f"manifest {digest} not held by any peer")
+        try:
+            return await upstream.manifest(name, digest, accept, head=False)
+        except UpstreamNotFound:
+            raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN", f"manifest {digest} unknown") from None
+        except UpstreamUnavailable as exc:
+            raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN",
+                            f"manifest {digest}: not held by peers and registry unreachable ({exc})") from None
+
+    async def _local_or_peers(self, digest: str) -> str | None:
+        """The path of `digest` in the local store, fetched from peers first if need be."""
+        path = self.store.blobs.blob_path(parse_digest(digest))
+        if os.path.exists(path):
+            return path
+        fetch = await self.peers.locate(digest) if self.peers else None
+        if fetch is None or fetch.task is None:
+            return None
+        await asyncio.wait([fetch.task])
+        return path if os.path.exists(path) else None
+
+    @staticmethod
+    def _check_digest(digest: str) -> None:
+        try:
+            parse_digest(digest)
+        except InvalidArgument as exc:
+            raise oci_error(web.HTTPBadRequest, "DIGEST_INVALID", str(exc)) from None
+
+    async def blobs(self, request: web.Request) -> web.StreamResponse:
+        upstream, name = self._route(request)
+        digest = request.match_info["digest"]
+        self._check_digest(digest)
+        headers = {"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"}
+        path = await self._local_or_peers(digest)
+        if path is not None:
+            return web.FileResponse(path, headers=headers)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+        try:
+            try:
+                await upstream.blob(name, digest, fd)
+            except UpstreamNotFound:
+                raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN", f"blob {digest} unknown") from None
+            except UpstreamUnavailable as exc:
+                raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN",
+                                f"blob {digest}: not held by peers and registry unreachable ({exc})") from None
+            resp = web.FileResponse(tmp, headers=headers)
+            await resp.prepare(request)  # sends the body; the verified file can go afterwards
+            return resp
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class _ReadOnly(web.HTTPMethodNotAllowed):
+    def __init__(self, **kw) -> None:
+        super().__init__("GET", ["GET", "HEAD"], **kw)

@@ -1,0 +1,133 @@
+"""Client of one upstream registry (OCI distribution API), as the mirror uses it.
+
+Each call is bounded by the registry's timeout: the mirror answers from peers when the
+registry is slow or down, so waiting long for it would only delay that.  Anonymous bearer
+tokens (the `WWW-Authenticate: Bearer realm=…` challenge of Docker Hub-style registries)
+are fetched and cached per repository; nothing from here is ever published to the DHT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+import aiohttp
+
+from ..config import MirrorRegistry
+
+MAX_MANIFEST = 4 << 20  # containerd refuses bigger manifests too
+_CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
+
+
+class UpstreamUnavailable(Exception):
+    """The registry could not be asked (down, slow, 5xx): peers may answer instead."""
+
+
+class UpstreamNotFound(Exception):
+    """The registry answered that it has no such manifest or blob."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: str
+    media_type: str
+    size: int
+    body: bytes | None = None  # None for a HEAD
+
+
+class Upstream:
+    def __init__(self, registry: MirrorRegistry, session: aiohttp.ClientSession) -> None:
+        self.registry = registry
+        self.session = session
+        self._tokens: dict[str, str] = {}  # repository -> bearer token
+
+    async def _request(self, method: str, repo: str, path: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        url = f"{self.registry.base_url}/v2/{repo}/{path}"
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.registry.timeout, sock_read=self.registry.timeout)
+        for attempt in (0, 1):
+            hdrs = dict(headers)
+            if repo in self._tokens:
+                hdrs["Authorization"] = f"Bearer {self._tokens[repo]}"
+            try:
+                resp = await self.session.request(method, url, headers=hdrs, timeout=timeout, allow_redirects=True)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise UpstreamUnavailable(f"{self.registry.host}: {exc!r}") from None
+            if resp.status == 401 and attempt == 0 and await self._authorize(repo, resp):
+                resp.release()
+                continue
+            if resp.status == 404:
+                resp.release()
+                raise UpstreamNotFound(f"{self.registry.host}: {repo}/{path} not found")
+            if resp.status >= 400:
+                resp.release()
+                raise UpstreamUnavailable(f"{self.registry.host}: {method} {repo}/{path} answered {resp.status}")
+            return resp
+        raise AssertionError("unreachable")
+
+    async def _authorize(self, repo: str, resp: aiohttp.ClientResponse) -> bool:
+        """Get an anonymous pull token from the realm the registry's challenge names."""
+        challenge = resp.headers.get("WWW-Authenticate", "")
+        if not challenge.lower().startswith("bearer "):
+            return False
+        params = dict(_CHALLENGE.findall(challenge))
+        realm = params.pop("realm", "")
+        if not realm:
+            return False
+        params.setdefault("scope", f"repository:{repo}:pull")
+        timeout = aiohttp.ClientTimeout(total=self.registry.timeout)
+        try:
+            async with self.session.get(realm, params=params, timeout=timeout) as tr:
+                if tr.status != 200:
+                    return False
+                body = await tr.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            raise UpstreamUnavailable(f"{self.registry.host}: token service {realm} failed") from None
+        token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(token, str):
+            return False
+        self._tokens[repo] = token
+        return True
+
+    async def manifest(self, repo: str, reference: str, accept: str, head: bool) -> Manifest:
+        """Resolve `reference` (tag or digest).  A GET's body is checked against the digest."""
+        resp = await self._request("HEAD" if head else "GET", repo, f"manifests/{reference}", {"Accept": accept})
+        try:
+            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            digest = resp.headers.get("Docker-Content-Digest", "")
+            if head:
+                size = int(resp.headers.get("Content-Length", "-1"))
+                if not digest or size < 0:  # not enough to describe it: GET it instead
+                    return await self.manifest(repo, reference, accept, head=False)
+                return Manifest(digest, media_type, size)
+            body = await resp.content.read(MAX_MANIFEST + 1)
+            if len(body) > MAX_MANIFEST:
+                raise UpstreamUnavailable(f"{self.registry.host}: manifest larger than {MAX_MANIFEST} bytes")
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise UpstreamUnavailable(f"{self.registry.host}: {exc!r}") from None
+        finally:
+            resp.release()
+        actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        expected = reference if reference.startswith("sha256:") else digest
+        if expected and expected != actual:
+            raise UpstreamUnavailable(f"{self.registry.host}: manifest {reference} does not match {expected}")
+        return Manifest(actual, media_type, len(body), body)
+
+    async def blob(self, repo: str, digest: str, fd: int) -> int:
+        """Download blob `digest` into `fd`, verifying it; returns its size."""
+        resp = await self._request("GET", repo, f"blobs/{digest}", {})
+        hasher, offset = hashlib.sha256(), 0
+        try:
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                hasher.update(chunk)
+                os.pwrite(fd, chunk, offset)
+                offset += len(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise UpstreamUnavailable(f"{self.registry.host}: {exc!r}") from None
+        finally:
+            resp.release()
+        if "sha256:" + hasher.hexdigest() != digest:
+            raise UpstreamUnavailable(f"{self.registry.host}: blob {digest} did not match its digest")
+        return offset
