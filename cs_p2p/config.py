@@ -90,7 +90,8 @@ class Config:
                 raise ConfigError(f"{source}: [mirror] takes listen, timeout-ms and registries, got {table!r}")
             for k, v in table.items():
                 values["mirror_registry" if k == "registries" else f"mirror_{k}"] = v
-        timeout_ms = values.get("mirror_timeout_ms", values.get("mirror-timeout-ms", self.mirror_timeout_ms))
+        timeout_ms = next((v for k, v in values.items() if k.replace("-", "_") == "mirror_timeout_ms"
+                           and v is not None), self.mirror_timeout_ms)
         for raw_key, value in values.items():
             if value is None:
                 continue

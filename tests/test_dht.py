@@ -131,3 +131,34 @@ async def test_bootstrap_resolves_names_and_node_id_persists(tmp_path, network):
         assert await joiner.bootstrap(["no-such-host.invalid:1"]) == 0
     finally:
         joiner.stop()
+
+
+REF = "registry.example:5000/team/app:v1"
+
+
+async def test_the_newest_tag_record_wins_across_publishers(network):
+    nodes = await network(4)
+    await nodes[1].publish_tag(REF, D1, "application/vnd.oci.image.manifest.v1+json", 100)
+    assert (await nodes[3].find_tag(REF)).digest == D1
+    await nodes[2].publish_tag(REF, D2, "application/vnd.oci.image.index.v1+json", 200)  # the tag moved
+    rec = await nodes[3].find_tag(REF)
+    assert (rec.digest, rec.media_type, rec.size, rec.node_id) == (
+        D2, "application/vnd.oci.image.index.v1+json", 200, nodes[2].node_id)
+    assert await nodes[3].find_tag("registry.example:5000/team/app:other") is None
+
+
+async def test_tag_records_cannot_be_forged_or_dated_in_the_future(network):
+    from cs_p2p.dht.tags import TagRecord, tag_key
+
+    nodes = await network(3)
+    await nodes[1].publish_tag(REF, D1, "application/vnd.oci.image.manifest.v1+json", 100)
+    target, key = addr_of(nodes[2]), tag_key(REF)
+    forged = TagRecord(nodes[1].node_id, D2, "application/vnd.oci.image.manifest.v1+json", 100, time.time())
+    ok, reply = await nodes[0].protocol.add_tag(target, nodes[0].node_id, key, forged.to_wire())
+    assert ok and "error" in reply  # a node publishes only its own records
+    future = TagRecord(nodes[0].node_id, D2, "application/vnd.oci.image.manifest.v1+json", 100, time.time() + 3600)
+    ok, reply = await nodes[0].protocol.add_tag(target, nodes[0].node_id, key, future.to_wire())
+    for bad in (["x"], [nodes[0].node_id, "sha256:zz", "t", 1, 0.0], [nodes[0].node_id, D2, "", 1, 0.0]):
+        ok, reply = await nodes[0].protocol.add_tag(target, nodes[0].node_id, key, bad)
+        assert ok and "error" in reply, bad
+    assert (await nodes[2].find_tag(REF)).digest == D1

@@ -84,12 +84,7 @@ async def serve(cfg: Config) -> None:
         ("grpc.max_receive_message_length", cfg.grpc_max_message_bytes),
         ("grpc.max_send_message_length", cfg.grpc_max_message_bytes),
     ]
-    server = grpc.aio.server(options=opts)
-    server.add_generic_rpc_handlers((content_handler(ContentService(store, dht, peers)),))
-    _bind_unix(server, cfg.socket)
-    await server.start()
-    os.chmod(cfg.socket, cfg.socket_mode)
-    log.info("serving", extra={"socket": cfg.socket, "root": store.root})
+    # The network side starts first: once the socket answers, every listener is up.
     peer = None
     if cfg.peer_listen:
         host, port = parse_host_port(cfg.peer_listen, "peer-listen")
@@ -109,6 +104,13 @@ async def serve(cfg: Config) -> None:
         port = await mirror.start(host, port)
         log.info("registry mirror listening", extra={"host": host, "port": port,
                                                      "registries": [r.host for r in cfg.mirror_registry]})
+
+    server = grpc.aio.server(options=opts)
+    server.add_generic_rpc_handlers((content_handler(ContentService(store, dht, peers)),))
+    _bind_unix(server, cfg.socket)
+    await server.start()
+    os.chmod(cfg.socket, cfg.socket_mode)
+    log.info("serving", extra={"socket": cfg.socket, "root": store.root})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

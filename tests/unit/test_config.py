@@ -45,3 +45,21 @@ def test_containerd_config_disables_builtin_and_registers_proxy():
         shipped = tomllib.load(f)
     assert shipped["proxy_plugins"]["cs-p2p"]["type"] == "content"
     assert shipped["disabled_plugins"] == cfg["disabled_plugins"]
+
+
+def test_mirror_section_and_flags(tmp_path):
+    from cs_p2p.config import MirrorRegistry
+
+    path = tmp_path / "c.toml"
+    path.write_text('[mirror]\nlisten = "127.0.0.1:6000"\ntimeout-ms = 500\n'
+                    'registries = ["http://reg.local:5000", {url = "https://ghcr.io", timeout-ms = 2000}]\n')
+    cfg = load_config(str(path), {})
+    assert cfg.mirror_listen == "127.0.0.1:6000"
+    assert cfg.mirror_registry == [MirrorRegistry("reg.local:5000", True, 0.5), MirrorRegistry("ghcr.io", False, 2.0)]
+    cfg = load_config(None, {"mirror_registry": ["docker.io"], "mirror_timeout_ms": None})
+    assert cfg.mirror_registry[0].base_url == "https://registry-1.docker.io"
+    for bad in ('[mirror]\nregistries = ["ftp://x"]\n', '[mirror]\nport = 1\n',
+                '[mirror]\nregistries = [{url = "http://x", timeout-ms = -1}]\n'):
+        path.write_text(bad)
+        with pytest.raises(ConfigError):
+            load_config(str(path), {})

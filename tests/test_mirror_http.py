@@ -1,0 +1,101 @@
+"""The registry mirror's HTTP surface, against a real registry upstream: what containerd (or
+any OCI client) sees for good and bad requests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cs_p2p.devcluster.images import build_image, push_image
+from cs_p2p.devcluster.processes import CsP2P, free_port
+from tests.integration.test_containerd import registry_bytes  # noqa: F401
+
+ACCEPT = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture(scope="module")
+def pushed(registry, tmp_path_factory):
+    img = build_image(str(tmp_path_factory.mktemp("oci")), [300_000])
+    push_image(img, registry.addr, "mirror/http")
+    return img
+
+
+@pytest.fixture
+def mirror(workdir, registry):
+    addr = f"127.0.0.1:{free_port()}"
+    cs = CsP2P(os.path.join(workdir, "cs"), ["--mirror-listen", addr, "--mirror-registry", f"http://{registry.addr}"])
+    cs.start()
+    yield f"http://{addr}", registry.addr
+    cs.stop()
+
+
+def call(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def error_code(body: bytes) -> str:
+    return json.loads(body)["errors"][0]["code"]
+
+
+def test_base_endpoint_answers_like_a_registry(mirror):
+    base, _ = mirror
+    status, headers, _ = call(f"{base}/v2/")
+    assert status == 200 and headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+def test_manifest_by_tag_and_by_digest_carry_digest_type_and_length(mirror, pushed):
+    base, ns = mirror
+    for ref in ("v1", pushed.manifest_digest):
+        status, headers, body = call(f"{base}/v2/mirror/http/manifests/{ref}?ns={ns}", headers={"Accept": ACCEPT})
+        assert status == 200
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == pushed.manifest_digest
+        assert headers["Docker-Content-Digest"] == pushed.manifest_digest
+        assert headers["Content-Type"] == ACCEPT and headers["Content-Length"] == str(len(body))
+        status, head_headers, head_body = call(f"{base}/v2/mirror/http/manifests/{ref}?ns={ns}", "HEAD",
+                                               {"Accept": ACCEPT})
+        assert status == 200 and head_body == b""
+        assert head_headers["Content-Length"] == str(len(body))
+        assert head_headers["Docker-Content-Digest"] == pushed.manifest_digest
+
+
+def test_blob_with_range(mirror, pushed):
+    base, ns = mirror
+    layer = pushed.layer_digests[0]
+    data = pushed.blob_bytes(layer)
+    status, headers, body = call(f"{base}/v2/mirror/http/blobs/{layer}?ns={ns}", headers={"Range": "bytes=10-99"})
+    assert status == 206 and body == data[10:100]
+    assert headers["Docker-Content-Digest"] == layer
+    status, headers, body = call(f"{base}/v2/mirror/http/blobs/{layer}?ns={ns}")
+    assert status == 200 and body == data
+
+
+@pytest.mark.parametrize("path, method, status, code", [
+    ("/v2/mirror/http/manifests/v1", "PUT", 405, "UNSUPPORTED"),
+    ("/v2/mirror/http/blobs/uploads", "POST", 405, "UNSUPPORTED"),
+    ("/v2/Bad..Name/manifests/v1", "GET", 400, "NAME_INVALID"),
+    ("/v2/mirror/http/manifests/no-such-tag", "GET", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/mirror/http/manifests/bad%20tag!", "GET", 400, "MANIFEST_INVALID"),
+    ("/v2/mirror/http/blobs/sha256:" + "0" * 64, "GET", 404, "BLOB_UNKNOWN"),
+    ("/v2/mirror/http/blobs/sha256:xyz", "GET", 400, "DIGEST_INVALID"),
+])
+def test_bad_requests_get_oci_errors(mirror, pushed, path, method, status, code):
+    base, ns = mirror
+    got, headers, body = call(f"{base}{path}?ns={ns}", method)
+    assert (got, error_code(body)) == (status, code)
+    assert headers["Content-Type"].startswith("application/json")
+
+
+def test_a_registry_that_is_not_mirrored_is_refused(mirror, pushed):
+    base, _ = mirror
+    status, _, body = call(f"{base}/v2/mirror/http/manifests/v1?ns=elsewhere.example:5000")
+    assert (status, error_code(body)) == (404, "NAME_UNKNOWN")
