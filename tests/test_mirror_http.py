@@ -13,7 +13,6 @@ import pytest
 
 from cs_p2p.devcluster.images import build_image, push_image
 from cs_p2p.devcluster.processes import CsP2P, free_port
-from tests.integration.test_containerd import registry_bytes  # noqa: F401
 
 ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 
@@ -99,3 +98,54 @@ def test_a_registry_that_is_not_mirrored_is_refused(mirror, pushed):
     base, _ = mirror
     status, _, body = call(f"{base}/v2/mirror/http/manifests/v1?ns=elsewhere.example:5000")
     assert (status, error_code(body)) == (404, "NAME_UNKNOWN")
+
+
+class LyingRegistry:
+    """An upstream that answers with bytes that do not match the digests asked for."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = b"not what you asked for" * 1000
+                self.send_response(200)
+                if "/manifests/" in self.path:
+                    self.send_header("Content-Type", ACCEPT)
+                    self.send_header("Docker-Content-Digest", "sha256:" + "ab" * 32)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_upstream_bytes_that_do_not_match_their_digest_are_never_served_whole(workdir):
+    import http.client
+
+    liar = LyingRegistry()
+    addr = f"127.0.0.1:{free_port()}"
+    cs = CsP2P(os.path.join(workdir, "cs"), ["--mirror-listen", addr, "--mirror-registry", f"http://{liar.addr}"])
+    cs.start()
+    try:
+        digest = "sha256:" + "cd" * 32
+        for ref in ("v1", digest):
+            status, _, body = call(f"http://{addr}/v2/x/manifests/{ref}?ns={liar.addr}")
+            assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
+        with urllib.request.urlopen(f"http://{addr}/v2/x/blobs/{digest}?ns={liar.addr}", timeout=30) as r:
+            with pytest.raises(http.client.IncompleteRead):
+                r.read()  # cut short before its last bytes: no client takes it as complete
+        status, _, body = call(f"http://{addr}/v2/x/blobs/{digest}?ns={liar.addr}", headers={"Range": "bytes=0-9"})
+        assert (status, error_code(body)) == (404, "BLOB_UNKNOWN")
+    finally:
+        cs.stop()
+        liar.close()

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes = start_nodes(work, args.nodes, reg, procs)
         print(f"registry  http://{reg.addr}   sample image: {ref}")
         for n in nodes:
-            print(f"{n.name}  ctr --address {n.containerd.socket} image pull --plain-http {ref}")
+            print(f"{n.name}  ctr --address {n.containerd.socket} {' '.join(n.containerd.pull_args(ref))}")
         print(f"dht       cs-p2p peers --bootstrap {nodes[0].dht}")
         print(f"          cs-p2p locate {img.layer_digests[0]} --bootstrap {nodes[0].dht}")
         print(f"logs      {work}/node*/cs-p2p/cs-p2p.log   (Ctrl-C stops everything)", flush=True)

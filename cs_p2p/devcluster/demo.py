@@ -1,9 +1,11 @@
 """`hack/demo`: a local cluster showing a peer-to-peer pull.
 
 One registry and N nodes, each a containerd whose content store is a cs-p2p daemon (builtin
-store disabled), joined in one DHT.  A random multi-layer image is built and pushed; node 1
-pulls it from the registry, then every other node pulls it — and gets its blobs from peers.
-The table shows, per node, where the bytes came from and how long the pull took.
+store disabled), joined in one DHT, with its registry mirror in front of the registry
+(hosts.toml).  A random multi-layer image is built and pushed; node 1 pulls it from the
+registry; then the registry is stopped, and every other node still pulls it by tag — the
+tag resolved and every blob fetched from peers.  The table shows, per node, where the bytes
+came from and how long the pull took.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from ..config import MirrorRegistry
+from ..containerd_config import write_hosts_dir
 from .images import build_image, push_image
 from .processes import Containerd, CsP2P, Registry, free_port, wait_for
 
@@ -47,6 +51,7 @@ class Node:
     containerd: Containerd
     peer: str
     dht: str
+    mirror: str
 
 
 def start_nodes(work: str, count: int, reg: Registry, procs: list) -> list[Node]:
@@ -54,13 +59,16 @@ def start_nodes(work: str, count: int, reg: Registry, procs: list) -> list[Node]
     Every process is appended to `procs` as it starts, for the caller to stop."""
     nodes: list[Node] = []
     for i in range(1, count + 1):
-        peer, dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        flags = ["--peer-listen", peer, "--dht-listen", dht] + (["--bootstrap", nodes[0].dht] if nodes else [])
+        peer, dht, mirror = (f"127.0.0.1:{free_port()}" for _ in range(3))
+        flags = ["--peer-listen", peer, "--dht-listen", dht, "--mirror-listen", mirror,
+                 "--mirror-registry", f"http://{reg.addr}"] + (["--bootstrap", nodes[0].dht] if nodes else [])
         cs = CsP2P(os.path.join(work, f"node{i}", "cs-p2p"), flags).start()
         procs.append(cs)
-        ctd = Containerd(os.path.join(work, f"node{i}", "containerd"), cs.socket, [reg.addr]).start()
+        hosts = os.path.join(work, f"node{i}", "hosts")
+        write_hosts_dir(hosts, [MirrorRegistry(reg.addr, plain_http=True)], mirror)
+        ctd = Containerd(os.path.join(work, f"node{i}", "containerd"), cs.socket, hosts_dir=hosts).start()
         procs.append(ctd)
-        nodes.append(Node(f"node{i}", cs, ctd, peer, dht))
+        nodes.append(Node(f"node{i}", cs, ctd, peer, dht, mirror))
     return nodes
 
 
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes = start_nodes(work, args.nodes, reg, procs)
         first_dht = nodes[0].dht
         for n in nodes:
-            print(f"{n.name}:    containerd -> cs-p2p {n.cs.socket} (peer {n.peer}, dht {n.dht})")
+            print(f"{n.name}:    containerd -> cs-p2p {n.cs.socket} (peer {n.peer}, dht {n.dht}, mirror {n.mirror})")
 
         rows = []
         ok = True
@@ -93,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             name, cs, ctd = node.name, node.cs, node.containerd
             before = sum(reg.blob_bytes_served().values())
             t0 = time.monotonic()
-            ctd.ctr("image", "pull", "--plain-http", ref)
+            ctd.ctr(*ctd.pull_args(ref))
             took = time.monotonic() - t0
             from_registry = sum(reg.blob_bytes_served().values()) - before
             rows.append((name, took, from_registry, peer_bytes(cs)))
             ok &= cs.blob_digests() == set(img.digests)
             if name == "node1" and len(nodes) > 1:
                 _wait_announced(first_dht, img.digests)
+                reg.stop()
+                print(f"registry stopped after node1's pull: the other nodes resolve {ref} and fetch it from peers")
 
         print()
         print(f"{'node':<8} {'pull':>8} {'from registry':>15} {'from peers':>12}")

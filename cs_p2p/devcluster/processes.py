@@ -147,9 +147,10 @@ class Registry:
         self.proc.stop()
 
     def blob_bytes_served(self) -> dict[str, int]:
-        """Bytes of each blob the registry sent to containerd, from its access log."""
+        """Bytes of each blob the registry sent to pulling clients (containerd, or a node's
+        mirror on its behalf; not skopeo pushing test images), from its access log."""
         served: dict[str, int] = {}
-        pattern = re.compile(r'"GET /v2/\S+/blobs/(sha256:[0-9a-f]{64}) HTTP/[0-9.]+" (\d+) (\d+) "[^"]*" "containerd')
+        pattern = re.compile(r'"GET /v2/\S+/blobs/(sha256:[0-9a-f]{64}) HTTP/[0-9.]+" (\d+) (\d+) "[^"]*" "(?!skopeo)')
         with open(self.proc.log_path, errors="replace") as f:
             for line in f:
                 m = pattern.search(line)

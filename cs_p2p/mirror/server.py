@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from .. import __version__
 from ..config import MirrorRegistry
 from ..digests import parse_digest
 from ..errors import InvalidArgument
@@ -81,6 +82,8 @@ class Mirror:
         self.upstreams: dict[str, Upstream] = {}
         self.tmp = os.path.join(store.root, "mirror")
         os.makedirs(self.tmp, exist_ok=True)
+        for name in os.listdir(self.tmp):  # left by a crash
+            os.unlink(os.path.join(self.tmp, name))
         self.app = web.Application()
         self.app.router.add_get("/v2/", self.base)
         self.app.router.add_route("*", "/v2/{name:.+}/manifests/{reference}", self.manifests)
@@ -90,7 +93,7 @@ class Mirror:
         self._background: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> int:
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(headers={"User-Agent": f"cs-p2p-mirror/{__version__}"})
         self.upstreams = {h: Upstream(r, self._session) for h, r in self.registries.items()}
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
@@ -202,17 +205,47 @@ class Mirror:
         path = await self._local_or_peers(digest)
         if path is not None:
             return web.FileResponse(path, headers=headers)
+        try:
+            upstream_resp = await upstream.open_blob(name, digest)
+        except UpstreamNotFound:
+            raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN", f"blob {digest} unknown") from None
+        except UpstreamUnavailable as exc:
+            raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN",
+                            f"blob {digest}: not held by peers and registry unreachable ({exc})") from None
+        if request.method == "HEAD":
+            upstream_resp.release()
+            return web.Response(headers={**headers, "Content-Length": str(upstream_resp.content_length or 0)})
+        if request.headers.get("Range"):
+            return await self._verified_range(request, upstream, upstream_resp, digest, headers)
+        out = web.StreamResponse(headers=headers)
+        if upstream_resp.content_length is not None:
+            out.content_length = upstream_resp.content_length
+        await out.prepare(request)
+        try:
+            async for chunk in upstream.chunks(upstream_resp, digest):
+                await out.write(chunk)
+        except UpstreamUnavailable as exc:
+            log.warning("upstream blob failed", extra={"digest": digest, "error": str(exc)})
+            out.force_close()  # short of the length: containerd sees the download fail
+            return out
+        await out.write_eof()
+        return out
+
+    async def _verified_range(self, request: web.Request, upstream: Upstream, upstream_resp, digest: str,
+                              headers: dict[str, str]) -> web.StreamResponse:
+        """A range of an upstream blob: a range cannot be verified on its own, so the whole
+        blob is downloaded and verified first (into a file that goes once it is sent)."""
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
         try:
+            offset = 0
             try:
-                await upstream.blob(name, digest, fd)
-            except UpstreamNotFound:
-                raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN", f"blob {digest} unknown") from None
+                async for chunk in upstream.chunks(upstream_resp, digest):
+                    os.pwrite(fd, chunk, offset)
+                    offset += len(chunk)
             except UpstreamUnavailable as exc:
-                raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN",
-                                f"blob {digest}: not held by peers and registry unreachable ({exc})") from None
+                raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN", f"blob {digest}: {exc}") from None
             resp = web.FileResponse(tmp, headers=headers)
-            await resp.prepare(request)  # sends the body; the verified file can go afterwards
+            await resp.prepare(request)  # sends the body: the file can go afterwards
             return resp
         finally:
             os.close(fd)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 
@@ -115,19 +114,26 @@ class Upstream:
             raise UpstreamUnavailable(f"{self.registry.host}: manifest {reference} does not match {expected}")
         return Manifest(actual, media_type, len(body), body)
 
-    async def blob(self, repo: str, digest: str, fd: int) -> int:
-        """Download blob `digest` into `fd`, verifying it; returns its size."""
-        resp = await self._request("GET", repo, f"blobs/{digest}", {})
-        hasher, offset = hashlib.sha256(), 0
+    async def open_blob(self, repo: str, digest: str) -> aiohttp.ClientResponse:
+        """The registry's response for blob `digest` (the caller reads and releases it)."""
+        return await self._request("GET", repo, f"blobs/{digest}", {})
+
+    async def chunks(self, resp: aiohttp.ClientResponse, digest: str):
+        """The body of `open_blob`'s response in order, each chunk held back until the next
+        arrives and the last one until the whole body matched `digest`: a consumer that
+        forwards them never hands on a complete blob that is wrong."""
+        hasher, held = hashlib.sha256(), b""
         try:
             async for chunk in resp.content.iter_chunked(1 << 20):
                 hasher.update(chunk)
-                os.pwrite(fd, chunk, offset)
-                offset += len(chunk)
+                if held:
+                    yield held
+                held = chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamUnavailable(f"{self.registry.host}: {exc!r}") from None
         finally:
             resp.release()
         if "sha256:" + hasher.hexdigest() != digest:
             raise UpstreamUnavailable(f"{self.registry.host}: blob {digest} did not match its digest")
-        return offset
+        if held:
+            yield held

@@ -9,11 +9,12 @@ from tests.conftest import requires_containerd
 
 
 @requires_containerd
-def test_demo_pulls_from_the_registry_once_then_from_peers():
+def test_demo_pulls_from_the_registry_once_then_from_peers_with_the_registry_down():
     res = subprocess.run([sys.executable, "-m", "cs_p2p.devcluster.demo", "--nodes", "2", "--layers", "2",
                           "--layer-mib", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.startswith("node") and "MiB" in line}
+    assert "registry stopped after node1's pull" in res.stdout  # node 2 pulled with the registry down
     assert rows["node2"][2:4] == ["0.0", "MiB"]  # nothing from the registry
     assert "(1.00x the image)" in res.stdout
     assert res.stdout.rstrip().endswith("demo: OK")
