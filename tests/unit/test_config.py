@@ -63,3 +63,21 @@ def test_mirror_section_and_flags(tmp_path):
         path.write_text(bad)
         with pytest.raises(ConfigError):
             load_config(str(path), {})
+
+
+def test_containerd_config_writes_hosts_toml_for_the_mirror(tmp_path):
+    import tomllib
+
+    out = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--mirror-registry",
+                          "http://reg.local:5000", "--mirror-listen", "127.0.0.1:6000", "--hosts-dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert tomllib.loads(out)["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"] == str(tmp_path)
+    hosts = tomllib.loads((tmp_path / "reg.local:5000" / "hosts.toml").read_text())
+    assert hosts == {"server": "http://reg.local:5000",
+                     "host": {"http://127.0.0.1:6000": {"capabilities": ["pull", "resolve"]}}}
+    with open("packaging/containerd/certs.d/registry.internal:5000/hosts.toml", "rb") as f:
+        shipped = tomllib.load(f)
+    assert shipped["host"]["http://127.0.0.1:5080"]["capabilities"] == ["pull", "resolve"]
+    bad = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--mirror-registry", "ftp://x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "mirror registry" in bad.stderr
