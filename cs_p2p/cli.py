@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dht-listen", help="HOST:PORT (UDP) for the DHT node (default: off)")
     s.add_argument("--bootstrap", action="append", help="HOST:PORT of a DHT node to join through (repeatable)")
     s.add_argument("--dht-ttl", type=int, help="provider record lifetime in seconds (default 3600)")
+    s.add_argument("--cluster-token-file",
+                   help="file holding the cluster's join token; peers without it are refused (default: off)")
     s.add_argument("--mirror-registry", action="append",
                    help="serve a registry mirror for http://HOST[:PORT] or https://HOST (repeatable)")
     s.add_argument("--mirror-listen", help="HOST:PORT of the registry mirror (default 127.0.0.1:5080)")
@@ -40,10 +42,12 @@ def _parser() -> argparse.ArgumentParser:
 
     prs = sub.add_parser("peers", help="print the nodes of the DHT network")
     prs.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
+    prs.add_argument("--cluster-token-file", help="the cluster's join token, if it has one")
 
     loc = sub.add_parser("locate", help="print the nodes that provide a digest")
     loc.add_argument("digest")
     loc.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
+    loc.add_argument("--cluster-token-file", help="the cluster's join token, if it has one")
 
     c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment; with "
                        "--mirror-registry, write hosts.toml files that put the mirror in front")
@@ -72,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "locate":
         from .dht.operator import locate
 
-        return asyncio.run(locate(args.digest, args.bootstrap))
+        return asyncio.run(locate(args.digest, args.bootstrap, args.cluster_token_file))
     if args.command == "peers":
         from .dht.operator import peers
 
-        return asyncio.run(peers(args.bootstrap))
+        return asyncio.run(peers(args.bootstrap, args.cluster_token_file))
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         cfg = load_config(args.config, flags)
@@ -84,10 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cs-p2p: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level, cfg.log_format)
+    from .auth import AuthError
     from .service import RootBusy, serve
 
     try:
         asyncio.run(serve(cfg))
+    except AuthError as exc:
+        logging.getLogger("cs_p2p").error(str(exc))
+        return 2
     except RootBusy as exc:
         logging.getLogger("cs_p2p").error(str(exc))
         return 1

@@ -71,6 +71,7 @@ class Config:
     dht_listen: str = ""  # HOST:PORT (UDP) of the DHT node; empty: no DHT
     bootstrap: list = dataclasses.field(default_factory=list)  # HOST:PORT contacts, names resolved
     dht_ttl: int = 3600  # seconds a provider record lives; re-announced at half of it
+    cluster_token_file: str = ""  # shared join token: authenticates datagrams and peer requests
     mirror_listen: str = "127.0.0.1:5080"  # the registry mirror for the local containerd
     mirror_timeout_ms: int = 3000  # default wait for an upstream registry
     mirror_registry: list = dataclasses.field(default_factory=list)  # MirrorRegistry; empty: no mirror

@@ -18,6 +18,7 @@ from kademlia.crawling import NodeSpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node, NodeHeap
 
+from ..auth import Sealer
 from ..config import parse_host_port
 from .protocol import ProviderProtocol
 from .providers import ProviderRecord
@@ -55,21 +56,22 @@ def load_or_create_node_id(root: str) -> bytes:
 class _KademliaServer(Server):
     protocol_class = ProviderProtocol
 
-    def __init__(self, ksize: int, alpha: int, node_id: bytes, wait_timeout: float) -> None:
+    def __init__(self, ksize: int, alpha: int, node_id: bytes, wait_timeout: float, sealer: Sealer | None) -> None:
         super().__init__(ksize=ksize, alpha=alpha, node_id=node_id)
         self._wait_timeout = wait_timeout
+        self._sealer = sealer
 
     def _create_protocol(self) -> ProviderProtocol:
-        return ProviderProtocol(self.node, self.storage, self.ksize, self._wait_timeout)
+        return ProviderProtocol(self.node, self.storage, self.ksize, self._wait_timeout, self._sealer)
 
 
 class DhtNode:
     def __init__(self, node_id: bytes, peer_addr: str, ttl: float = DEFAULT_TTL, ksize: int = 20, alpha: int = 3,
-                 rpc_timeout: float = 1.0) -> None:
+                 rpc_timeout: float = 1.0, sealer: Sealer | None = None) -> None:
         self.node_id = node_id
         self.peer_addr = peer_addr
         self.ttl = ttl
-        self.server = _KademliaServer(ksize, alpha, node_id, rpc_timeout)
+        self.server = _KademliaServer(ksize, alpha, node_id, rpc_timeout, sealer)
         self.held: dict[str, int] = {}  # digest -> size, re-announced before expiry
         self._republisher: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from ..auth import AuthError, Sealer, load_token
 from ..config import ConfigError
 from ..digests import parse_digest
 from ..errors import InvalidArgument
@@ -15,8 +16,13 @@ from kademlia.node import Node
 from .node import DhtNode
 
 
-async def _joined_client(bootstrap: list[str]) -> DhtNode | None:
-    node = DhtNode(os.urandom(20), "0.0.0.0:0")  # a client: it provides nothing
+async def _joined_client(bootstrap: list[str], token_file: str | None) -> DhtNode | None:
+    try:
+        sealer = Sealer(load_token(token_file), "dht") if token_file else None
+    except AuthError as exc:
+        print(f"cs-p2p: {exc}", file=sys.stderr)
+        return None
+    node = DhtNode(os.urandom(20), "0.0.0.0:0", sealer=sealer)  # a client: it provides nothing
     await node.listen("0.0.0.0", 0)
     try:
         met = await node.bootstrap(bootstrap)
@@ -31,13 +37,13 @@ async def _joined_client(bootstrap: list[str]) -> DhtNode | None:
     return node
 
 
-async def locate(digest: str, bootstrap: list[str]) -> int:
+async def locate(digest: str, bootstrap: list[str], token_file: str | None = None) -> int:
     try:
         parse_digest(digest)
     except InvalidArgument as exc:
         print(f"cs-p2p: {exc}", file=sys.stderr)
         return 2
-    node = await _joined_client(bootstrap)
+    node = await _joined_client(bootstrap, token_file)
     if node is None:
         return 1
     try:
@@ -55,9 +61,9 @@ async def locate(digest: str, bootstrap: list[str]) -> int:
     return 0
 
 
-async def peers(bootstrap: list[str]) -> int:
+async def peers(bootstrap: list[str], token_file: str | None = None) -> int:
     """Walk the network towards a few random ids and print every node that answered."""
-    node = await _joined_client(bootstrap)
+    node = await _joined_client(bootstrap, token_file)
     if node is None:
         return 1
     try:

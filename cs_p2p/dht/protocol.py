@@ -6,17 +6,23 @@ Sharp edges of `kademlia`/`rpcudp` guarded here:
 - replies must fit the 8 KiB datagram cap: `get_providers` returns at most
   `MAX_RECORDS_PER_REPLY` records and the usual k neighbours;
 - calls to peers that are gone wait `wait_timeout` (5 s by default): lookups use a
-  shorter timeout, since `Info` must answer quickly.
+  shorter timeout, since `Info` must answer quickly;
+- undecodable datagrams made rpcudp raise in a task nobody awaits: they are dropped here.
+
+With a cluster token (`auth.Sealer`), every datagram in and out is sealed; one that does
+not open (no token, another token, forged, stale, replayed) is dropped without a reply.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
+from ..auth import AuthError, Sealer
 from .providers import ProviderRecord, ProviderStore
 from .tags import TagRecord, TagStore
 
@@ -30,11 +36,43 @@ def _is_key(value: object) -> bool:
 
 
 class ProviderProtocol(KademliaProtocol):
-    def __init__(self, source_node: Node, storage: Any, ksize: int, wait_timeout: float = 1.0) -> None:
+    def __init__(self, source_node: Node, storage: Any, ksize: int, wait_timeout: float = 1.0,
+                 sealer: Sealer | None = None) -> None:
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = wait_timeout
         self.providers = ProviderStore()
         self.tags = TagStore()
+        self.sealer = sealer
+        self.dropped = 0  # datagrams refused (unauthenticated, replayed or malformed)
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(_SealingTransport(transport, self.sealer) if self.sealer else transport)
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        if self.sealer is not None:
+            try:
+                data = self.sealer.open(data)
+            except AuthError as exc:
+                self.dropped += 1
+                log.debug("datagram dropped", extra={"from": f"{addr[0]}:{addr[1]}", "reason": str(exc)})
+                return
+        asyncio.ensure_future(self._solve_safely(data, addr))
+
+    async def _solve_safely(self, data: bytes, addr) -> None:
+        try:
+            await self._solve_datagram(data, addr)
+            return
+        except Exception as exc:  # undecodable or malformed: drop, as if never received
+            reason = repr(exc)
+        self.dropped += 1
+        log.debug("malformed datagram dropped", extra={"from": f"{addr[0]}:{addr[1]}", "reason": reason})
+
+    async def _accept_request(self, msg_id, data, address):
+        try:
+            await super()._accept_request(msg_id, data, address)
+        except Exception as exc:
+            self.dropped += 1
+            log.debug("malformed request dropped", extra={"from": f"{address[0]}:{address[1]}", "reason": repr(exc)})
 
     def _sender_node(self, sender: tuple[str, int], nodeid: object) -> Node | None:
         if not _is_key(nodeid):
@@ -130,3 +168,17 @@ class ProviderProtocol(KademliaProtocol):
             if isinstance(raw, (list, tuple)) and len(raw) == 3 and _is_key(raw[0]):
                 nodes.append(Node(raw[0], raw[1], raw[2]))
         return records, nodes
+
+
+class _SealingTransport:
+    """The datagram transport as rpcudp sees it: everything sent is sealed first."""
+
+    def __init__(self, inner, sealer: Sealer) -> None:
+        self._inner = inner
+        self._sealer = sealer
+
+    def sendto(self, data: bytes, addr=None) -> None:
+        self._inner.sendto(self._sealer.seal(data), addr)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)

@@ -22,6 +22,7 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
+from ..auth import HEADER, Sealer
 from ..digests import parse_digest
 from ..dht.providers import ProviderRecord
 from ..store import LocalStore
@@ -81,8 +82,9 @@ class Fetch:
 
 class Fetcher:
     def __init__(self, store: LocalStore, on_committed: Callable[[str, int], None] | None = None,
-                 negative_ttl: float = 60.0, timeout: float = 30.0) -> None:
+                 negative_ttl: float = 60.0, timeout: float = 30.0, sealer: Sealer | None = None) -> None:
         self.store = store
+        self.sealer = sealer  # signs piece requests when the cluster has a token
         self.on_committed = on_committed
         self.negative_ttl = negative_ttl
         self.timeout = timeout
@@ -267,8 +269,11 @@ class Fetcher:
         start = piece * PIECE
         end = min(fetch.size, start + PIECE)
         assert self._session is not None
+        path = f"/blobs/{fetch.digest}"
         headers = {"Range": f"bytes={start}-{end - 1}"}
-        async with self._session.get(f"http://{addr}/blobs/{fetch.digest}", headers=headers) as resp:
+        if self.sealer:
+            headers[HEADER] = self.sealer.request_header("GET", path)
+        async with self._session.get(f"http://{addr}{path}", headers=headers) as resp:
             if resp.status == 503:
                 raise ProviderBusy(addr)
             if resp.status not in (200, 206):

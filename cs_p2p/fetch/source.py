@@ -28,7 +28,11 @@ from .fetcher import Fetch, Fetcher
 
 log = logging.getLogger("cs_p2p.fetch")
 
-ANNOUNCE_WAIT = 0.5  # seconds a download may be held back for its in-flight announce
+# The follow-or-download decision is made outside containerd's bolt transaction, so it can
+# afford to wait for a loaded node's DHT more than `Info` can: a missed reply means one more
+# download from the registry.
+ANNOUNCE_WAIT = 1.0  # seconds a download may be held back for its in-flight announce
+LOOKUP_ROUND = 1.0  # seconds a lookup round waits for replies
 
 
 class PeerSource:
@@ -94,7 +98,8 @@ class SharedIngest:
             return []
         await asyncio.wait([self._announce], timeout=ANNOUNCE_WAIT)
         try:
-            found = await asyncio.wait_for(dht.find_providers(self.digest), timeout)
+            found = await asyncio.wait_for(dht.find_providers(self.digest, round_timeout=LOOKUP_ROUND),
+                                           timeout + LOOKUP_ROUND)
         except Exception as exc:  # a slow or failing DHT: download as if alone
             log.warning("in-flight lookup failed", extra={"digest": self.digest, "error": repr(exc)})
             return []

@@ -9,6 +9,9 @@ streamed from pread through a token bucket instead, since sendfile cannot be pac
 that is already serving `max_uploads` blobs answers 503 at once, so a fetcher moves on to
 another provider rather than queueing here.
 
+With a cluster token, every request must carry a fresh MAC of its request line
+(`auth.HEADER`); one that does not is dropped: the connection is closed without a reply.
+
 A blob this node is downloading right now (an ingest the content service published, see
 `fetch.source`) is served as it is written: the response sends what is on disk and waits
 for more.  If the ingest is truncated or ends without a commit, the response stops short of
@@ -27,6 +30,7 @@ import time
 
 from aiohttp import web
 
+from ..auth import HEADER, AuthError, Sealer
 from ..digests import parse_digest
 from ..errors import InvalidArgument
 from ..fetch.fetcher import PIECE, Fetch, Fetcher, FetchFailed
@@ -61,14 +65,16 @@ class TokenBucket:
 
 class PeerServer:
     def __init__(self, store: LocalStore, max_uploads: int = 16, rate_limit: int = 0,
-                 fetcher: Fetcher | None = None) -> None:
+                 fetcher: Fetcher | None = None, sealer: Sealer | None = None) -> None:
         self.store = store
         self.fetcher = fetcher
+        self.sealer = sealer
+        self.refused = 0
         self.max_uploads = max_uploads
         self.active = 0
         self.bucket = TokenBucket(rate_limit) if rate_limit > 0 else None
         self.bytes_sent = 0
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self._authenticate] if sealer else [])
         self.app.router.add_route("GET", "/blobs/{digest}", self.get_blob)
         self.app.router.add_route("HEAD", "/blobs/{digest}", self.get_blob)
         self._runner: web.AppRunner | None = None
@@ -84,6 +90,19 @@ class PeerServer:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler) -> web.StreamResponse:
+        assert self.sealer is not None
+        try:
+            self.sealer.check_request(request.method, request.path_qs, request.headers.get(HEADER))
+        except AuthError as exc:
+            self.refused += 1
+            log.warning("peer request refused", extra={"from": request.remote, "reason": str(exc)})
+            if request.transport is not None:
+                request.transport.abort()  # no reply at all
+            raise web.HTTPForbidden() from None  # never sent: the connection is gone
+        return await handler(request)
 
     async def get_blob(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]

@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 
 from ..api import content_pb2
+from ..auth import Sealer, load_token
 from ..config import Config, parse_host_port, peer_advertised
 from ..dht.node import DhtNode, load_or_create_node_id
 from ..fetch.fetcher import Fetcher
@@ -75,10 +76,13 @@ async def serve(cfg: Config) -> None:
     """Run until SIGTERM/SIGINT; ingests in flight stay on disk and resume on the next start."""
     store = LocalStore(cfg.root)
     lock = _lock_root(store.root)
+    token = load_token(cfg.cluster_token_file) if cfg.cluster_token_file else None
+    dht_sealer = Sealer(token, "dht") if token else None
+    peer_sealer = Sealer(token, "peer") if token else None
     dht = peers = fetcher = None
     if cfg.dht_listen:
-        dht = DhtNode(load_or_create_node_id(store.root), peer_advertised(cfg), ttl=cfg.dht_ttl)
-        fetcher = Fetcher(store, on_committed=dht.committed)
+        dht = DhtNode(load_or_create_node_id(store.root), peer_advertised(cfg), ttl=cfg.dht_ttl, sealer=dht_sealer)
+        fetcher = Fetcher(store, on_committed=dht.committed, sealer=peer_sealer)
         peers = PeerSource(dht, fetcher)
     opts = [
         ("grpc.max_receive_message_length", cfg.grpc_max_message_bytes),
@@ -88,7 +92,7 @@ async def serve(cfg: Config) -> None:
     peer = None
     if cfg.peer_listen:
         host, port = parse_host_port(cfg.peer_listen, "peer-listen")
-        peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit, fetcher)
+        peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit, fetcher, peer_sealer)
         port = await peer.start(host, port)
         log.info("peer server listening", extra={"host": host, "port": port})
     if dht:

@@ -1,0 +1,205 @@
+"""Membership by cluster token: outsiders and replays get nothing, members work as before."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cs_p2p.auth import HEADER, AuthError, Sealer, load_token
+from cs_p2p.dht.node import DhtNode, provider_key
+from cs_p2p.dht.providers import ProviderRecord
+from cs_p2p.devcluster.processes import CsP2P, free_port, wait_for
+from tests.conftest import commit_via_socket, content_stub
+
+TOKEN = b"correct horse battery staple 42"
+D1 = "sha256:" + "11" * 32
+
+
+def test_sealed_messages_open_once_and_only_under_the_same_token():
+    a, b = Sealer(TOKEN, "dht"), Sealer(TOKEN, "dht")
+    sealed = a.seal(b"hello")
+    assert b.open(sealed) == b"hello"
+    with pytest.raises(AuthError):
+        b.open(sealed)  # replayed
+    for other in (Sealer(b"another token of enough length", "dht"), Sealer(TOKEN, "peer")):
+        with pytest.raises(AuthError):
+            other.open(a.seal(b"hello"))  # another token, or the key of another use
+    forged = bytearray(a.seal(b"hello"))
+    forged[0] ^= 1
+    with pytest.raises(AuthError):
+        b.open(bytes(forged))
+    with pytest.raises(AuthError):
+        b.open(b"short")
+
+
+def test_stale_messages_are_refused(monkeypatch):
+    a, b = Sealer(TOKEN, "dht"), Sealer(TOKEN, "dht")
+    monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
+    sealed = a.seal(b"x")
+    monkeypatch.setattr(time, "time", lambda: 1_000_000.0 + 120)
+    with pytest.raises(AuthError):
+        b.open(sealed)
+
+
+def test_token_files_must_hold_a_real_secret(tmp_path):
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    with pytest.raises(AuthError):
+        load_token(str(short))
+    with pytest.raises(AuthError):
+        load_token(str(tmp_path / "missing"))
+    good = tmp_path / "good"
+    good.write_bytes(TOKEN + b"\n")
+    assert load_token(str(good)) == TOKEN
+
+
+@pytest.fixture
+async def dht_nodes():
+    made: list[DhtNode] = []
+
+    async def make(token: bytes | None, bootstrap: DhtNode | None = None) -> DhtNode:
+        node = DhtNode(os.urandom(20), f"127.0.0.1:{20000 + len(made)}",
+                       sealer=Sealer(token, "dht") if token else None)
+        node.port = await node.listen("127.0.0.1", 0)
+        made.append(node)
+        if bootstrap is not None:
+            node.met = await node.bootstrap([f"127.0.0.1:{bootstrap.port}"])
+        return node
+
+    yield make
+    for n in made:
+        n.stop()
+
+
+async def test_outsiders_can_neither_join_announce_withdraw_nor_read(dht_nodes):
+    first = await dht_nodes(TOKEN)
+    members = [first] + [await dht_nodes(TOKEN, first) for _ in range(2)]
+    assert all(m.met for m in members[1:])
+    await members[1].announce(D1, 7)
+    for token in (None, b"a wrong token of sufficient size"):
+        outsider = await dht_nodes(token, first)
+        assert outsider.met == 0  # nobody answers it
+        assert await outsider.find_providers(D1) == []
+        # it cannot add records, nor remove a member's
+        key = provider_key(D1)
+        ok, _ = await outsider.protocol.add_provider(("127.0.0.1", first.port), outsider.node_id, key,
+                                                     ProviderRecord(outsider.node_id, "6.6.6.6:1", 7, time.time() + 60).to_wire())
+        assert not ok
+        ok, _ = await outsider.protocol.remove_provider(("127.0.0.1", first.port), members[1].node_id, key)
+        assert not ok
+        await outsider.announce(D1, 7)
+        await outsider.publish_tag("r.example/app:v1", D1, "application/vnd.oci.image.manifest.v1+json", 10)
+    found = await members[2].find_providers(D1)
+    assert [r.addr for r in found] == [members[1].peer_addr]  # only the member's record
+    assert await members[2].find_tag("r.example/app:v1") is None  # no poisoned tag
+    assert first.protocol.dropped > 0
+
+
+async def test_a_replayed_datagram_is_dropped(dht_nodes):
+    first = await dht_nodes(TOKEN)
+    member = await dht_nodes(TOKEN, first)
+    captured: list[bytes] = []
+    real = member.protocol.transport._inner
+    orig_sendto = real.sendto
+
+    def capture(data, addr=None):
+        captured.append(data)
+        orig_sendto(data, addr)
+
+    real.sendto = capture
+    await member.announce(D1, 7)  # stored on `first`
+    real.sendto = orig_sendto
+    await member.withdraw(D1)
+    assert first.protocol.providers.get(provider_key(D1)) == []
+    dropped = first.protocol.dropped
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for datagram in captured:  # an attacker replays the announce
+            s.sendto(datagram, ("127.0.0.1", first.port))
+    deadline = time.monotonic() + 5
+    while first.protocol.dropped < dropped + len(captured):
+        assert time.monotonic() < deadline, "replays were not dropped"
+        await asyncio.sleep(0.02)
+    assert first.protocol.providers.get(provider_key(D1)) == []
+
+
+@pytest.fixture
+def token_pair(workdir):
+    path = os.path.join(workdir, "token")
+    with open(path, "wb") as f:
+        f.write(TOKEN)
+    made = []
+
+    def start(name: str, bootstrap: str | None = None, token: str | None = path):
+        peer, dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        args = ["--peer-listen", peer, "--dht-listen", dht] + (["--cluster-token-file", token] if token else [])
+        args += ["--bootstrap", bootstrap] if bootstrap else []
+        cs = CsP2P(os.path.join(workdir, name), args).start()
+        made.append(cs)
+        return cs, peer, dht
+
+    yield start, path
+    for cs in made:
+        cs.stop()
+
+
+def test_members_fetch_from_each_other_and_outsiders_get_no_blob(token_pair):
+    start, token = token_pair
+    a, a_peer, a_dht = start("a")
+    b, _, _ = start("b", a_dht)
+    data = os.urandom(200_000)
+    digest = commit_via_socket(a, data)
+    ch, stub = content_stub(b)
+    try:
+        from cs_p2p.api import content_pb2 as pb
+
+        wait_for(lambda: _info_ok(stub, pb, digest), 30, "b to find a's blob")
+        assert b"".join(r.data for r in stub.Read(pb.ReadContentRequest(digest=digest))) == data
+    finally:
+        ch.close()
+    # An outsider asking a's peer server directly: no header, a forged one, a replayed one.
+    sealer = Sealer(TOKEN, "peer")
+    good = sealer.request_header("GET", f"/blobs/{digest}")
+    for header in (None, "00" * 32, Sealer(b"wrong token, long enough", "peer").request_header("GET", f"/blobs/{digest}")):
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            req = urllib.request.Request(f"http://{a_peer}/blobs/{digest}", headers={HEADER: header} if header else {})
+            urllib.request.urlopen(req, timeout=10).read()
+    req = urllib.request.Request(f"http://{a_peer}/blobs/{digest}", headers={HEADER: good})
+    assert urllib.request.urlopen(req, timeout=10).read() == data  # a member's request
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(req, timeout=10).read()  # the same request replayed
+
+
+def _info_ok(stub, pb, digest) -> bool:
+    import grpc
+
+    try:
+        return stub.Info(pb.InfoRequest(digest=digest)).info.digest == digest
+    except grpc.RpcError:
+        return False
+
+
+def test_a_daemon_without_the_token_cannot_join_or_fetch(token_pair):
+    start, _ = token_pair
+    a, _, a_dht = start("a")
+    data = os.urandom(50_000)
+    digest = commit_via_socket(a, data)
+    outsider, _, _ = start("x", a_dht, token=None)
+    ch, stub = content_stub(outsider)
+    try:
+        import grpc
+
+        from cs_p2p.api import content_pb2 as pb
+
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Info(pb.InfoRequest(digest=digest))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        ch.close()
+    log = open(outsider.proc.log_path).read()
+    assert "dht joined" not in log

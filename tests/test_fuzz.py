@@ -1,0 +1,151 @@
+"""Parsers of everything a peer, a client or the network can send, fuzzed for a bounded time:
+no input may crash them or escape as anything but their documented error."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+import umsgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kademlia.node import Node
+
+from cs_p2p.auth import AuthError, Sealer
+from cs_p2p.dht.protocol import ProviderProtocol
+from cs_p2p.dht.providers import ProviderRecord
+from cs_p2p.dht.tags import TagRecord
+from cs_p2p.devcluster.processes import CsP2P, free_port
+from cs_p2p.errors import InvalidArgument
+from cs_p2p.filters import parse_filters
+from cs_p2p.service.wire import DecodeError, decode_write_request
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+SOME = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+
+def _values(low: int, high: int):
+    return st.recursive(
+        st.none() | st.booleans() | st.integers(low, high) | st.floats() | st.text(max_size=40)
+        | st.binary(max_size=40),
+        lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=20,
+    )
+
+
+values = _values(-2**70, 2**70)
+packable = _values(-2**63, 2**64 - 1)  # what msgpack can carry
+
+
+@FUZZ
+@given(values)
+def test_record_parsers_accept_or_raise_value_error(value):
+    for parse in (ProviderRecord.from_wire, TagRecord.from_wire):
+        try:
+            parse(value)
+        except ValueError:
+            pass
+
+
+def _protocol() -> ProviderProtocol:
+    return ProviderProtocol(Node(os.urandom(20), "127.0.0.1", 1), {}, 20)
+
+
+@FUZZ
+@given(st.sampled_from(["add_provider", "remove_provider", "get_providers", "add_tag", "get_tags"]),
+       st.lists(values, max_size=5))
+def test_our_rpc_handlers_always_reply(name, args):
+    """A raising handler means no reply and a caller stuck for its whole timeout."""
+    proto = _protocol()
+    try:
+        reply = getattr(proto, f"rpc_{name}")(("127.0.0.1", 9), *args)
+    except TypeError:
+        return  # wrong number of arguments: rpcudp's own dispatch, dropped below
+    assert reply is True or isinstance(reply, dict)
+
+
+@FUZZ
+@given(st.binary(max_size=600) | st.builds(
+    lambda kind, mid, name, args: kind + mid + umsgpack.packb([name, args]),
+    st.sampled_from([b"\x00", b"\x01", b"\x02"]), st.binary(min_size=20, max_size=20),
+    st.sampled_from(["ping", "store", "find_node", "find_value", "add_provider", "get_providers", "add_tag", "x"]),
+    st.lists(packable, max_size=4)))
+def test_any_datagram_is_handled_or_dropped(loop, data):
+    proto = _protocol()
+
+    class Sink:
+        def sendto(self, data, addr=None):
+            pass
+
+    proto.connection_made(Sink())
+
+    async def run() -> None:
+        await proto._solve_safely(data, ("127.0.0.1", 9))
+        await asyncio.sleep(0)  # requests are answered in a task of their own
+
+    loop.run_until_complete(run())
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_sealed_datagrams_open_or_raise_auth_error(data):
+    try:
+        Sealer(b"a token that is long enough", "dht").open(data)
+    except AuthError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_write_request_decoder(data):
+    try:
+        decode_write_request(data)
+    except (DecodeError, UnicodeDecodeError):
+        pass
+
+
+@FUZZ
+@given(st.lists(st.text(max_size=60), max_size=3))
+def test_filter_parser(filters):
+    try:
+        parse_filters(filters)
+    except InvalidArgument:
+        pass
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    peer, mirror = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    cs = CsP2P(str(tmp_path_factory.mktemp("fuzz") / "cs"), [
+        "--peer-listen", peer, "--mirror-listen", mirror, "--mirror-registry", f"http://127.0.0.1:{free_port()}",
+        "--mirror-timeout-ms", "200"]).start()
+    yield peer, mirror
+    cs.stop()
+
+
+_paths = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789:/._-%?=&@", max_size=120)
+
+
+@SOME
+@given(_paths, st.sampled_from(["GET", "HEAD", "PUT", "DELETE", "POST"]), st.text(max_size=40))
+def test_http_servers_answer_garbage_with_client_errors(servers, path, method, range_header):
+    for base, prefix in ((servers[0], "/blobs/"), (servers[1], "/v2/")):
+        headers = {"Range": range_header} if range_header.isascii() else {}
+        req = urllib.request.Request(f"http://{base}{prefix}{path}", method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except (urllib.error.URLError, ValueError):
+            continue  # a URL the client itself refuses to send
+        assert status < 500, (base, method, path, range_header)
