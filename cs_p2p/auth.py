@@ -7,6 +7,10 @@ one use does not give the other.  Each message carries its time and a random non
 MAC; a receiver accepts a time within `WINDOW` seconds of its own and each nonce once, so a
 captured message cannot be replayed.  What a token cannot do — tell members apart — is
 written down in docs/security.md.
+
+Rotation without downtime: the token file may hold several tokens, one per line.  Messages
+are sealed with the first and accepted under any of them, so a new token is added (second
+line) everywhere, then moved to the first line everywhere, then the old one removed.
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ class AuthError(Exception):
     pass
 
 
-def load_token(path: str) -> bytes:
-    """The join token from a file (surrounding whitespace ignored)."""
+def load_tokens(path: str) -> list[bytes]:
+    """The join tokens in a file, one per line (blank lines and surrounding space ignored);
+    the first is the one this node seals with."""
     try:
         with open(path, "rb") as f:
-            token = f.read().strip()
+            tokens = [line.strip() for line in f.read().splitlines() if line.strip()]
     except OSError as exc:
         raise AuthError(f"cannot read cluster token {path}: {exc.strerror}") from None
-    if len(token) < MIN_TOKEN_BYTES:
-        raise AuthError(f"cluster token in {path} is shorter than {MIN_TOKEN_BYTES} bytes")
-    return token
+    if not tokens:
+        raise AuthError(f"no cluster token in {path}")
+    if any(len(t) < MIN_TOKEN_BYTES for t in tokens):
+        raise AuthError(f"a cluster token in {path} is shorter than {MIN_TOKEN_BYTES} bytes")
+    return tokens
 
 
 def derive(token: bytes, purpose: str) -> bytes:
@@ -68,26 +75,30 @@ class ReplayGuard:
 
 
 class Sealer:
-    """MACs for one purpose ("dht", "peer") under one cluster token."""
+    """MACs for one purpose ("dht", "peer") under the cluster token(s): sealed with the first,
+    opened under any."""
 
-    def __init__(self, token: bytes, purpose: str) -> None:
-        self.key = derive(token, purpose)
+    def __init__(self, tokens: bytes | list[bytes], purpose: str) -> None:
+        tokens = [tokens] if isinstance(tokens, bytes) else tokens
+        self.keys = [derive(t, purpose) for t in tokens]
         self.replays = ReplayGuard()
 
-    def _tag(self, body: bytes, trailer: bytes) -> bytes:
-        return hmac.new(self.key, body + trailer, hashlib.sha256).digest()[:TAG_LEN]
+    @staticmethod
+    def _tag(key: bytes, body: bytes, trailer: bytes) -> bytes:
+        return hmac.new(key, body + trailer, hashlib.sha256).digest()[:TAG_LEN]
 
     def seal(self, body: bytes) -> bytes:
         """`body` + time + nonce + tag."""
         trailer = _TRAILER.pack(int(time.time() * 1000), int.from_bytes(os.urandom(8), "big"))
-        return body + trailer + self._tag(body, trailer)
+        return body + trailer + self._tag(self.keys[0], body, trailer)
 
     def open(self, sealed: bytes) -> bytes:
         """The body of a sealed message; AuthError if forged, stale or replayed."""
         if len(sealed) < _TRAILER.size + TAG_LEN:
             raise AuthError("message too short")
         body, trailer = sealed[: -_TRAILER.size - TAG_LEN], sealed[-_TRAILER.size - TAG_LEN: -TAG_LEN]
-        if not hmac.compare_digest(self._tag(body, trailer), sealed[-TAG_LEN:]):
+        tag = sealed[-TAG_LEN:]
+        if not any(hmac.compare_digest(self._tag(key, body, trailer), tag) for key in self.keys):
             raise AuthError("bad message authentication code")
         stamp, nonce = _TRAILER.unpack(trailer)
         if not self.replays.fresh(stamp, nonce):

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from cs_p2p.auth import HEADER, AuthError, Sealer, load_token
+from cs_p2p.auth import HEADER, AuthError, Sealer, load_tokens
 from cs_p2p.dht.node import DhtNode, provider_key
 from cs_p2p.dht.providers import ProviderRecord
 from cs_p2p.devcluster.processes import CsP2P, free_port, wait_for
@@ -50,13 +50,23 @@ def test_stale_messages_are_refused(monkeypatch):
 def test_token_files_must_hold_a_real_secret(tmp_path):
     short = tmp_path / "short"
     short.write_text("abc\n")
-    with pytest.raises(AuthError):
-        load_token(str(short))
-    with pytest.raises(AuthError):
-        load_token(str(tmp_path / "missing"))
+    for path in (short, tmp_path / "missing"):
+        with pytest.raises(AuthError):
+            load_tokens(str(path))
     good = tmp_path / "good"
-    good.write_bytes(TOKEN + b"\n")
-    assert load_token(str(good)) == TOKEN
+    good.write_bytes(TOKEN + b"\n\n  another token, being rolled out\n")
+    assert load_tokens(str(good)) == [TOKEN, b"another token, being rolled out"]
+
+
+def test_rotation_seals_with_the_first_token_and_accepts_any():
+    old, new = TOKEN, b"the next token, rolled out now"
+    old_only, both, new_first, new_only = (Sealer(t, "dht") for t in ([old], [old, new], [new, old], [new]))
+    assert both.open(old_only.seal(b"1")) == b"1"  # step 1: the new token added as a second line
+    assert old_only.open(both.seal(b"2")) == b"2"
+    assert both.open(new_first.seal(b"3")) == b"3"  # step 2: the new token moved first
+    assert new_only.open(new_first.seal(b"4")) == b"4"  # step 3: the old one removed
+    with pytest.raises(AuthError):
+        old_only.open(new_only.seal(b"5"))
 
 
 @pytest.fixture

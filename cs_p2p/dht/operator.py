@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from ..auth import AuthError, Sealer, load_token
+from ..auth import AuthError, Sealer, load_tokens
 from ..config import ConfigError
 from ..digests import parse_digest
 from ..errors import InvalidArgument
@@ -18,7 +18,7 @@ from .node import DhtNode
 
 async def _joined_client(bootstrap: list[str], token_file: str | None) -> DhtNode | None:
     try:
-        sealer = Sealer(load_token(token_file), "dht") if token_file else None
+        sealer = Sealer(load_tokens(token_file), "dht") if token_file else None
     except AuthError as exc:
         print(f"cs-p2p: {exc}", file=sys.stderr)
         return None

@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 
 from ..api import content_pb2
-from ..auth import Sealer, load_token
+from ..auth import Sealer, load_tokens
 from ..config import Config, parse_host_port, peer_advertised
 from ..dht.node import DhtNode, load_or_create_node_id
 from ..fetch.fetcher import Fetcher
@@ -76,9 +76,9 @@ async def serve(cfg: Config) -> None:
     """Run until SIGTERM/SIGINT; ingests in flight stay on disk and resume on the next start."""
     store = LocalStore(cfg.root)
     lock = _lock_root(store.root)
-    token = load_token(cfg.cluster_token_file) if cfg.cluster_token_file else None
-    dht_sealer = Sealer(token, "dht") if token else None
-    peer_sealer = Sealer(token, "peer") if token else None
+    tokens = load_tokens(cfg.cluster_token_file) if cfg.cluster_token_file else None
+    dht_sealer = Sealer(tokens, "dht") if tokens else None
+    peer_sealer = Sealer(tokens, "peer") if tokens else None
     dht = peers = fetcher = None
     if cfg.dht_listen:
         dht = DhtNode(load_or_create_node_id(store.root), peer_advertised(cfg), ttl=cfg.dht_ttl, sealer=dht_sealer)

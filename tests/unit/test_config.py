@@ -81,3 +81,23 @@ def test_containerd_config_writes_hosts_toml_for_the_mirror(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--mirror-registry", "ftp://x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "mirror registry" in bad.stderr
+
+
+def test_kubernetes_daemonset_arguments_are_accepted_by_serve(tmp_path):
+    """The shipped DaemonSet's flags parse into a valid config (with the env vars filled in)."""
+    import yaml
+
+    from cs_p2p.cli import _parser
+
+    docs = list(yaml.safe_load_all(open("packaging/kubernetes/cs-p2p.yaml")))
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = [a.replace("$(NODE_IP)", "10.0.0.7") for a in args]
+    parsed = vars(_parser().parse_args(args))
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    parsed["cluster_token_file"] = str(token)
+    cfg = load_config(None, {k: v for k, v in parsed.items() if k not in ("command", "config")})
+    assert cfg.dht_listen == "10.0.0.7:5002" and cfg.mirror_registry[0].host == "registry.internal"
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert "cluster-token" in secret["stringData"]
