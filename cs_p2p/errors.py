@@ -47,3 +47,9 @@ class Aborted(ContentError):
     bytes did not match the digest).  Not UNAVAILABLE: containerd would retry that forever."""
 
     code = grpc.StatusCode.ABORTED
+
+
+class ResourceExhausted(ContentError):
+    """A bound of the store was reached (open ingests); the client may retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

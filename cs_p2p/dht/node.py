@@ -165,36 +165,41 @@ class DhtNode:
         results = await asyncio.gather(*(self.protocol.call_remove_provider(n, key) for n in nodes))
         return sum(results)
 
-    async def find_providers(self, digest: str, want: int = 0, round_timeout: float = 0.3) -> list[ProviderRecord]:
+    async def find_providers(self, digest: str, want: int = 0, round_timeout: float = 0.3,
+                             within: float | None = None) -> list[ProviderRecord]:
         """Providers of `digest` other than this node, freshest first.
 
         Walks towards the key like a node lookup, asking `alpha` nodes at a time, and merges
         every record it is given; stops when the k closest have answered or, with `want`,
         once that many providers are known.  A round waits at most `round_timeout` for its
         replies: a dead contact must not stall a lookup that `Info` is waiting on (late
-        replies still update the routing table in the background).
+        replies still update the routing table in the background).  With `within`, the walk
+        stops after that many seconds and returns what it found so far.
         """
         key = provider_key(digest)
         local = self.protocol.providers.get(key)
         found = await self._walk(key, local, self.protocol.call_get_providers, want, round_timeout,
-                                 keep=lambda rec: rec.expires > time.time())
+                                 keep=lambda rec: rec.expires > time.time(), within=within)
         found.pop(self.node_id, None)
         return sorted(found.values(), key=lambda r: -r.expires)
 
-    async def _walk(self, key: bytes, local: list, call, want: int, round_timeout: float, keep) -> dict:
+    async def _walk(self, key: bytes, local: list, call, want: int, round_timeout: float, keep,
+                    within: float | None = None) -> dict:
         """Records under `key` from the nodes on the way to it, merged by publisher."""
+        deadline = None if within is None else time.monotonic() + within
         found = {r.node_id: r for r in local}
         target = Node(key)
         shortlist = NodeHeap(target, self.server.ksize)
         shortlist.push(self.protocol.router.find_neighbors(target, self.server.ksize))
         while not (want and len(found.keys() - {self.node_id}) >= want):
             batch = shortlist.get_uncontacted()[: self.server.alpha]
-            if not batch:
+            left = round_timeout if deadline is None else min(round_timeout, deadline - time.monotonic())
+            if not batch or left <= 0:
                 break
             for n in batch:
                 shortlist.mark_contacted(n)
             calls = {asyncio.ensure_future(call(n, key)): n for n in batch}
-            done, _late = await asyncio.wait(calls, timeout=round_timeout)
+            done, _late = await asyncio.wait(calls, timeout=left)
             for c in done:
                 reply = c.result()
                 if reply is None:

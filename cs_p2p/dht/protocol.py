@@ -91,7 +91,8 @@ class ProviderProtocol(KademliaProtocol):
             return {"error": str(exc)}
         if rec.node_id != nodeid:
             return {"error": "a node announces only itself"}
-        self.providers.add(key, rec)
+        if not self.providers.add(key, rec):
+            return {"error": "too many records from this node"}
         return True
 
     def rpc_remove_provider(self, sender, nodeid, key) -> Any:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 MAX_PROVIDERS_PER_KEY = 64  # what one node keeps per digest; the newest win
+MAX_RECORDS_PER_PUBLISHER = 100_000  # what one node keeps from one publisher over all digests
 
 
 @dataclass(frozen=True)
@@ -57,22 +58,49 @@ class ProviderRecord:
 class ProviderStore:
     """key (20 bytes) -> {node id -> record}; expired records vanish on access."""
 
-    def __init__(self, max_per_key: int = MAX_PROVIDERS_PER_KEY) -> None:
+    def __init__(self, max_per_key: int = MAX_PROVIDERS_PER_KEY,
+                 max_per_publisher: int = MAX_RECORDS_PER_PUBLISHER) -> None:
         self.max_per_key = max_per_key
+        self.max_per_publisher = max_per_publisher
         self._data: dict[bytes, dict[bytes, ProviderRecord]] = {}
+        self._count: dict[bytes, int] = {}  # publisher -> records held (may count expired ones)
 
-    def add(self, key: bytes, rec: ProviderRecord) -> None:
+    def add(self, key: bytes, rec: ProviderRecord) -> bool:
+        """Keep `rec`; False if its publisher already fills its share of this store."""
+        if rec.node_id not in self._data.get(key, {}):
+            if self._count.get(rec.node_id, 0) >= self.max_per_publisher:
+                self._recount()
+                if self._count.get(rec.node_id, 0) >= self.max_per_publisher:
+                    return False
+            self._count[rec.node_id] = self._count.get(rec.node_id, 0) + 1
         recs = self._data.setdefault(key, {})
         recs[rec.node_id] = rec
         if len(recs) > self.max_per_key:
             oldest = min(recs.values(), key=lambda r: r.expires)
             del recs[oldest.node_id]
+            self._count[oldest.node_id] = max(0, self._count.get(oldest.node_id, 1) - 1)
+        return True
+
+    def _recount(self) -> None:
+        """Drop expired records and count again (cheap enough when a publisher hits its cap)."""
+        now = time.time()
+        counts: dict[bytes, int] = {}
+        for key in list(self._data):
+            live = {nid: r for nid, r in self._data[key].items() if r.expires > now}
+            if live:
+                self._data[key] = live
+                for nid in live:
+                    counts[nid] = counts.get(nid, 0) + 1
+            else:
+                del self._data[key]
+        self._count = counts
 
     def remove(self, key: bytes, node_id: bytes) -> bool:
         recs = self._data.get(key)
         if not recs or node_id not in recs:
             return False
         del recs[node_id]
+        self._count[node_id] = max(0, self._count.get(node_id, 1) - 1)
         if not recs:
             del self._data[key]
         return True

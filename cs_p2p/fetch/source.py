@@ -32,7 +32,8 @@ log = logging.getLogger("cs_p2p.fetch")
 # afford to wait for a loaded node's DHT more than `Info` can: a missed reply means one more
 # download from the registry.
 ANNOUNCE_WAIT = 1.0  # seconds a download may be held back for its in-flight announce
-LOOKUP_ROUND = 1.0  # seconds a lookup round waits for replies
+LOOKUP_ROUND = 0.5  # seconds a lookup round waits for replies
+LOOKUP_WITHIN = 2.0  # seconds the whole lookup may take; what it found by then counts
 
 
 class PeerSource:
@@ -51,11 +52,7 @@ class PeerSource:
             return fetch
         if self.fetcher.recently_failed(digest):
             return None
-        try:
-            providers = await asyncio.wait_for(self.dht.find_providers(digest, want=1), self.lookup_timeout)
-        except asyncio.TimeoutError:
-            log.warning("provider lookup timed out", extra={"digest": digest})
-            return None
+        providers = await self.dht.find_providers(digest, want=1, within=self.lookup_timeout)
         if not providers:
             return None
         # Providers that disagree on the size cannot all be right: follow the majority.
@@ -93,14 +90,13 @@ class SharedIngest:
         one then sees the earlier one's record.
         """
         self.decided = True
-        dht, timeout = self.source.dht, self.source.lookup_timeout
+        dht = self.source.dht
         if self.source.fetcher.recently_failed(self.digest):
             return []
         await asyncio.wait([self._announce], timeout=ANNOUNCE_WAIT)
         try:
-            found = await asyncio.wait_for(dht.find_providers(self.digest, round_timeout=LOOKUP_ROUND),
-                                           timeout + LOOKUP_ROUND)
-        except Exception as exc:  # a slow or failing DHT: download as if alone
+            found = await dht.find_providers(self.digest, round_timeout=LOOKUP_ROUND, within=LOOKUP_WITHIN)
+        except Exception as exc:  # a failing DHT: download as if alone
             log.warning("in-flight lookup failed", extra={"digest": self.digest, "error": repr(exc)})
             return []
         return [r for r in found if self._earlier(r)]

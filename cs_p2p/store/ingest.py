@@ -31,12 +31,13 @@ from .progress import Progress
 
 if TYPE_CHECKING:
     from .blobs import BlobStore
-from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 # Write-behind: bytes accepted but not yet on disk, per writer.  Bounds memory per ingest.
 MAX_BYTES_IN_FLIGHT = 16 << 20
 _INLINE_WRITE = 64 << 10
 MAX_REF_LEN = 4096
+MAX_INGESTS = 4096  # ingests on disk; containerd keeps a handful per pull, abandoned ones until GC
 # containerd names a download's ingest `<namespace>/<n>/<kind>-sha256:<hex>` (remotes.MakeRefKey).
 _REF_DIGEST = re.compile(r"(?:^|[-/])(sha256:[0-9a-f]{64})$")
 
@@ -223,7 +224,8 @@ def _write_small(path: str, text: str) -> None:
 
 
 class Ingests:
-    def __init__(self, root: str, blobs: "BlobStore") -> None:
+    def __init__(self, root: str, blobs: "BlobStore", max_ingests: int = MAX_INGESTS) -> None:
+        self.max_ingests = max_ingests
         self.dir = os.path.join(root, "ingest")
         os.makedirs(self.dir, exist_ok=True)
         self.blobs = blobs
@@ -266,6 +268,8 @@ class Ingests:
         path = self.path(ref)
         now = time.time_ns()
         resumed = os.path.isdir(path)
+        if not resumed and len(os.listdir(self.dir)) >= self.max_ingests:
+            raise ResourceExhausted(f"{self.max_ingests} ingests are open: commit or abort some first")
         if resumed:
             status = self._status_at(path)
             if status.ref != ref:
