@@ -31,6 +31,7 @@ from .. import __version__
 from ..config import MirrorRegistry
 from ..digests import parse_digest
 from ..errors import InvalidArgument
+from ..peer.server import start_site
 from ..store import LocalStore
 from .upstream import MAX_MANIFEST, Manifest, Upstream, UpstreamNotFound, UpstreamUnavailable
 
@@ -95,11 +96,8 @@ class Mirror:
     async def start(self, host: str, port: int) -> int:
         self._session = aiohttp.ClientSession(headers={"User-Agent": f"cs-p2p-mirror/{__version__}"})
         self.upstreams = {h: Upstream(r, self._session) for h, r in self.registries.items()}
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await start_site(self.app, host, port)
+        return port
 
     async def stop(self) -> None:
         for task in list(self._background):

@@ -81,11 +81,8 @@ class PeerServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (port 0 picks one); returns the port."""
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await start_site(self.app, host, port)
+        return port
 
     async def stop(self) -> None:
         if self._runner:
@@ -221,6 +218,15 @@ class PeerServer:
         finally:
             self.active -= 1
             os.close(fd)
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (port 0 picks one): its runner, to clean up, and the port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
