@@ -33,8 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dht-listen", help="HOST:PORT (UDP) for the DHT node (default: off)")
     s.add_argument("--bootstrap", action="append", help="HOST:PORT of a DHT node to join through (repeatable)")
     s.add_argument("--dht-ttl", type=int, help="provider record lifetime in seconds (default 3600)")
-    s.add_argument("--cluster-token-file",
-                   help="file holding the cluster's join token; peers without it are refused (default: off)")
+    _membership_flags(s)
     s.add_argument("--mirror-registry", action="append",
                    help="serve a registry mirror for http://HOST[:PORT] or https://HOST (repeatable)")
     s.add_argument("--mirror-listen", help="HOST:PORT of the registry mirror (default 127.0.0.1:5080)")
@@ -42,12 +41,22 @@ def _parser() -> argparse.ArgumentParser:
 
     prs = sub.add_parser("peers", help="print the nodes of the DHT network")
     prs.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
-    prs.add_argument("--cluster-token-file", help="the cluster's join token, if it has one")
+    _membership_flags(prs)
 
     loc = sub.add_parser("locate", help="print the nodes that provide a digest")
     loc.add_argument("digest")
     loc.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
-    loc.add_argument("--cluster-token-file", help="the cluster's join token, if it has one")
+    _membership_flags(loc)
+
+    ca = sub.add_parser("ca", help="key-pair membership: make a cluster CA and issue node certificates")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    init = ca_sub.add_parser("init", help="create DIR/ca.key and DIR/ca.crt")
+    init.add_argument("dir")
+    iss = ca_sub.add_parser("issue", help="create a node key (unless it exists) and a certificate for it")
+    iss.add_argument("dir", help="the CA's directory (ca.key, ca.crt)")
+    iss.add_argument("--key", required=True, help="the node's key file (created if missing)")
+    iss.add_argument("--cert", required=True, help="the certificate file to write")
+    iss.add_argument("--days", type=int, default=365, help="validity (default 365)")
 
     c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment; with "
                        "--mirror-registry, write hosts.toml files that put the mirror in front")
@@ -60,8 +69,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _membership_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster-token-file",
+                   help="membership by join token: the file holding it; peers without it are refused")
+    p.add_argument("--node-key-file", help="membership by key pair: this node's Ed25519 key (PEM)")
+    p.add_argument("--node-cert-file", help="membership by key pair: its certificate from the cluster CA")
+    p.add_argument("--cluster-ca-file", help="membership by key pair: the cluster CA certificate(s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "ca":
+        from .identity import IdentityError, ca_command
+
+        try:
+            print(ca_command(args))
+        except IdentityError as exc:
+            print(f"cs-p2p: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "containerd-config":
         try:
             registries = [MirrorRegistry.parse(r, 3000, "--mirror-registry") for r in args.mirror_registry]
@@ -73,14 +99,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# wrote {path}", file=sys.stderr)
         sys.stdout.write(containerd_config(args.socket, hosts_dir=args.hosts_dir if registries else None))
         return 0
-    if args.command == "locate":
-        from .dht.operator import locate
+    if args.command in ("locate", "peers"):
+        from .auth import AuthError
+        from .dht.operator import locate, peers
+        from .identity import IdentityError
+        from .membership import membership
 
-        return asyncio.run(locate(args.digest, args.bootstrap, args.cluster_token_file))
-    if args.command == "peers":
-        from .dht.operator import peers
-
-        return asyncio.run(peers(args.bootstrap, args.cluster_token_file))
+        try:
+            member = membership(args.cluster_token_file, args.node_key_file, args.node_cert_file, args.cluster_ca_file)
+        except (AuthError, IdentityError) as exc:
+            print(f"cs-p2p: {exc}", file=sys.stderr)
+            return 2
+        if args.command == "locate":
+            return asyncio.run(locate(args.digest, args.bootstrap, member))
+        return asyncio.run(peers(args.bootstrap, member))
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         cfg = load_config(args.config, flags)
@@ -89,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.log_level, cfg.log_format)
     from .auth import AuthError
+    from .identity import IdentityError
     from .service import RootBusy, serve
 
     try:
         asyncio.run(serve(cfg))
-    except AuthError as exc:
+    except (AuthError, IdentityError) as exc:
         logging.getLogger("cs_p2p").error(str(exc))
         return 2
     except RootBusy as exc:

@@ -72,6 +72,9 @@ class Config:
     bootstrap: list = dataclasses.field(default_factory=list)  # HOST:PORT contacts, names resolved
     dht_ttl: int = 3600  # seconds a provider record lives; re-announced at half of it
     cluster_token_file: str = ""  # shared join token: authenticates datagrams and peer requests
+    node_key_file: str = ""  # key-pair mode: this node's Ed25519 key (PEM) ...
+    node_cert_file: str = ""  # ... its certificate, issued by the cluster CA ...
+    cluster_ca_file: str = ""  # ... and the CA certificate(s) members are issued by
     mirror_listen: str = "127.0.0.1:5080"  # the registry mirror for the local containerd
     mirror_timeout_ms: int = 3000  # default wait for an upstream registry
     mirror_registry: list = dataclasses.field(default_factory=list)  # MirrorRegistry; empty: no mirror
@@ -146,6 +149,11 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         raise ConfigError("dht-ttl must be at least 10 seconds")
     if cfg.peer_max_uploads < 1 or cfg.peer_rate_limit < 0:
         raise ConfigError("peer-max-uploads must be >= 1 and peer-rate-limit >= 0")
+    keys = [cfg.node_key_file, cfg.node_cert_file, cfg.cluster_ca_file]
+    if any(keys) and not all(keys):
+        raise ConfigError("key-pair membership needs node-key-file, node-cert-file and cluster-ca-file")
+    if any(keys) and cfg.cluster_token_file:
+        raise ConfigError("choose one membership: cluster-token-file, or node-key-file/node-cert-file/cluster-ca-file")
     if cfg.log_format not in ("json", "text"):
         raise ConfigError(f"log-format must be json or text, got {cfg.log_format!r}")
     return cfg

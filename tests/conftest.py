@@ -13,7 +13,7 @@ import pytest
 
 from cs_p2p.api import content_pb2 as pb
 from cs_p2p.api import content_pb2_grpc
-from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry
+from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port
 
 GRPC_OPTS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
 HAVE_CONTAINERD = all(shutil.which(b) for b in ("containerd", "ctr", "docker-registry", "skopeo")) and os.geteuid() == 0
@@ -32,6 +32,24 @@ def daemon(workdir: str) -> Iterator[CsP2P]:
     cs = CsP2P(os.path.join(workdir, "cs")).start()
     yield cs
     cs.stop()
+
+
+@pytest.fixture
+def p2p_node(workdir: str):
+    """Start daemons with a peer server and a DHT node on loopback: `start(name, args,
+    bootstrap)` -> (daemon, peer address, DHT address)."""
+    made: list[CsP2P] = []
+
+    def start(name: str, args: list[str], bootstrap: str | None = None) -> tuple[CsP2P, str, str]:
+        peer, dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        argv = ["--peer-listen", peer, "--dht-listen", dht, *args] + (["--bootstrap", bootstrap] if bootstrap else [])
+        cs = CsP2P(os.path.join(workdir, name), argv).start()
+        made.append(cs)
+        return cs, peer, dht
+
+    yield start
+    for cs in made:
+        cs.stop()
 
 
 def content_stub(cs: CsP2P) -> tuple[grpc.Channel, content_pb2_grpc.ContentStub]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +15,8 @@ import pytest
 from cs_p2p.auth import HEADER, AuthError, Sealer, load_tokens
 from cs_p2p.dht.node import DhtNode, provider_key
 from cs_p2p.dht.providers import ProviderRecord
-from cs_p2p.devcluster.processes import CsP2P, free_port, wait_for
+from cs_p2p.membership import membership
+from cs_p2p.devcluster.processes import wait_for
 from tests.conftest import commit_via_socket, content_stub
 
 TOKEN = b"correct horse battery staple 42"
@@ -139,23 +141,15 @@ async def test_a_replayed_datagram_is_dropped(dht_nodes):
 
 
 @pytest.fixture
-def token_pair(workdir):
+def token_pair(workdir, p2p_node):
     path = os.path.join(workdir, "token")
     with open(path, "wb") as f:
         f.write(TOKEN)
-    made = []
 
     def start(name: str, bootstrap: str | None = None, token: str | None = path):
-        peer, dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        args = ["--peer-listen", peer, "--dht-listen", dht] + (["--cluster-token-file", token] if token else [])
-        args += ["--bootstrap", bootstrap] if bootstrap else []
-        cs = CsP2P(os.path.join(workdir, name), args).start()
-        made.append(cs)
-        return cs, peer, dht
+        return p2p_node(name, ["--cluster-token-file", token] if token else [], bootstrap)
 
     yield start, path
-    for cs in made:
-        cs.stop()
 
 
 def test_members_fetch_from_each_other_and_outsiders_get_no_blob(token_pair):
@@ -172,17 +166,28 @@ def test_members_fetch_from_each_other_and_outsiders_get_no_blob(token_pair):
         assert b"".join(r.data for r in stub.Read(pb.ReadContentRequest(digest=digest))) == data
     finally:
         ch.close()
-    # An outsider asking a's peer server directly: no header, a forged one, a replayed one.
+    # Peer transfers are TLS, and both ends must present the certificate derived from the token.
+    member_tls = membership(token, tls_dir=os.path.join(os.path.dirname(token), "tls-test")).client_tls
+    no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_cert.check_hostname, no_cert.verify_mode = False, ssl.CERT_NONE
+    url = f"https://{a_peer}/blobs/{digest}"
+
+    def get(url: str, header: str | None, ctx) -> bytes:
+        req = urllib.request.Request(url, headers={HEADER: header} if header else {})
+        return urllib.request.urlopen(req, timeout=10, context=ctx).read()
+
     sealer = Sealer(TOKEN, "peer")
-    good = sealer.request_header("GET", f"/blobs/{digest}")
+    for bad_url, ctx in ((f"http://{a_peer}/blobs/{digest}", None), (url, no_cert)):
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            get(bad_url, sealer.request_header("GET", f"/blobs/{digest}"), ctx)
+    # Even over the members' TLS: no header, a forged one, one made with another token.
     for header in (None, "00" * 32, Sealer(b"wrong token, long enough", "peer").request_header("GET", f"/blobs/{digest}")):
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
-            req = urllib.request.Request(f"http://{a_peer}/blobs/{digest}", headers={HEADER: header} if header else {})
-            urllib.request.urlopen(req, timeout=10).read()
-    req = urllib.request.Request(f"http://{a_peer}/blobs/{digest}", headers={HEADER: good})
-    assert urllib.request.urlopen(req, timeout=10).read() == data  # a member's request
+            get(url, header, member_tls)
+    good = sealer.request_header("GET", f"/blobs/{digest}")
+    assert get(url, good, member_tls) == data  # a member's request
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
-        urllib.request.urlopen(req, timeout=10).read()  # the same request replayed
+        get(url, good, member_tls)  # the same request replayed
 
 
 def _info_ok(stub, pb, digest) -> bool:

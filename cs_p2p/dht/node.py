@@ -20,6 +20,7 @@ from kademlia.node import Node, NodeHeap
 
 from ..auth import Sealer
 from ..config import parse_host_port
+from ..identity import KeySealer
 from .protocol import ProviderProtocol
 from .providers import ProviderRecord
 from .tags import TagRecord, tag_key
@@ -56,7 +57,7 @@ def load_or_create_node_id(root: str) -> bytes:
 class _KademliaServer(Server):
     protocol_class = ProviderProtocol
 
-    def __init__(self, ksize: int, alpha: int, node_id: bytes, wait_timeout: float, sealer: Sealer | None) -> None:
+    def __init__(self, ksize: int, alpha: int, node_id: bytes, wait_timeout: float, sealer: Sealer | KeySealer | None) -> None:
         super().__init__(ksize=ksize, alpha=alpha, node_id=node_id)
         self._wait_timeout = wait_timeout
         self._sealer = sealer
@@ -67,7 +68,7 @@ class _KademliaServer(Server):
 
 class DhtNode:
     def __init__(self, node_id: bytes, peer_addr: str, ttl: float = DEFAULT_TTL, ksize: int = 20, alpha: int = 3,
-                 rpc_timeout: float = 1.0, sealer: Sealer | None = None) -> None:
+                 rpc_timeout: float = 1.0, sealer: Sealer | KeySealer | None = None) -> None:
         self.node_id = node_id
         self.peer_addr = peer_addr
         self.ttl = ttl
@@ -150,7 +151,8 @@ class DhtNode:
         """
         if not started:
             self.held[digest] = size
-        key, rec = provider_key(digest), self._record(size, started)
+        key = provider_key(digest)
+        rec = self.protocol.sign("provider", key, self._record(size, started))
         self.protocol.providers.add(key, rec)
         nodes = await self._closest(key)
         results = await asyncio.gather(*(self.protocol.call_add_provider(n, key, rec) for n in nodes))
@@ -214,7 +216,8 @@ class DhtNode:
 
     async def publish_tag(self, reference: str, digest: str, media_type: str, size: int) -> int:
         """Record that `reference` (`host/name:tag`) resolved to `digest` just now."""
-        key, rec = tag_key(reference), TagRecord(self.node_id, digest, media_type, size, time.time())
+        key = tag_key(reference)
+        rec = self.protocol.sign("tag", key, TagRecord(self.node_id, digest, media_type, size, time.time()))
         self.protocol.tags.add(key, rec)
         nodes = await self._closest(key)
         return sum(await asyncio.gather(*(self.protocol.call_add_tag(n, key, rec) for n in nodes)))

@@ -7,22 +7,19 @@ import os
 import sys
 import time
 
-from ..auth import AuthError, Sealer, load_tokens
 from ..config import ConfigError
 from ..digests import parse_digest
 from ..errors import InvalidArgument
 from kademlia.node import Node
 
+from ..membership import Membership
 from .node import DhtNode
 
 
-async def _joined_client(bootstrap: list[str], token_file: str | None) -> DhtNode | None:
-    try:
-        sealer = Sealer(load_tokens(token_file), "dht") if token_file else None
-    except AuthError as exc:
-        print(f"cs-p2p: {exc}", file=sys.stderr)
-        return None
-    node = DhtNode(os.urandom(20), "0.0.0.0:0", sealer=sealer)  # a client: it provides nothing
+async def _joined_client(bootstrap: list[str], member: Membership | None) -> DhtNode | None:
+    member = member or Membership()
+    node_id = member.identity.node_id if member.identity else os.urandom(20)
+    node = DhtNode(node_id, "0.0.0.0:0", sealer=member.dht_sealer)  # a client: it provides nothing
     await node.listen("0.0.0.0", 0)
     try:
         met = await node.bootstrap(bootstrap)
@@ -37,13 +34,13 @@ async def _joined_client(bootstrap: list[str], token_file: str | None) -> DhtNod
     return node
 
 
-async def locate(digest: str, bootstrap: list[str], token_file: str | None = None) -> int:
+async def locate(digest: str, bootstrap: list[str], member: Membership | None = None) -> int:
     try:
         parse_digest(digest)
     except InvalidArgument as exc:
         print(f"cs-p2p: {exc}", file=sys.stderr)
         return 2
-    node = await _joined_client(bootstrap, token_file)
+    node = await _joined_client(bootstrap, member)
     if node is None:
         return 1
     try:
@@ -61,9 +58,9 @@ async def locate(digest: str, bootstrap: list[str], token_file: str | None = Non
     return 0
 
 
-async def peers(bootstrap: list[str], token_file: str | None = None) -> int:
+async def peers(bootstrap: list[str], member: Membership | None = None) -> int:
     """Walk the network towards a few random ids and print every node that answered."""
-    node = await _joined_client(bootstrap, token_file)
+    node = await _joined_client(bootstrap, member)
     if node is None:
         return 1
     try:

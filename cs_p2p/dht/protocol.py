@@ -16,19 +16,27 @@ not open (no token, another token, forged, stale, replayed) is dropped without a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
+
+import umsgpack
 
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
 from ..auth import AuthError, Sealer
+from ..identity import IdentityError, Identity, KeySealer, Member
 from .providers import ProviderRecord, ProviderStore
 from .tags import TagRecord, TagStore
 
 log = logging.getLogger("cs_p2p.dht")
 
 MAX_RECORDS_PER_REPLY = 40  # 40 x ~70 bytes + 20 neighbours x ~45 bytes < 8 KiB
+# Signed: 12 x (~140 bytes + a ~300-byte certificate) + neighbours + the datagram's own
+# certificate and signature < 8 KiB.
+MAX_SIGNED_RECORDS_PER_REPLY = 12
+MAX_CERTS = 100_000
 
 
 def _is_key(value: object) -> bool:
@@ -37,13 +45,19 @@ def _is_key(value: object) -> bool:
 
 class ProviderProtocol(KademliaProtocol):
     def __init__(self, source_node: Node, storage: Any, ksize: int, wait_timeout: float = 1.0,
-                 sealer: Sealer | None = None) -> None:
+                 sealer: Sealer | KeySealer | None = None) -> None:
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = wait_timeout
         self.providers = ProviderStore()
         self.tags = TagStore()
         self.sealer = sealer
+        # Key-pair mode: who sent each datagram is known, and records carry signatures.
+        self.identity: Identity | None = sealer.identity if isinstance(sealer, KeySealer) else None
+        self.certs: dict[bytes, bytes] = {}  # node id -> certificate of publishers whose records we keep
+        if self.identity is not None:
+            self.certs[self.identity.node_id] = self.identity.cert_der
         self.dropped = 0  # datagrams refused (unauthenticated, replayed or malformed)
+        self.forged = 0  # records refused: not signed by the node they name
 
     def connection_made(self, transport) -> None:
         super().connection_made(_SealingTransport(transport, self.sealer) if self.sealer else transport)
@@ -51,11 +65,13 @@ class ProviderProtocol(KademliaProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         if self.sealer is not None:
             try:
-                data = self.sealer.open(data)
+                data, member = self.sealer.unseal(data)
             except AuthError as exc:
                 self.dropped += 1
                 log.debug("datagram dropped", extra={"from": f"{addr[0]}:{addr[1]}", "reason": str(exc)})
                 return
+            if member is not None:
+                addr = _Sender(addr, member)
         asyncio.ensure_future(self._solve_safely(data, addr))
 
     async def _solve_safely(self, data: bytes, addr) -> None:
@@ -69,6 +85,8 @@ class ProviderProtocol(KademliaProtocol):
 
     async def _accept_request(self, msg_id, data, address):
         try:
+            if self.identity is not None and not _speaks_for_itself(data, address):
+                raise ValueError("a request names a node id that is not its sender's")
             await super()._accept_request(msg_id, data, address)
         except Exception as exc:
             self.dropped += 1
@@ -81,19 +99,51 @@ class ProviderProtocol(KademliaProtocol):
         self.welcome_if_new(node)
         return node
 
-    def rpc_add_provider(self, sender, nodeid, key, record) -> Any:
-        node = self._sender_node(sender, nodeid)
-        if node is None or not _is_key(key):
+    # Records are signed over their DHT key and fields (key-pair mode): a node that stores or
+    # forwards them cannot alter them, nor move them to another key.
+    def sign(self, kind: str, key: bytes, rec):
+        if self.identity is None:
+            return rec
+        return dataclasses.replace(rec, sig=self.identity.sign(_signable(kind, key, rec)))
+
+    def _signed_by(self, kind: str, key: bytes, rec, member: Member | None) -> bool:
+        return member is not None and member.node_id == rec.node_id and member.verify(_signable(kind, key, rec), rec.sig)
+
+    def _add(self, kind: str, sender, nodeid, key, record, parse, store) -> Any:
+        """add_provider / add_tag: keep a record the sender published for itself."""
+        if self._sender_node(sender, nodeid) is None or not _is_key(key):
             return {"error": "bad node id or key"}
         try:
-            rec = ProviderRecord.from_wire(record)
+            rec = parse(record)
         except ValueError as exc:
             return {"error": str(exc)}
         if rec.node_id != nodeid:
-            return {"error": "a node announces only itself"}
-        if not self.providers.add(key, rec):
+            return {"error": "a node publishes only its own records"}
+        if self.identity is not None:
+            member = getattr(sender, "member", None)
+            if not self._signed_by(kind, key, rec, member):
+                return {"error": "record not signed by its publisher"}
+            if len(self.certs) < MAX_CERTS or rec.node_id in self.certs:
+                self.certs[rec.node_id] = member.cert_der
+        if not store(key, rec):
             return {"error": "too many records from this node"}
         return True
+
+    def _get(self, sender, nodeid, key, field: str, records: list) -> Any:
+        """get_providers / get_tags: what we keep under `key`, with closer nodes."""
+        node = self._sender_node(sender, nodeid)
+        if node is None or not _is_key(key):
+            return {"error": "bad node id or key"}
+        reply: dict[str, Any] = {}
+        if self.identity is not None:  # each record travels with its publisher's certificate
+            records = [r for r in records if r.node_id in self.certs][:MAX_SIGNED_RECORDS_PER_REPLY]
+            reply["certs"] = list({self.certs[r.node_id] for r in records})
+        reply[field] = [r.to_wire() for r in records]
+        reply["nodes"] = [tuple(n) for n in self.router.find_neighbors(Node(key), exclude=node)]
+        return reply
+
+    def rpc_add_provider(self, sender, nodeid, key, record) -> Any:
+        return self._add("provider", sender, nodeid, key, record, ProviderRecord.from_wire, self.providers.add)
 
     def rpc_remove_provider(self, sender, nodeid, key) -> Any:
         if self._sender_node(sender, nodeid) is None or not _is_key(key):
@@ -102,32 +152,19 @@ class ProviderProtocol(KademliaProtocol):
         return True
 
     def rpc_get_providers(self, sender, nodeid, key) -> Any:
-        node = self._sender_node(sender, nodeid)
-        if node is None or not _is_key(key):
-            return {"error": "bad node id or key"}
-        records = [r.to_wire() for r in self.providers.get(key)[:MAX_RECORDS_PER_REPLY]]
-        neighbors = self.router.find_neighbors(Node(key), exclude=node)
-        return {"providers": records, "nodes": [tuple(n) for n in neighbors]}
+        return self._get(sender, nodeid, key, "providers",
+                         self.providers.get(key)[:MAX_RECORDS_PER_REPLY] if _is_key(key) else [])
 
     def rpc_add_tag(self, sender, nodeid, key, record) -> Any:
-        if self._sender_node(sender, nodeid) is None or not _is_key(key):
-            return {"error": "bad node id or key"}
-        try:
-            rec = TagRecord.from_wire(record)
-        except ValueError as exc:
-            return {"error": str(exc)}
-        if rec.node_id != nodeid:
-            return {"error": "a node publishes only its own tag records"}
-        self.tags.add(key, rec)
-        return True
+        def keep(key: bytes, rec: TagRecord) -> bool:
+            self.tags.add(key, rec)
+            return True
+
+        return self._add("tag", sender, nodeid, key, record, TagRecord.from_wire, keep)
 
     def rpc_get_tags(self, sender, nodeid, key) -> Any:
-        node = self._sender_node(sender, nodeid)
-        if node is None or not _is_key(key):
-            return {"error": "bad node id or key"}
-        records = [r.to_wire() for r in self.tags.get(key)[:MAX_RECORDS_PER_REPLY // 4]]
-        neighbors = self.router.find_neighbors(Node(key), exclude=node)
-        return {"tags": records, "nodes": [tuple(n) for n in neighbors]}
+        return self._get(sender, nodeid, key, "tags",
+                         self.tags.get(key)[:MAX_RECORDS_PER_REPLY // 4] if _is_key(key) else [])
 
     async def call_add_tag(self, node: Node, key: bytes, rec: TagRecord) -> bool:
         result = await self.add_tag((node.ip, node.port), self.source_node.id, key, rec.to_wire())
@@ -136,7 +173,7 @@ class ProviderProtocol(KademliaProtocol):
 
     async def call_get_tags(self, node: Node, key: bytes) -> tuple[list[TagRecord], list[Node]] | None:
         result = await self.get_tags((node.ip, node.port), self.source_node.id, key)
-        return self._records_and_nodes(result, node, "tags", TagRecord.from_wire)
+        return self._records_and_nodes(result, node, key, "tag", TagRecord.from_wire)
 
     async def call_add_provider(self, node: Node, key: bytes, rec: ProviderRecord) -> bool:
         result = await self.add_provider((node.ip, node.port), self.source_node.id, key, rec.to_wire())
@@ -151,24 +188,64 @@ class ProviderProtocol(KademliaProtocol):
     async def call_get_providers(self, node: Node, key: bytes) -> tuple[list[ProviderRecord], list[Node]] | None:
         """Records and closer nodes from `node`, or None if it did not answer sensibly."""
         result = await self.get_providers((node.ip, node.port), self.source_node.id, key)
-        return self._records_and_nodes(result, node, "providers", ProviderRecord.from_wire)
+        return self._records_and_nodes(result, node, key, "provider", ProviderRecord.from_wire)
 
-    def _records_and_nodes(self, result, node: Node, field: str, parse):
+    def _records_and_nodes(self, result, node: Node, key: bytes, kind: str, parse):
         self.handle_call_response(result, node)
         ok, reply = result
+        field = kind + "s"
         if not ok or not isinstance(reply, dict) or field not in reply or not isinstance(reply[field], list):
             return None
+        publishers = self._publishers(reply.get("certs")) if self.identity is not None else {}
         records, nodes = [], []
         for raw in reply[field][:MAX_RECORDS_PER_REPLY]:
             try:
-                records.append(parse(raw))
+                rec = parse(raw)
             except ValueError:
                 continue  # one bad record does not spoil the rest
+            if self.identity is not None and not self._signed_by(kind, key, rec, publishers.get(rec.node_id)):
+                self.forged += 1
+                continue  # altered or made up by the node that answered
+            records.append(rec)
         raw_nodes = reply.get("nodes")
         for raw in raw_nodes if isinstance(raw_nodes, list) else []:
             if isinstance(raw, (list, tuple)) and len(raw) == 3 and _is_key(raw[0]):
                 nodes.append(Node(raw[0], raw[1], raw[2]))
         return records, nodes
+
+    def _publishers(self, certs: object) -> dict[bytes, Member]:
+        members: dict[bytes, Member] = {}
+        for der in certs[:MAX_SIGNED_RECORDS_PER_REPLY] if isinstance(certs, list) else []:
+            if isinstance(der, bytes):
+                try:
+                    member = self.identity.trust.member(der)
+                except IdentityError:
+                    continue
+                members[member.node_id] = member
+        return members
+
+
+def _signable(kind: str, key: bytes, rec) -> bytes:
+    return b"cs-p2p/v1/record/" + kind.encode() + b"/" + key + umsgpack.packb(dataclasses.replace(rec, sig=b"").to_wire())
+
+
+def _speaks_for_itself(data: object, sender: object) -> bool:
+    """Every kademlia and cs-p2p RPC names its caller's node id first: in key-pair mode it
+    must be the id of the key that signed the datagram."""
+    member = getattr(sender, "member", None)
+    return (member is not None and isinstance(data, list) and len(data) == 2 and isinstance(data[1], list)
+            and bool(data[1]) and data[1][0] == member.node_id)
+
+
+class _Sender(tuple):
+    """A datagram's source address, and the member whose key signed it."""
+
+    member: Member
+
+    def __new__(cls, addr, member: Member) -> "_Sender":
+        self = super().__new__(cls, addr)
+        self.member = member
+        return self
 
 
 class _SealingTransport:
@@ -179,7 +256,7 @@ class _SealingTransport:
         self._sealer = sealer
 
     def sendto(self, data: bytes, addr=None) -> None:
-        self._inner.sendto(self._sealer.seal(data), addr)
+        self._inner.sendto(self._sealer.seal(data), tuple(addr) if addr is not None else None)
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)

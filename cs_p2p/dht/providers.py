@@ -27,21 +27,24 @@ class ProviderRecord:
     size: int
     expires: float  # unix time
     started: float = 0.0  # > 0: still being written since then (unix time)
+    sig: bytes = b""  # the publisher's signature (key-pair mode, `identity`)
 
     @property
     def inflight(self) -> bool:
         return self.started > 0
 
     def to_wire(self) -> list:
-        return [self.node_id, self.addr, self.size, self.expires, self.started]
+        fields = [self.node_id, self.addr, self.size, self.expires, self.started]
+        return fields + [self.sig] if self.sig else fields
 
     @classmethod
     def from_wire(cls, value: object) -> "ProviderRecord":
         """Parse a record from an RPC; anything malformed raises ValueError."""
-        if not isinstance(value, (list, tuple)) or len(value) not in (4, 5):
-            raise ValueError("provider record must have 4 or 5 fields")
+        if not isinstance(value, (list, tuple)) or len(value) not in (4, 5, 6):
+            raise ValueError("provider record must have 4 to 6 fields")
         node_id, addr, size, expires = value[:4]
-        started = value[4] if len(value) == 5 else 0.0
+        started = value[4] if len(value) >= 5 else 0.0
+        sig = value[5] if len(value) == 6 else b""
         if not (isinstance(node_id, bytes) and len(node_id) == 20):
             raise ValueError("provider node id must be 20 bytes")
         if not (isinstance(addr, str) and 0 < len(addr) <= 262 and ":" in addr):
@@ -52,7 +55,9 @@ class ProviderRecord:
             raise ValueError("provider expiry must be a number")
         if not isinstance(started, (int, float)) or isinstance(started, bool) or started < 0:
             raise ValueError("provider start time must be a non-negative number")
-        return cls(node_id, addr, size, float(expires), float(started))
+        if not (isinstance(sig, bytes) and len(sig) in (0, 64)):
+            raise ValueError("provider signature must be 64 bytes")
+        return cls(node_id, addr, size, float(expires), float(started), sig)
 
 
 class ProviderStore:

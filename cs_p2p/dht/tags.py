@@ -33,15 +33,18 @@ class TagRecord:
     media_type: str
     size: int
     seen: float  # unix time the publisher got this answer from the registry
+    sig: bytes = b""  # the publisher's signature (key-pair mode, `identity`)
 
     def to_wire(self) -> list:
-        return [self.node_id, self.digest, self.media_type, self.size, self.seen]
+        fields = [self.node_id, self.digest, self.media_type, self.size, self.seen]
+        return fields + [self.sig] if self.sig else fields
 
     @classmethod
     def from_wire(cls, value: object) -> "TagRecord":
-        if not isinstance(value, (list, tuple)) or len(value) != 5:
-            raise ValueError("tag record must have 5 fields")
-        node_id, digest, media_type, size, seen = value
+        if not isinstance(value, (list, tuple)) or len(value) not in (5, 6):
+            raise ValueError("tag record must have 5 or 6 fields")
+        node_id, digest, media_type, size, seen = value[:5]
+        sig = value[5] if len(value) == 6 else b""
         if not (isinstance(node_id, bytes) and len(node_id) == 20):
             raise ValueError("tag node id must be 20 bytes")
         if not isinstance(digest, str):
@@ -56,7 +59,9 @@ class TagRecord:
             raise ValueError("tag size must be a manifest size")
         if not isinstance(seen, (int, float)) or isinstance(seen, bool):
             raise ValueError("tag time must be a number")
-        return cls(node_id, digest, media_type, size, float(seen))
+        if not (isinstance(sig, bytes) and len(sig) in (0, 64)):
+            raise ValueError("tag signature must be 64 bytes")
+        return cls(node_id, digest, media_type, size, float(seen), sig)
 
 
 class TagStore:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -82,9 +83,11 @@ class Fetch:
 
 class Fetcher:
     def __init__(self, store: LocalStore, on_committed: Callable[[str, int], None] | None = None,
-                 negative_ttl: float = 60.0, timeout: float = 30.0, sealer: Sealer | None = None) -> None:
+                 negative_ttl: float = 60.0, timeout: float = 30.0, sealer: Sealer | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.store = store
         self.sealer = sealer  # signs piece requests when the cluster has a token
+        self.tls = tls  # peers talk TLS (mutual: this node presents its certificate too)
         self.on_committed = on_committed
         self.negative_ttl = negative_ttl
         self.timeout = timeout
@@ -135,7 +138,9 @@ class Fetcher:
     async def _run(self, fetch: Fetch, providers: list[ProviderRecord],
                    more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout),
+                connector=aiohttp.TCPConnector(ssl=self.tls if self.tls else False))
         fd = os.open(fetch.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         t0 = time.monotonic()
         try:
@@ -273,7 +278,8 @@ class Fetcher:
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if self.sealer:
             headers[HEADER] = self.sealer.request_header("GET", path)
-        async with self._session.get(f"http://{addr}{path}", headers=headers) as resp:
+        scheme = "https" if self.tls else "http"
+        async with self._session.get(f"{scheme}://{addr}{path}", headers=headers) as resp:
             if resp.status == 503:
                 raise ProviderBusy(addr)
             if resp.status not in (200, 206):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 
 from aiohttp import web
@@ -40,6 +41,7 @@ from ..store.progress import IngestGone
 log = logging.getLogger("cs_p2p.peer")
 
 _CHUNK = 256 << 10
+MAX_LINE = 4096  # request line and each header: ours are short, anything longer is refused (400)
 
 
 class TokenBucket:
@@ -65,8 +67,10 @@ class TokenBucket:
 
 class PeerServer:
     def __init__(self, store: LocalStore, max_uploads: int = 16, rate_limit: int = 0,
-                 fetcher: Fetcher | None = None, sealer: Sealer | None = None) -> None:
+                 fetcher: Fetcher | None = None, sealer: Sealer | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.store = store
+        self.tls = tls
         self.fetcher = fetcher
         self.sealer = sealer
         self.refused = 0
@@ -81,7 +85,7 @@ class PeerServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (port 0 picks one); returns the port."""
-        self._runner, port = await start_site(self.app, host, port)
+        self._runner, port = await start_site(self.app, host, port, self.tls)
         return port
 
     async def stop(self) -> None:
@@ -220,11 +224,12 @@ class PeerServer:
             os.close(fd)
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_site(app: web.Application, host: str, port: int,
+                     tls: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
     """Serve `app` on host:port (port 0 picks one): its runner, to clean up, and the port."""
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, max_line_size=MAX_LINE, max_field_size=MAX_LINE)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
     return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

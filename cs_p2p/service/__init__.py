@@ -13,11 +13,11 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 
 from ..api import content_pb2
-from ..auth import Sealer, load_tokens
 from ..config import Config, parse_host_port, peer_advertised
 from ..dht.node import DhtNode, load_or_create_node_id
 from ..fetch.fetcher import Fetcher
 from ..fetch.source import PeerSource
+from ..membership import membership
 from ..mirror.server import Mirror
 from ..peer.server import PeerServer
 from ..store import LocalStore
@@ -76,13 +76,13 @@ async def serve(cfg: Config) -> None:
     """Run until SIGTERM/SIGINT; ingests in flight stay on disk and resume on the next start."""
     store = LocalStore(cfg.root)
     lock = _lock_root(store.root)
-    tokens = load_tokens(cfg.cluster_token_file) if cfg.cluster_token_file else None
-    dht_sealer = Sealer(tokens, "dht") if tokens else None
-    peer_sealer = Sealer(tokens, "peer") if tokens else None
+    member = membership(cfg.cluster_token_file, cfg.node_key_file, cfg.node_cert_file, cfg.cluster_ca_file,
+                        os.path.join(store.root, "tls"))
     dht = peers = fetcher = None
     if cfg.dht_listen:
-        dht = DhtNode(load_or_create_node_id(store.root), peer_advertised(cfg), ttl=cfg.dht_ttl, sealer=dht_sealer)
-        fetcher = Fetcher(store, on_committed=dht.committed, sealer=peer_sealer)
+        node_id = member.identity.node_id if member.identity else load_or_create_node_id(store.root)
+        dht = DhtNode(node_id, peer_advertised(cfg), ttl=cfg.dht_ttl, sealer=member.dht_sealer)
+        fetcher = Fetcher(store, on_committed=dht.committed, sealer=member.peer_sealer, tls=member.client_tls)
         peers = PeerSource(dht, fetcher)
     opts = [
         ("grpc.max_receive_message_length", cfg.grpc_max_message_bytes),
@@ -92,7 +92,8 @@ async def serve(cfg: Config) -> None:
     peer = None
     if cfg.peer_listen:
         host, port = parse_host_port(cfg.peer_listen, "peer-listen")
-        peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit, fetcher, peer_sealer)
+        peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit, fetcher, member.peer_sealer,
+                          member.server_tls)
         port = await peer.start(host, port)
         log.info("peer server listening", extra={"host": host, "port": port})
     if dht:
