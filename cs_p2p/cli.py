@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help=f"store directory (default {Config.root})")
     s.add_argument("--socket", help=f"unix socket for containerd (default {DEFAULT_SOCKET})")
     s.add_argument("--socket-mode", help="permissions of the socket, octal (default 0660)")
+    s.add_argument("--socket-group", help="group owning the socket, name or gid (default: the daemon's)")
     s.add_argument("--log-level", help="debug, info, warning or error (default info)")
     s.add_argument("--log-format", help="json or text (default json)")
     s.add_argument("--peer-listen", help="HOST:PORT for the peer transfer server (default: off)")
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dht-listen", help="HOST:PORT (UDP) for the DHT node (default: off)")
     s.add_argument("--bootstrap", action="append", help="HOST:PORT of a DHT node to join through (repeatable)")
     s.add_argument("--dht-ttl", type=int, help="provider record lifetime in seconds (default 3600)")
+    s.add_argument("--ingest-max-bytes", type=int, help="disk used by unfinished ingests, together (default 100 GiB)")
     _membership_flags(s)
     s.add_argument("--mirror-registry", action="append",
                    help="serve a registry mirror for http://HOST[:PORT] or https://HOST (repeatable)")

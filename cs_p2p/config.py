@@ -26,6 +26,7 @@ class MirrorRegistry:
     host: str  # registry.example.com[:port]
     plain_http: bool = False
     timeout: float = 3.0  # seconds to wait for it before answering from peers
+    ca_file: str = ""  # CA certificate(s) its TLS certificate is checked against; empty: the system's
 
     @property
     def base_url(self) -> str:
@@ -36,15 +37,18 @@ class MirrorRegistry:
     @classmethod
     def parse(cls, value: object, default_timeout_ms: int, source: str) -> "MirrorRegistry":
         """`http://host:port` or `https://host` (a bare host means https), or a table
-        `{url = ..., timeout-ms = ...}`."""
-        timeout_ms = default_timeout_ms
+        `{url = ..., timeout-ms = ..., ca-file = ...}`."""
+        timeout_ms, ca_file = default_timeout_ms, ""
         if isinstance(value, dict):
-            unknown = set(value) - {"url", "timeout-ms", "timeout_ms"}
+            unknown = set(value) - {"url", "timeout-ms", "timeout_ms", "ca-file", "ca_file"}
             if unknown or "url" not in value:
-                raise ConfigError(f"{source}: a mirror registry needs url (and optional timeout-ms), got {value!r}")
+                raise ConfigError(f"{source}: a mirror registry needs url (and optional timeout-ms, ca-file), "
+                                  f"got {value!r}")
             timeout_ms = value.get("timeout-ms", value.get("timeout_ms", timeout_ms))
+            ca_file = value.get("ca-file", value.get("ca_file", ""))
             value = value["url"]
-        if not isinstance(value, str) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
+        if not isinstance(value, str) or not isinstance(timeout_ms, int) or timeout_ms <= 0 \
+                or not isinstance(ca_file, str):
             raise ConfigError(f"{source}: bad mirror registry {value!r}")
         scheme, sep, host = value.partition("://")
         if not sep:
@@ -53,7 +57,9 @@ class MirrorRegistry:
         if scheme not in ("http", "https") or not host or "/" in host:
             raise ConfigError(f"{source}: mirror registry must be http://HOST[:PORT] or https://HOST[:PORT], "
                               f"got {value!r}")
-        return cls(host, scheme == "http", timeout_ms / 1000)
+        if ca_file and scheme == "http":
+            raise ConfigError(f"{source}: ca-file is for https registries, got {value!r}")
+        return cls(host, scheme == "http", timeout_ms / 1000, ca_file)
 
 
 @dataclass
@@ -61,9 +67,12 @@ class Config:
     root: str = DEFAULT_ROOT
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
+    socket_group: str = ""  # group (name or gid) that owns the socket, e.g. containerd's; empty: ours
     log_level: str = "info"
     log_format: str = "json"
     grpc_max_message_bytes: int = 16 << 20
+    grpc_max_concurrent_streams: int = 256  # per containerd connection
+    ingest_max_bytes: int = 100 << 30  # disk used by unfinished ingests, together
     peer_listen: str = ""  # HOST:PORT of the peer transfer server; empty: not started
     peer_max_uploads: int = 16
     peer_rate_limit: int = 0  # bytes per second over all uploads; 0: unlimited
@@ -147,8 +156,12 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         parse_host_port(cfg.mirror_listen, "mirror-listen")
     if cfg.dht_ttl < 10:
         raise ConfigError("dht-ttl must be at least 10 seconds")
+    if cfg.ingest_max_bytes < 1 or cfg.grpc_max_concurrent_streams < 1:
+        raise ConfigError("ingest-max-bytes and grpc-max-concurrent-streams must be positive")
     if cfg.peer_max_uploads < 1 or cfg.peer_rate_limit < 0:
         raise ConfigError("peer-max-uploads must be >= 1 and peer-rate-limit >= 0")
+    if cfg.socket_group:
+        socket_gid(cfg.socket_group)
     keys = [cfg.node_key_file, cfg.node_cert_file, cfg.cluster_ca_file]
     if any(keys) and not all(keys):
         raise ConfigError("key-pair membership needs node-key-file, node-cert-file and cluster-ca-file")
@@ -157,6 +170,18 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
     if cfg.log_format not in ("json", "text"):
         raise ConfigError(f"log-format must be json or text, got {cfg.log_format!r}")
     return cfg
+
+
+def socket_gid(group: str) -> int:
+    """The gid of `group`, a name or a number."""
+    import grp
+
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket-group: no group named {group!r}") from None
 
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:

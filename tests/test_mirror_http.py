@@ -13,6 +13,7 @@ import pytest
 
 from cs_p2p.devcluster.images import build_image, push_image
 from cs_p2p.devcluster.processes import CsP2P, free_port
+from tests.conftest import HAVE_CONTAINERD
 
 ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 
@@ -149,3 +150,69 @@ def test_upstream_bytes_that_do_not_match_their_digest_are_never_served_whole(wo
     finally:
         cs.stop()
         liar.close()
+
+
+def _https_registry_cert(d: str) -> tuple[str, str, str]:
+    """A private CA and a certificate for 127.0.0.1 signed by it: (ca, cert, key) files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("test registry CA")).issuer_name(name("test registry CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = tuple(os.path.join(d, n) for n in ("ca.crt", "registry.crt", "registry.key"))
+    for path, data in zip(paths, (ca.public_bytes(serialization.Encoding.PEM),
+                                  cert.public_bytes(serialization.Encoding.PEM),
+                                  key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))):
+        with open(path, "wb") as f:
+            f.write(data)
+    return paths  # type: ignore[return-value]
+
+
+def test_an_https_upstream_is_verified_against_its_configured_ca(workdir, tmp_path):
+    from cs_p2p.devcluster.processes import Registry
+
+    if not HAVE_CONTAINERD:
+        pytest.skip("needs docker-registry (hack/install-deps.sh)")
+    ca, cert, key = _https_registry_cert(str(tmp_path))
+    reg = Registry(os.path.join(workdir, "reg"), tls=(cert, key)).start()
+    nodes = []
+    try:
+        img = build_image(str(tmp_path / "oci"), [50_000])
+        push_image(img, reg.addr, "tls/app")
+        for name, extra in (("trusting", f', ca-file = "{ca}"'), ("default", "")):
+            addr = f"127.0.0.1:{free_port()}"
+            conf = os.path.join(workdir, f"{name}.toml")
+            with open(conf, "w") as f:
+                f.write(f'[mirror]\nlisten = "{addr}"\nregistries = [{{ url = "https://{reg.addr}"{extra} }}]\n')
+            nodes.append(CsP2P(os.path.join(workdir, name), ["--config", conf]).start())
+            status, headers, _ = call(f"http://{addr}/v2/tls/app/manifests/{img.tag}?ns={reg.addr}",
+                                      headers={"Accept": ACCEPT + ", application/vnd.oci.image.index.v1+json"})
+            if name == "trusting":
+                assert status == 200 and headers["Docker-Content-Digest"].startswith("sha256:")
+            else:  # the system's CAs do not know this registry's: never talked to unverified
+                assert status == 404
+    finally:
+        for cs in nodes:
+            cs.stop()
+        reg.stop()

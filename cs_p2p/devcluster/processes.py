@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import ssl
 import signal
 import socket
 import subprocess
@@ -114,8 +115,9 @@ class Registry:
     """Debian's docker-registry (distribution v2) on 127.0.0.1 with its own storage."""
 
     def __init__(self, workdir: str, port: int | None = None, host: str = "127.0.0.1",
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, tls: tuple[str, str] | None = None) -> None:
         self.dir = workdir
+        self.tls = tls  # (certificate, key) files: serve https
         self.port = port or free_port()
         self.addr = f"{host}:{self.port}"
         os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
@@ -126,6 +128,7 @@ class Registry:
                 "log:\n  level: info\n  accesslog:\n    disabled: false\n"
                 f"storage:\n  filesystem:\n    rootdirectory: {workdir}/data\n  delete:\n    enabled: true\n"
                 f"http:\n  addr: {self.addr}\n"
+                + (f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n" if tls else "")
             )
         self.proc = Proc("registry", [shutil.which("docker-registry") or "docker-registry", "serve", self.config],
                          os.path.join(workdir, "registry.log"), netns=netns)
@@ -133,7 +136,13 @@ class Registry:
     def _ready(self) -> bool:
         self.proc.check_alive()
         try:
-            with urllib.request.urlopen(f"http://{self.addr}/v2/", timeout=1) as r:
+            if self.tls:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                url, kw = f"https://{self.addr}/v2/", {"context": ctx}
+            else:
+                url, kw = f"http://{self.addr}/v2/", {}
+            with urllib.request.urlopen(url, timeout=1, **kw) as r:
                 return r.status == 200
         except OSError:
             return False

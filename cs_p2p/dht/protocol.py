@@ -26,6 +26,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
 from ..auth import AuthError, Sealer
+from ..penalties import PeerLimits
 from ..identity import IdentityError, Identity, KeySealer, Member
 from .providers import ProviderRecord, ProviderStore
 from .tags import TagRecord, TagStore
@@ -37,6 +38,7 @@ MAX_RECORDS_PER_REPLY = 40  # 40 x ~70 bytes + 20 neighbours x ~45 bytes < 8 KiB
 # certificate and signature < 8 KiB.
 MAX_SIGNED_RECORDS_PER_REPLY = 12
 MAX_CERTS = 100_000
+DATAGRAMS_PER_PEER = 2000.0  # per second from one ip:port; a node announcing what it holds sends bursts
 
 
 def _is_key(value: object) -> bool:
@@ -56,19 +58,27 @@ class ProviderProtocol(KademliaProtocol):
         self.certs: dict[bytes, bytes] = {}  # node id -> certificate of publishers whose records we keep
         if self.identity is not None:
             self.certs[self.identity.node_id] = self.identity.cert_der
-        self.dropped = 0  # datagrams refused (unauthenticated, replayed or malformed)
+        self.dropped = 0  # datagrams refused (unauthenticated, replayed, malformed, over the rate)
+        self.limits = PeerLimits(rate=DATAGRAMS_PER_PEER)
         self.forged = 0  # records refused: not signed by the node they name
 
     def connection_made(self, transport) -> None:
         super().connection_made(_SealingTransport(transport, self.sealer) if self.sealer else transport)
 
     def datagram_received(self, data: bytes, addr) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        if not self.limits.allow(peer):  # banned, or over its rate
+            self.dropped += 1
+            return
         if self.sealer is not None:
             try:
                 data, member = self.sealer.unseal(data)
             except AuthError as exc:
                 self.dropped += 1
-                log.debug("datagram dropped", extra={"from": f"{addr[0]}:{addr[1]}", "reason": str(exc)})
+                log.debug("datagram dropped", extra={"from": peer, "reason": str(exc)})
+                if self.limits.strike(peer):
+                    log.warning("dht peer banned after failed challenges",
+                                extra={"from": peer, "seconds": self.limits.ban_seconds})
                 return
             if member is not None:
                 addr = _Sender(addr, member)

@@ -280,7 +280,7 @@ class Fetcher:
             headers[HEADER] = self.sealer.request_header("GET", path)
         scheme = "https" if self.tls else "http"
         async with self._session.get(f"{scheme}://{addr}{path}", headers=headers) as resp:
-            if resp.status == 503:
+            if resp.status in (429, 503):  # over its upload slots, or over our request rate there
                 raise ProviderBusy(addr)
             if resp.status not in (200, 206):
                 raise FetchFailed(f"{addr} answered {resp.status}")

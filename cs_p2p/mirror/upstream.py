@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import ssl
 from dataclasses import dataclass
 
 import aiohttp
@@ -41,6 +42,9 @@ class Upstream:
     def __init__(self, registry: MirrorRegistry, session: aiohttp.ClientSession) -> None:
         self.registry = registry
         self.session = session
+        # TLS is verified: against the registry's own CA if configured, else the system's.
+        self._tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=registry.ca_file) \
+            if registry.ca_file else True
         self._tokens: dict[str, str] = {}  # repository -> bearer token
 
     async def _request(self, method: str, repo: str, path: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
@@ -51,7 +55,8 @@ class Upstream:
             if repo in self._tokens:
                 hdrs["Authorization"] = f"Bearer {self._tokens[repo]}"
             try:
-                resp = await self.session.request(method, url, headers=hdrs, timeout=timeout, allow_redirects=True)
+                resp = await self.session.request(method, url, headers=hdrs, timeout=timeout, allow_redirects=True,
+                                                  ssl=self._tls)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 raise UpstreamUnavailable(f"{self.registry.host}: {exc!r}") from None
             if resp.status == 401 and attempt == 0 and await self._authorize(repo, resp):

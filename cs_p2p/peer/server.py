@@ -35,12 +35,14 @@ from ..auth import HEADER, AuthError, Sealer
 from ..digests import parse_digest
 from ..errors import InvalidArgument
 from ..fetch.fetcher import PIECE, Fetch, Fetcher, FetchFailed
+from ..penalties import PeerLimits
 from ..store import IngestWriter, LocalStore
 from ..store.progress import IngestGone
 
 log = logging.getLogger("cs_p2p.peer")
 
 _CHUNK = 256 << 10
+REQUESTS_PER_PEER = 200.0  # per second, from one IP (a 4 MiB piece each)
 MAX_LINE = 4096  # request line and each header: ours are short, anything longer is refused (400)
 
 
@@ -68,9 +70,10 @@ class TokenBucket:
 class PeerServer:
     def __init__(self, store: LocalStore, max_uploads: int = 16, rate_limit: int = 0,
                  fetcher: Fetcher | None = None, sealer: Sealer | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, limits: PeerLimits | None = None) -> None:
         self.store = store
         self.tls = tls
+        self.limits = limits or PeerLimits(rate=REQUESTS_PER_PEER)
         self.fetcher = fetcher
         self.sealer = sealer
         self.refused = 0
@@ -78,7 +81,7 @@ class PeerServer:
         self.active = 0
         self.bucket = TokenBucket(rate_limit) if rate_limit > 0 else None
         self.bytes_sent = 0
-        self.app = web.Application(middlewares=[self._authenticate] if sealer else [])
+        self.app = web.Application(middlewares=[self._admit])
         self.app.router.add_route("GET", "/blobs/{digest}", self.get_blob)
         self.app.router.add_route("HEAD", "/blobs/{digest}", self.get_blob)
         self._runner: web.AppRunner | None = None
@@ -93,16 +96,24 @@ class PeerServer:
             await self._runner.cleanup()
 
     @web.middleware
-    async def _authenticate(self, request: web.Request, handler) -> web.StreamResponse:
-        assert self.sealer is not None
-        try:
-            self.sealer.check_request(request.method, request.path_qs, request.headers.get(HEADER))
-        except AuthError as exc:
-            self.refused += 1
-            log.warning("peer request refused", extra={"from": request.remote, "reason": str(exc)})
-            if request.transport is not None:
-                request.transport.abort()  # no reply at all
-            raise web.HTTPForbidden() from None  # never sent: the connection is gone
+    async def _admit(self, request: web.Request, handler) -> web.StreamResponse:
+        """Banned peers get nothing; peers over their rate get 429; with a cluster token, a
+        request without a fresh MAC gets nothing and counts against its peer."""
+        peer = request.remote or "?"
+        if self.limits.banned(peer):
+            _hang_up(request)
+        if not self.limits.allow(peer):
+            raise web.HTTPTooManyRequests(text="too many requests from this peer", headers={"Retry-After": "1"})
+        if self.sealer is not None:
+            try:
+                self.sealer.check_request(request.method, request.path_qs, request.headers.get(HEADER))
+            except AuthError as exc:
+                self.refused += 1
+                log.warning("peer request refused", extra={"from": peer, "reason": str(exc)})
+                if self.limits.strike(peer):
+                    log.warning("peer banned after failed challenges",
+                                extra={"from": peer, "seconds": self.limits.ban_seconds})
+                _hang_up(request)
         return await handler(request)
 
     async def get_blob(self, request: web.Request) -> web.StreamResponse:
@@ -222,6 +233,13 @@ class PeerServer:
         finally:
             self.active -= 1
             os.close(fd)
+
+
+def _hang_up(request: web.Request) -> None:
+    """Close the connection without a reply."""
+    if request.transport is not None:
+        request.transport.abort()
+    raise web.HTTPForbidden()  # never sent: the connection is gone
 
 
 async def start_site(app: web.Application, host: str, port: int,

@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 
 from ..api import content_pb2
-from ..config import Config, parse_host_port, peer_advertised
+from ..config import Config, parse_host_port, peer_advertised, socket_gid
 from ..dht.node import DhtNode, load_or_create_node_id
 from ..fetch.fetcher import Fetcher
 from ..fetch.source import PeerSource
@@ -74,7 +74,7 @@ def _lock_root(root: str) -> int:
 
 async def serve(cfg: Config) -> None:
     """Run until SIGTERM/SIGINT; ingests in flight stay on disk and resume on the next start."""
-    store = LocalStore(cfg.root)
+    store = LocalStore(cfg.root, cfg.ingest_max_bytes)
     lock = _lock_root(store.root)
     member = membership(cfg.cluster_token_file, cfg.node_key_file, cfg.node_cert_file, cfg.cluster_ca_file,
                         os.path.join(store.root, "tls"))
@@ -87,6 +87,7 @@ async def serve(cfg: Config) -> None:
     opts = [
         ("grpc.max_receive_message_length", cfg.grpc_max_message_bytes),
         ("grpc.max_send_message_length", cfg.grpc_max_message_bytes),
+        ("grpc.max_concurrent_streams", cfg.grpc_max_concurrent_streams),
     ]
     # The network side starts first: once the socket answers, every listener is up.
     peer = None
@@ -112,9 +113,15 @@ async def serve(cfg: Config) -> None:
 
     server = grpc.aio.server(options=opts)
     server.add_generic_rpc_handlers((content_handler(ContentService(store, dht, peers)),))
-    _bind_unix(server, cfg.socket)
-    await server.start()
+    umask = os.umask(0o077)  # no moment in which the socket is open to everyone
+    try:
+        _bind_unix(server, cfg.socket)
+        await server.start()
+    finally:
+        os.umask(umask)
     os.chmod(cfg.socket, cfg.socket_mode)
+    if cfg.socket_group:
+        os.chown(cfg.socket, -1, socket_gid(cfg.socket_group))
     log.info("serving", extra={"socket": cfg.socket, "root": store.root})
 
     stop = asyncio.Event()

@@ -38,6 +38,7 @@ MAX_BYTES_IN_FLIGHT = 16 << 20
 _INLINE_WRITE = 64 << 10
 MAX_REF_LEN = 4096
 MAX_INGESTS = 4096  # ingests on disk; containerd keeps a handful per pull, abandoned ones until GC
+MAX_INGEST_BYTES = 100 << 30  # their data on disk, together
 # containerd names a download's ingest `<namespace>/<n>/<kind>-sha256:<hex>` (remotes.MakeRefKey).
 _REF_DIGEST = re.compile(r"(?:^|[-/])(sha256:[0-9a-f]{64})$")
 
@@ -123,6 +124,7 @@ class IngestWriter:
     def truncate(self) -> None:
         self.drain_sync()
         os.ftruncate(self._fd, 0)
+        self._ingests.charge(-self.offset)
         self._hasher = hashlib.sha256()
         self.offset = 0
         self.generation += 1
@@ -142,6 +144,7 @@ class IngestWriter:
         call, and commit, truncate and close wait for all of them first.
         """
         self._raise_io_error()
+        self._ingests.charge(len(data))
         offset = self.offset
         self.offset += len(data)
         self.updated_at_ns = time.time_ns()
@@ -194,12 +197,14 @@ class IngestWriter:
         if os.path.exists(blobs.blob_path(parse_digest(digest))):
             self.close()
             shutil.rmtree(self.path, ignore_errors=True)
+            self._ingests.charge(-self.offset)
             raise AlreadyExists(f"content {digest}: already exists")
         blobs.commit_file(self._fd, self.data_path, digest, labels)
         self.committed = True
         self.progress.committed(self.offset)
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
+        self._ingests.charge(-self.offset)
         return digest
 
     def close(self) -> None:
@@ -224,16 +229,34 @@ def _write_small(path: str, text: str) -> None:
 
 
 class Ingests:
-    def __init__(self, root: str, blobs: "BlobStore", max_ingests: int = MAX_INGESTS) -> None:
+    def __init__(self, root: str, blobs: "BlobStore", max_ingests: int = MAX_INGESTS,
+                 max_bytes: int = MAX_INGEST_BYTES) -> None:
         self.max_ingests = max_ingests
+        self.max_bytes = max_bytes
         self.dir = os.path.join(root, "ingest")
         os.makedirs(self.dir, exist_ok=True)
+        self.used = self._measure()  # bytes of ingest data on disk
         self.blobs = blobs
         self._locked: dict[str, int] = {}
         self._published: dict[str, IngestWriter] = {}  # digest -> writer peers may stream
 
     def path(self, ref: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(ref.encode()).hexdigest())
+
+    def _measure(self) -> int:
+        return sum(status.offset for status in self.walk())
+
+    def charge(self, n: int) -> None:
+        """Account `n` more (or, negative, fewer) bytes of ingest data; RESOURCE_EXHAUSTED,
+        with nothing written, if that would pass `max_bytes`.  The count is kept as writes
+        happen and measured from disk again before it refuses anything, so it cannot drift
+        into refusing wrongly."""
+        if n > 0 and self.used + n > self.max_bytes:
+            self.used = self._measure()
+            if self.used + n > self.max_bytes:
+                raise ResourceExhausted(f"ingests hold {self.used} bytes, the limit is {self.max_bytes}: "
+                                        "commit or abort some first")
+        self.used = max(0, self.used + n)
 
     def release(self, writer: IngestWriter) -> None:
         self._locked.pop(writer.ref, None)
@@ -270,6 +293,8 @@ class Ingests:
         resumed = os.path.isdir(path)
         if not resumed and len(os.listdir(self.dir)) >= self.max_ingests:
             raise ResourceExhausted(f"{self.max_ingests} ingests are open: commit or abort some first")
+        if total > self.max_bytes:
+            raise ResourceExhausted(f"an ingest of {total} bytes exceeds the limit of {self.max_bytes}")
         if resumed:
             status = self._status_at(path)
             if status.ref != ref:
@@ -329,4 +354,6 @@ class Ingests:
         path = self.path(ref)
         if not os.path.isdir(path):
             raise NotFound(f"ingest ref {ref!r}: not found")
+        size = self._status_at(path).offset
         shutil.rmtree(path)
+        self.charge(-size)

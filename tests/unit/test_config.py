@@ -17,7 +17,11 @@ def test_toml_then_flags(tmp_path):
     assert cfg == Config(root="/data/cs", socket="/run/b.sock", log_level="debug", socket_mode=0o600)
 
 
-@pytest.mark.parametrize("body", ['bogus = 1\n', 'root = 5\n', 'log-level = "loud"\n', "root = \n"])
+@pytest.mark.parametrize("body", ['bogus = 1\n', 'root = 5\n', 'log-level = "loud"\n', "root = \n",
+                                  'node-key-file = "/k"\n',  # key-pair membership needs all three files
+                                  'cluster-token-file = "/t"\nnode-key-file = "/k"\nnode-cert-file = "/c"\n'
+                                  'cluster-ca-file = "/ca"\n',  # and is not mixed with a token
+                                  'socket-group = "no such group here"\n', 'ingest-max-bytes = 0\n'])
 def test_bad_config_is_an_error(tmp_path, body):
     f = tmp_path / "c.toml"
     f.write_text(body)
@@ -56,10 +60,13 @@ def test_mirror_section_and_flags(tmp_path):
     cfg = load_config(str(path), {})
     assert cfg.mirror_listen == "127.0.0.1:6000"
     assert cfg.mirror_registry == [MirrorRegistry("reg.local:5000", True, 0.5), MirrorRegistry("ghcr.io", False, 2.0)]
+    path.write_text('[mirror]\nregistries = [{url = "https://reg.local", ca-file = "/etc/reg-ca.crt"}]\n')
+    assert load_config(str(path), {}).mirror_registry[0].ca_file == "/etc/reg-ca.crt"
     cfg = load_config(None, {"mirror_registry": ["docker.io"], "mirror_timeout_ms": None})
     assert cfg.mirror_registry[0].base_url == "https://registry-1.docker.io"
     for bad in ('[mirror]\nregistries = ["ftp://x"]\n', '[mirror]\nport = 1\n',
-                '[mirror]\nregistries = [{url = "http://x", timeout-ms = -1}]\n'):
+                '[mirror]\nregistries = [{url = "http://x", timeout-ms = -1}]\n',
+                '[mirror]\nregistries = [{url = "http://x", ca-file = "/ca.crt"}]\n'):
         path.write_text(bad)
         with pytest.raises(ConfigError):
             load_config(str(path), {})

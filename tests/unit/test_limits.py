@@ -43,3 +43,26 @@ def test_open_ingests_are_bounded(tmp_path):
     store.ingests.abort("ref-0")
     store.ingests.open_writer("ref-2", 0, "").close()
     writers[1].close()
+
+
+async def test_ingest_disk_use_is_bounded_and_freed_by_commit_and_abort(tmp_path):
+    store = LocalStore(str(tmp_path), max_ingest_bytes=100)
+    a = store.ingests.open_writer("ref-a", 0, "")
+    b = store.ingests.open_writer("ref-b", 0, "")
+    await a.write(b"a" * 60)
+    with pytest.raises(ResourceExhausted):
+        await b.write(b"b" * 60)
+    assert b.offset == 0  # nothing of the refused write counted or kept
+    await b.write(b"b" * 40)
+    with pytest.raises(ResourceExhausted):
+        store.ingests.open_writer("ref-c", 101, "")  # declared larger than the whole limit
+    a.commit_sync(60, "", {})  # committed data is no longer ingest data
+    await b.write(b"b" * 60)
+    b.close()
+    store.ingests.abort("ref-b")
+    c = store.ingests.open_writer("ref-c", 0, "")
+    await c.write(b"c" * 100)
+    c.close()
+    # A new process measures what is on disk.
+    again = LocalStore(str(tmp_path), max_ingest_bytes=100)
+    assert again.ingests.used == 100
