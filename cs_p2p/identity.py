@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
@@ -149,21 +149,23 @@ class TrustStore:
             return hit[0]
         if len(der) > MAX_CERT_BYTES:
             raise IdentityError("certificate too large")
-        try:
+        try:  # fields are parsed lazily: any of them may turn out malformed
             cert = x509.load_der_x509_certificate(der)
-        except ValueError:
+            public = cert.public_key()
+            not_before, not_after = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+            issued = any(self._issued_by(cert, ca) for ca in self.cas)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             raise IdentityError("malformed certificate") from None
-        public = cert.public_key()
         if not isinstance(public, Ed25519PublicKey):
             raise IdentityError("member keys are Ed25519")
-        if not (cert.not_valid_before_utc.timestamp() <= now <= cert.not_valid_after_utc.timestamp()):
+        if not (not_before <= now <= not_after):
             raise IdentityError("certificate expired or not yet valid")
-        if not any(self._issued_by(cert, ca) for ca in self.cas):
+        if not issued:
             raise IdentityError("certificate not issued by a trusted cluster CA")
         member = Member(node_id_of(_raw(public)), public, der)
         if len(self._known) >= _CACHE:
             self._known.clear()
-        self._known[der] = (member, cert.not_valid_after_utc.timestamp())
+        self._known[der] = (member, not_after)
         return member
 
     @staticmethod
@@ -171,7 +173,7 @@ class TrustStore:
         try:
             cert.verify_directly_issued_by(ca)
             return True
-        except (ValueError, TypeError, InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             return False
 
 

@@ -14,7 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kademlia.node import Node
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from cs_p2p.auth import AuthError, Sealer
+from cs_p2p.identity import Identity, KeySealer, TrustStore, issue, make_ca
 from cs_p2p.dht.protocol import ProviderProtocol
 from cs_p2p.dht.providers import ProviderRecord
 from cs_p2p.dht.tags import TagRecord
@@ -102,6 +105,26 @@ def test_sealed_datagrams_open_or_raise_auth_error(data):
         Sealer(b"a token that is long enough", "dht").open(data)
     except AuthError:
         pass
+
+
+_CA_KEY, _CA = make_ca()
+_KEY = Ed25519PrivateKey.generate()
+_KEY_SEALER = KeySealer(Identity(_KEY, issue(_CA_KEY, _CA, _KEY.public_key()), TrustStore([_CA])), "dht")
+_GENUINE = _KEY_SEALER.seal(b"\x00" + b"m" * 20 + umsgpack.packb(["ping", [b"n" * 20]]))
+
+
+@FUZZ
+@given(st.binary(max_size=600), st.integers(0, len(_GENUINE) - 1), st.integers(0, 255))
+def test_signed_datagrams_open_or_raise_auth_error(data, at, byte):
+    """Random bytes, and a genuine datagram with one byte changed (the certificate, the
+    length, the time or the signature): never anything but AuthError."""
+    mutated = bytearray(_GENUINE)
+    mutated[at] = byte
+    for candidate in (data, bytes(mutated)):
+        try:
+            _KEY_SEALER.unseal(candidate)
+        except AuthError:
+            pass
 
 
 @FUZZ

@@ -170,3 +170,13 @@ def test_socket_permissions_and_ingest_disk_quota_over_grpc(strict_daemon):
         third.close()
     finally:
         ch.close()
+
+
+def test_a_grpc_message_over_the_limit_is_refused_and_the_ingest_is_untouched(stub):
+    w = WriteSession(stub)
+    w.send(action=pb.STAT, ref="big-message")
+    assert w.send(action=pb.WRITE, offset=0, data=b"a" * 1000).offset == 1000
+    with pytest.raises(grpc.RpcError) as err:
+        w.send(action=pb.WRITE, offset=1000, data=b"b" * (17 << 20))  # containerd's limit is 16 MiB
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.Status(pb.StatusRequest(ref="big-message")).status.offset == 1000
