@@ -214,6 +214,15 @@ def test_members_fetch_over_mutual_tls_and_outsiders_get_nothing(key_cluster, wo
         assert b"".join(r.data for r in stub.Read(pb.ReadContentRequest(digest=digest))) == data
     finally:
         ch.close()
+    # An operator with a certificate of its own locates the blob; without one it reaches nobody.
+    op_key, op_cert = os.path.join(workdir, "op.key"), os.path.join(workdir, "op.crt")
+    cli("ca", "issue", os.path.join(workdir, "ca"), "--key", op_key, "--cert", op_cert)
+    locate = [sys.executable, "-m", "cs_p2p.cli", "locate", digest, "--bootstrap", a_dht]
+    out = subprocess.run(locate + ["--node-key-file", op_key, "--node-cert-file", op_cert,
+                                   "--cluster-ca-file", os.path.join(workdir, "ca", "ca.crt")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and a_peer in out.stdout, out.stderr
+    assert subprocess.run(locate, capture_output=True, text=True, timeout=60).returncode != 0
     # The peer server speaks TLS only to holders of a member certificate.
     url = f"https://{a_peer}/blobs/{digest}"
     ca = os.path.join(workdir, "ca", "ca.crt")

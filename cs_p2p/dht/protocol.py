@@ -11,6 +11,11 @@ Sharp edges of `kademlia`/`rpcudp` guarded here:
 
 With a cluster token (`auth.Sealer`), every datagram in and out is sealed; one that does
 not open (no token, another token, forged, stale, replayed) is dropped without a reply.
+With key pairs (`identity.KeySealer`), datagrams are signed, the sender of each is known, a
+request must name its sender's own node id, and provider and tag records carry their
+publisher's signature, checked where they are stored and again by every reader.  Senders over
+their datagram rate are dropped, and senders that keep failing authentication are banned
+(`penalties`).
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
 from ..auth import AuthError, Sealer
+from ..identity import Identity, IdentityError, KeySealer, Member
 from ..penalties import PeerLimits
-from ..identity import IdentityError, Identity, KeySealer, Member
 from .providers import ProviderRecord, ProviderStore
 from .tags import TagRecord, TagStore
 

@@ -9,8 +9,12 @@ streamed from pread through a token bucket instead, since sendfile cannot be pac
 that is already serving `max_uploads` blobs answers 503 at once, so a fetcher moves on to
 another provider rather than queueing here.
 
-With a cluster token, every request must carry a fresh MAC of its request line
-(`auth.HEADER`); one that does not is dropped: the connection is closed without a reply.
+With a membership configured (`membership`), the server speaks TLS only, and only to clients
+presenting a member certificate (sendfile then gives way to aiohttp's copy through TLS).  With
+a cluster token, every request must also carry a fresh MAC of its request line
+(`auth.HEADER`); one that does not is dropped: the connection is closed without a reply, and
+a peer that keeps failing is banned for a while.  Each peer (IP) has a request rate; past it
+the answer is 429, so one greedy node cannot starve the others.
 
 A blob this node is downloading right now (an ingest the content service published, see
 `fetch.source`) is served as it is written: the response sends what is on disk and waits
