@@ -61,101 +61,82 @@ async def servers(tmp_path):
 
 
 
-async def test_pieces_come_from_several_providers_and_are_committed(tmp_path, servers):
+@pytest.fixture
+async def fetcher(tmp_path):
+    f = Fetcher(LocalStore(str(tmp_path / "me")))
+    yield f
+    await f.close()
+
+
+async def test_pieces_come_from_several_providers_and_are_committed(fetcher, servers):
     honest, _ = servers
     (s1, a1), (s2, a2) = await honest(), await honest()
-    store = LocalStore(str(tmp_path / "me"))
+    store = fetcher.store
     announced = []
-    fetcher = Fetcher(store, on_committed=lambda d, n: announced.append((d, n)))
-    try:
-        fetch = fetcher.start(DIGEST, len(DATA), [record(a1), record(a2)])
-        assert fetcher.start(DIGEST, len(DATA), [record(a1)]) is fetch  # concurrent requests share it
-        await fetch.task
-        assert fetch.committed and open(store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
-        assert s1.bytes_sent > 0 and s2.bytes_sent > 0  # both peers served part of it
-        assert announced == [(DIGEST, len(DATA))]  # a fetched blob is announced: one more source
-        assert os.listdir(fetcher.dir) == []
-    finally:
-        await fetcher.close()
+    fetcher.on_committed = lambda d, n: announced.append((d, n))
+    fetch = fetcher.start(DIGEST, len(DATA), [record(a1), record(a2)])
+    assert fetcher.start(DIGEST, len(DATA), [record(a1)]) is fetch  # concurrent requests share it
+    await fetch.task
+    assert fetch.committed and open(store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
+    assert s1.bytes_sent > 0 and s2.bytes_sent > 0  # both peers served part of it
+    assert announced == [(DIGEST, len(DATA))]  # a fetched blob is announced: one more source
+    assert os.listdir(fetcher.dir) == []
 
 
-async def test_a_dead_provider_is_skipped(tmp_path, servers):
+async def test_a_dead_provider_is_skipped(fetcher, servers):
     honest, _ = servers
     _, good = await honest()
-    store = LocalStore(str(tmp_path / "me"))
-    fetcher = Fetcher(store)
-    try:
-        fetch = fetcher.start(DIGEST, len(DATA), [record("127.0.0.1:1"), record(good)])
-        await fetch.task
-        assert fetch.committed and set(fetch.bytes_from) == {good}
-    finally:
-        await fetcher.close()
+    fetch = fetcher.start(DIGEST, len(DATA), [record("127.0.0.1:1"), record(good)])
+    await fetch.task
+    assert fetch.committed and set(fetch.bytes_from) == {good}
 
 
-async def test_corrupt_bytes_are_never_committed_and_readers_fail(tmp_path, servers):
+async def test_corrupt_bytes_are_never_committed_and_readers_fail(fetcher, servers):
     _, corrupt = servers
     bad = await corrupt()
-    store = LocalStore(str(tmp_path / "me"))
-    fetcher = Fetcher(store)
-    try:
-        fetch = fetcher.start(DIGEST, len(DATA), [record(bad)])
-        with pytest.raises(FetchFailed, match="do not match"):
-            await fetch.wait_range(fetch.size - 1, 1)
-        await fetch.task
-        assert not fetch.committed
-        assert not os.path.exists(store.blobs.blob_path(DIGEST[7:]))
-        assert os.listdir(fetcher.dir) == []  # partial data discarded
-        assert fetcher.recently_failed(DIGEST)  # containerd's retry goes to the registry
-    finally:
-        await fetcher.close()
+    store = fetcher.store
+    fetch = fetcher.start(DIGEST, len(DATA), [record(bad)])
+    with pytest.raises(FetchFailed, match="do not match"):
+        await fetch.wait_range(fetch.size - 1, 1)
+    await fetch.task
+    assert not fetch.committed
+    assert not os.path.exists(store.blobs.blob_path(DIGEST[7:]))
+    assert os.listdir(fetcher.dir) == []  # partial data discarded
+    assert fetcher.recently_failed(DIGEST)  # containerd's retry goes to the registry
 
 
-async def test_no_live_provider_fails_clearly(tmp_path):
-    store = LocalStore(str(tmp_path / "me"))
-    fetcher = Fetcher(store)
-    try:
-        fetch = fetcher.start(DIGEST, len(DATA), [record("127.0.0.1:1"), record("127.0.0.1:2")])
-        with pytest.raises(FetchFailed, match="no provider left"):
-            await asyncio.wait_for(fetch.wait_range(0, 1), 30)
-        assert os.listdir(fetcher.dir) == []
-    finally:
-        await fetcher.close()
+async def test_no_live_provider_fails_clearly(fetcher):
+    fetch = fetcher.start(DIGEST, len(DATA), [record("127.0.0.1:1"), record("127.0.0.1:2")])
+    with pytest.raises(FetchFailed, match="no provider left"):
+        await asyncio.wait_for(fetch.wait_range(0, 1), 30)
+    assert os.listdir(fetcher.dir) == []
 
 
-async def test_a_corrupt_provider_among_honest_ones_is_found_and_banned(tmp_path, servers):
+async def test_a_corrupt_provider_among_honest_ones_is_found_and_banned(fetcher, servers):
     honest, corrupt = servers
     _, good = await honest()
     bad = await corrupt()
-    store = LocalStore(str(tmp_path / "me"))
-    fetcher = Fetcher(store)
-    try:
-        fetch = fetcher.start(DIGEST, len(DATA), [record(good), record(bad)])
-        await fetch.wait_range(0, fetch.size)  # readers get the verified blob
-        await fetch.task
-        assert fetch.committed and open(store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
-        assert bad in fetcher.banned and good not in fetcher.banned
-        # A banned provider is not asked again.
-        os.unlink(store.blobs.blob_path(DIGEST[7:]))
-        again = fetcher.start(DIGEST, len(DATA), [record(good), record(bad)])
-        await again.task
-        assert set(again.bytes_from) == {good}
-    finally:
-        await fetcher.close()
+    store = fetcher.store
+    fetch = fetcher.start(DIGEST, len(DATA), [record(good), record(bad)])
+    await fetch.wait_range(0, fetch.size)  # readers get the verified blob
+    await fetch.task
+    assert fetch.committed and open(store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
+    assert bad in fetcher.banned and good not in fetcher.banned
+    # A banned provider is not asked again.
+    os.unlink(store.blobs.blob_path(DIGEST[7:]))
+    again = fetcher.start(DIGEST, len(DATA), [record(good), record(bad)])
+    await again.task
+    assert set(again.bytes_from) == {good}
 
 
-async def test_providers_found_later_join_the_fetch(tmp_path, servers):
+async def test_providers_found_later_join_the_fetch(fetcher, servers):
     honest, _ = servers
     _, good = await honest()
-    store = LocalStore(str(tmp_path / "me"))
-    fetcher = Fetcher(store)
 
     async def full_lookup():
         return [record(good)]
 
-    try:
-        # Info met only a dead provider; the full lookup finds a live one.
-        fetch = fetcher.start(DIGEST, len(DATA), [record("127.0.0.1:1")], more=full_lookup)
-        await fetch.task
-        assert fetch.committed and set(fetch.bytes_from) == {good}
-    finally:
-        await fetcher.close()
+    # Info met only a dead provider; the full lookup finds a live one.
+    fetch = fetcher.start(DIGEST, len(DATA), [record("127.0.0.1:1")], more=full_lookup)
+    await fetch.task
+    assert fetch.committed and set(fetch.bytes_from) == {good}

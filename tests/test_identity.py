@@ -86,7 +86,7 @@ def test_ca_rotation_trusts_members_of_either_ca_while_both_are_listed(tmp_path)
     write_cert(str(bundle), CA)
     bundle.write_bytes(bundle.read_bytes() + new_ca.public_bytes(serialization.Encoding.PEM))
     assert len(load_certs(str(bundle), "cluster CA")) == 2
-    key_path, cert_path = tmp_path / "node.key", tmp_path / "node.crt"
+    key_path = tmp_path / "node.key"
     write_private(str(key_path), Ed25519PrivateKey.generate())
     assert os.stat(key_path).st_mode & 0o077 == 0  # the private key is the owner's alone
     with pytest.raises(IdentityError):

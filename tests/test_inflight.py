@@ -52,12 +52,19 @@ def start_download(w: WriteSession, *, second_stat: bool = True) -> None:
         assert w.send(action=pb.STAT).offset == 0  # nobody earlier: this node downloads
 
 
-def test_ingest_is_announced_and_its_prefix_served_while_written(pair, sessions):  # noqa: F811
-    a, a_peer, _, _, b_dht = pair
-    w = sessions(a)
+def half_written(sessions, node, peer_addr: str, dht: str):
+    """`node`'s containerd has written half the blob, and a lookup through `dht` sees it in flight."""
+    w = sessions(node)
     start_download(w)
     w.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
-    out = wait_for(lambda: a_peer in locate(DIGEST, b_dht) and locate(DIGEST, b_dht), 30, "in-flight record")
+    wait_for(lambda: peer_addr in locate(DIGEST, dht), 30, "in-flight record")
+    return w
+
+
+def test_ingest_is_announced_and_its_prefix_served_while_written(pair, sessions):  # noqa: F811
+    a, a_peer, _, _, b_dht = pair
+    w = half_written(sessions, a, a_peer, b_dht)
+    out = locate(DIGEST, b_dht)
     assert "in-flight" in out and str(len(DATA)) in out
     with urllib.request.urlopen(f"http://{a_peer}/blobs/{DIGEST}", timeout=30) as r:
         assert r.headers["Content-Length"] == str(len(DATA))
@@ -70,10 +77,7 @@ def test_ingest_is_announced_and_its_prefix_served_while_written(pair, sessions)
 
 def test_an_abandoned_ingest_cuts_its_readers_short_and_is_withdrawn(pair, sessions):  # noqa: F811
     a, a_peer, _, _, b_dht = pair
-    w = sessions(a)
-    start_download(w)
-    w.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
-    wait_for(lambda: a_peer in locate(DIGEST, b_dht), 30, "in-flight record")
+    w = half_written(sessions, a, a_peer, b_dht)
     req = urllib.request.Request(f"http://{a_peer}/blobs/{DIGEST}", headers={"Range": f"bytes=1000-{HALF + 10}"})
     with urllib.request.urlopen(req, timeout=30) as r:
         assert r.status == 206
@@ -86,10 +90,7 @@ def test_an_abandoned_ingest_cuts_its_readers_short_and_is_withdrawn(pair, sessi
 
 def test_a_later_download_follows_the_earlier_one_instead_of_the_registry(pair, sessions):  # noqa: F811
     a, a_peer, _, b, b_dht = pair
-    first = sessions(a)
-    start_download(first)
-    first.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
-    wait_for(lambda: a_peer in locate(DIGEST, b_dht), 30, "in-flight record")
+    first = half_written(sessions, a, a_peer, b_dht)
     later = sessions(b)
     later.send(action=pb.STAT, ref=REF, total=len(DATA))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -116,10 +117,7 @@ def test_a_later_download_follows_the_earlier_one_instead_of_the_registry(pair, 
 
 def test_a_follower_downloads_itself_when_the_source_fails(pair, sessions):  # noqa: F811
     a, a_peer, _, b, b_dht = pair
-    first = sessions(a)
-    start_download(first)
-    first.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
-    wait_for(lambda: a_peer in locate(DIGEST, b_dht), 30, "in-flight record")
+    first = half_written(sessions, a, a_peer, b_dht)
     later = sessions(b)
     later.send(action=pb.STAT, ref=REF, total=len(DATA))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

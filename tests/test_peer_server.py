@@ -114,3 +114,20 @@ def test_daemon_serves_committed_blobs_to_peers(workdir):
         assert exc.value.code == 404  # deleted by containerd's GC: no longer served
     finally:
         cs.stop()
+
+
+async def test_blobs_are_sent_once_and_the_connection_is_kept_alive(peer, caplog):
+    """aiohttp prepares what a handler returns again: a blob already sent must not be sent
+    twice (an error, and the connection dropped after every piece)."""
+    store, _, base = await peer()
+    data = os.urandom(100_000)
+    digest = await commit(store, data)
+    caplog.set_level("ERROR", logger="aiohttp.server")
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.get(f"{base}/blobs/{digest}", headers={"Range": "bytes=0-9"}) as r:
+                assert r.status == 206 and await r.read() == data[:10]
+            async with s.get(f"{base}/blobs/{digest}") as r:
+                assert await r.read() == data
+        assert len(s.connector._conns) == 1  # one kept-alive connection served every request
+    assert not [r for r in caplog.records if r.name == "aiohttp.server"]

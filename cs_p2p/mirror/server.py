@@ -31,7 +31,7 @@ from .. import __version__
 from ..config import MirrorRegistry
 from ..digests import parse_digest
 from ..errors import InvalidArgument
-from ..peer.server import start_site
+from ..peer.server import SentFileResponse, start_site
 from ..store import LocalStore
 from .upstream import MAX_MANIFEST, Manifest, Upstream, UpstreamNotFound, UpstreamUnavailable
 
@@ -242,7 +242,7 @@ class Mirror:
                     offset += len(chunk)
             except UpstreamUnavailable as exc:
                 raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN", f"blob {digest}: {exc}") from None
-            resp = web.FileResponse(tmp, headers=headers)
+            resp = SentFileResponse(tmp, headers=headers)
             await resp.prepare(request)  # sends the body: the file can go afterwards
             return resp
         finally:

@@ -136,15 +136,13 @@ class PeerServer:
                 return await self._relay(request, fetch, path, digest)
             raise web.HTTPNotFound(text=f"blob {digest} not found")
         if request.method == "HEAD":
-            size = os.path.getsize(path)
-            return web.Response(headers={"Content-Length": str(size), "Docker-Content-Digest": digest,
-                                         "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
+            return _head(os.path.getsize(path), digest)
         if self.active >= self.max_uploads:
             raise web.HTTPServiceUnavailable(text="upload slots full", headers={"Retry-After": "1"})
         self.active += 1
         try:
             if self.bucket is None:
-                resp: web.StreamResponse = web.FileResponse(path, chunk_size=_CHUNK, headers={
+                resp: web.StreamResponse = SentFileResponse(path, chunk_size=_CHUNK, headers={
                     "Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"})
                 # prepare() sends the body (sendfile) here, so the slot is held until it is out.
                 await resp.prepare(request)
@@ -160,19 +158,28 @@ class PeerServer:
             size = os.fstat(fd).st_size
             start, stop = _byte_range(request, size)
             resp = await _start_body(request, digest, start, stop, size)
-            offset = start
-            assert self.bucket is not None
-            while offset < stop:
-                n = min(_CHUNK, stop - offset)
-                await self.bucket.take(n)
-                data = os.pread(fd, n, offset)
-                await resp.write(data)
-                offset += len(data)
-                self.bytes_sent += len(data)
+            if not await self._copy(resp, fd, start, stop):
+                resp.force_close()  # short of Content-Length: the client sees it failed
+                return resp
             await resp.write_eof()
             return resp
         finally:
             os.close(fd)
+
+    async def _copy(self, resp: web.StreamResponse, fd: int, offset: int, end: int) -> bool:
+        """Send [offset, end) of `fd`, paced by the rate limit if there is one; False if the
+        file ends before `end` (truncated under us)."""
+        while offset < end:
+            n = min(_CHUNK, end - offset)
+            if self.bucket is not None:
+                await self.bucket.take(n)
+            data = os.pread(fd, n, offset)
+            if not data:
+                return False
+            await resp.write(data)
+            offset += len(data)
+            self.bytes_sent += len(data)
+        return True
 
     async def _ingest(self, request: web.Request, writer: IngestWriter, blob_path: str,
                       digest: str) -> web.StreamResponse:
@@ -199,8 +206,7 @@ class PeerServer:
         """Stream [start, stop) of a file still being written: `available(offset, stop)` waits
         until bytes up to some end past `offset` are there, or raises if they never will be."""
         if request.method == "HEAD":
-            return web.Response(headers={"Content-Length": str(size), "Docker-Content-Digest": digest,
-                                         "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
+            return _head(size, digest)
         start, stop = _byte_range(request, size)
         try:
             fd = os.open(data_path, os.O_RDONLY)
@@ -221,22 +227,32 @@ class PeerServer:
                 except (IngestGone, FetchFailed):
                     resp.force_close()  # short of Content-Length: the client sees it failed
                     return resp
-                while offset < end:
-                    n = min(_CHUNK, end - offset)
-                    if self.bucket is not None:
-                        await self.bucket.take(n)
-                    data = os.pread(fd, n, offset)
-                    if not data:  # truncated under us
-                        resp.force_close()
-                        return resp
-                    await resp.write(data)
-                    offset += len(data)
-                    self.bytes_sent += len(data)
+                if not await self._copy(resp, fd, offset, end):
+                    resp.force_close()
+                    return resp
+                offset = end
             await resp.write_eof()
             return resp
         finally:
             self.active -= 1
             os.close(fd)
+
+
+class SentFileResponse(web.FileResponse):
+    """A FileResponse sent inside the handler (so that the upload slot is held until the body
+    is out).  aiohttp prepares what a handler returns once more, and FileResponse would then
+    try to send its headers a second time: an error logged and the kept-alive connection
+    dropped after every blob."""
+
+    async def prepare(self, request: web.BaseRequest):
+        if self.prepared:
+            return None
+        return await super().prepare(request)
+
+
+def _head(size: int, digest: str) -> web.Response:
+    return web.Response(headers={"Content-Length": str(size), "Docker-Content-Digest": digest,
+                                 "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
 
 
 def _hang_up(request: web.Request) -> None:

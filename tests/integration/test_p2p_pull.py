@@ -79,16 +79,24 @@ def test_second_and_third_node_pull_from_peers_not_the_registry(cluster, registr
     assert logs.count("fetched from peers") >= 2 * (1 + len(img.layer_digests))
 
 
-def test_a_provider_killed_mid_transfer_does_not_fail_the_pull(cluster, registry, tmp_path):
-    img = build_image(str(tmp_path / "oci"), [24 << 20, 24 << 20])
-    ref = push_image(img, registry.addr, "p2p/fault")
+def held_by_two_nodes(cluster, registry, tmp_path, name: str, sizes: list[int]):
+    """An image pulled by node 1 (from the registry), then by node 2: both provide it to node 3."""
+    img = build_image(str(tmp_path / "oci"), sizes)
+    ref = push_image(img, registry.addr, name)
     n1, n2, n3 = cluster
     n1.ctr("image", "pull", "--plain-http", ref)
     for d in img.digests:
         wait_for(lambda: located(d, n3.dht), 30, f"{d} to be announced by node 1")
-    n2.ctr("image", "pull", "--plain-http", ref)  # now node 1 and node 2 both provide it
+    n2.ctr("image", "pull", "--plain-http", ref)
     for d in img.layer_digests:
-        wait_for(lambda: n2.peer in providers_of(d, n3.dht), 30, "node 2's announcement")
+        wait_for(lambda: n1.peer in providers_of(d, n3.dht) and n2.peer in providers_of(d, n3.dht), 30,
+                 "both providers")
+    return img, ref
+
+
+def test_a_provider_killed_mid_transfer_does_not_fail_the_pull(cluster, registry, tmp_path):
+    img, ref = held_by_two_nodes(cluster, registry, tmp_path, "p2p/fault", [24 << 20, 24 << 20])
+    n1, n2, n3 = cluster
     served_before = registry.blob_bytes_served()
 
     pull = subprocess.Popen(["ctr", "--address", n3.containerd.socket, "image", "pull", "--plain-http", ref],
@@ -190,19 +198,12 @@ def test_a_peer_serving_corrupt_bytes_is_detected_and_the_pull_completes(cluster
 
 
 def test_gc_on_a_node_withdraws_its_records_and_others_stop_asking_it(cluster, registry, tmp_path):
-    img = build_image(str(tmp_path / "oci"), [2 << 20, 1 << 20])
-    ref = push_image(img, registry.addr, "p2p/gc")
+    img, ref = held_by_two_nodes(cluster, registry, tmp_path, "p2p/gc", [2 << 20, 1 << 20])
     n1, n2, n3 = cluster
-    n1.ctr("image", "pull", "--plain-http", ref)
-    for d in img.digests:
-        wait_for(lambda: located(d, n2.dht), 30, "node 1's announcement")
-    n2.ctr("image", "pull", "--plain-http", ref)
 
     def providers(digest: str) -> str:
         return providers_of(digest, n3.dht)
 
-    for d in img.layer_digests:
-        wait_for(lambda: n1.peer in providers(d) and n2.peer in providers(d), 30, "both providers")
     n1.ctr("image", "rm", "--sync", ref)  # containerd GC deletes the blobs through cs-p2p
     wait_for(lambda: n1.cs.blob_digests() == set(), 30, "GC on node 1")
     for d in img.digests:
