@@ -235,6 +235,10 @@ class DhtNode:
         self.held[digest] = size  # at once: an in-flight record's end must not withdraw it
         self._spawn(self.announce(digest, size), "announce", digest)
 
+    def fetching(self, digest: str, size: int, started: float) -> None:
+        """A fetch from peers began here: announce it in flight (its pieces are relayed)."""
+        self._spawn(self.announce(digest, size, started=started), "announce in-flight", digest)
+
     def deleted(self, digest: str) -> None:
         self._spawn(self.withdraw(digest), "withdraw", digest)
 

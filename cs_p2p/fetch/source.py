@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 
 from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
@@ -36,11 +37,25 @@ LOOKUP_ROUND = 0.5  # seconds a lookup round waits for replies
 LOOKUP_WITHIN = 2.0  # seconds the whole lookup may take; what it found by then counts
 
 
+def may_follow(rec: ProviderRecord, size: int, started: float, node_id: bytes) -> bool:
+    """Whether a node whose own download or fetch began at `started` may fetch from `rec`: a
+    holder, or an in-flight provider that began before it (ties broken by node id), so that
+    two nodes never wait on each other."""
+    if rec.size != size:
+        return False
+    return not rec.inflight or (rec.started, rec.node_id) < (started, node_id)
+
+
+async def _earlier_only(lookup, size: int, started: float, node_id: bytes) -> list[ProviderRecord]:
+    return [r for r in await lookup if may_follow(r, size, started, node_id)]
+
+
 class PeerSource:
     def __init__(self, dht: DhtNode, fetcher: Fetcher, lookup_timeout: float = 1.0) -> None:
         self.dht = dht
         self.fetcher = fetcher
         self.lookup_timeout = lookup_timeout
+        self._relaying: set[str] = set()  # digests fetched here and announced in flight
 
     def inflight(self, digest: str) -> Fetch | None:
         return self.fetcher.inflight.get(digest)
@@ -57,8 +72,31 @@ class PeerSource:
             return None
         # Providers that disagree on the size cannot all be right: follow the majority.
         size = collections.Counter(p.size for p in providers).most_common(1)[0][0]
-        return self.fetcher.start(digest, size, [p for p in providers if p.size == size],
-                                  more=lambda: self.dht.find_providers(digest))
+        started, me = time.time(), self.dht.node_id
+        fetch = self.fetcher.start(
+            digest, size, [p for p in providers if p.size == size],
+            more=lambda: _earlier_only(self.dht.find_providers(digest), size, started, me))
+        if fetch.task is not None and digest not in self._relaying:
+            self._relay(fetch, started)
+        return fetch
+
+    def _relay(self, fetch: Fetch, started: float) -> None:
+        """Announce this fetch as an in-flight provider, so that nodes asking later fetch
+        from us too (the peer server relays its pieces) rather than all from the first
+        provider; withdrawn if the fetch fails, replaced by the holder record if it commits.
+        Only providers that started earlier are followed (`_earlier_only`), so no two nodes
+        wait on each other's pieces."""
+        digest = fetch.digest
+        self._relaying.add(digest)
+        self.dht.fetching(digest, fetch.size, started)
+
+        def ended(_task: asyncio.Task) -> None:
+            self._relaying.discard(digest)
+            if not fetch.committed and digest not in self.dht.held:
+                self.dht.deleted(digest)
+
+        assert fetch.task is not None
+        fetch.task.add_done_callback(ended)
 
     def share(self, digest: str, size: int, started: float) -> "SharedIngest":
         """Announce an ingest of `digest` that is starting now (see the module docstring)."""
@@ -76,11 +114,7 @@ class SharedIngest:
         self._announce = asyncio.ensure_future(source.dht.announce(digest, size, started=started))
 
     def _earlier(self, rec: ProviderRecord) -> bool:
-        """Whether to follow `rec`: a holder, or a download that began before ours (ties by
-        node id), so that two nodes never wait on each other."""
-        if rec.size != self.size:
-            return False
-        return not rec.inflight or (rec.started, rec.node_id) < (self.started, self.source.dht.node_id)
+        return may_follow(rec, self.size, self.started, self.source.dht.node_id)
 
     async def sources(self) -> list[ProviderRecord]:
         """Providers to follow instead of downloading; [] means this node is the source.
@@ -113,7 +147,7 @@ class SharedIngest:
         return fetch.committed
 
     async def _more(self, lookup) -> list[ProviderRecord]:
-        return [r for r in await lookup if self._earlier(r)]
+        return await _earlier_only(lookup, self.size, self.started, self.source.dht.node_id)
 
     def end(self, committed: bool) -> None:
         """The ingest is over (or will not be written here): withdraw the in-flight record,
