@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import http.client
+import json
 import os
 import urllib.request
 
@@ -17,7 +18,7 @@ import grpc
 import pytest
 
 from cs_p2p.api import content_pb2 as pb
-from tests.conftest import WriteSession, content_stub
+from tests.conftest import WriteSession, commit_via_socket, content_stub
 from tests.test_dht_daemon import locate, pair  # noqa: F401  (fixture)
 from cs_p2p.devcluster.processes import wait_for
 
@@ -167,3 +168,35 @@ def test_a_follower_relays_what_it_has_to_nodes_that_started_after_it(pair, thir
         assert b"".join(r.data for r in stub.Read(pb.ReadContentRequest(digest=DIGEST))) == DATA
     finally:
         ch.close()
+
+
+def test_a_fetch_that_info_started_is_relayed_to_nodes_asking_later(p2p_node):
+    """Node b's Info starts a fetch from a (slowed by a rate limit); b is announced in flight,
+    and node c, asking after it, fetches from a and b instead of from a alone."""
+    a, _, a_dht = p2p_node("a", ["--peer-rate-limit", str(2 << 20)])
+    b, b_peer, _ = p2p_node("b", [], a_dht)
+    c, _, _ = p2p_node("c", [], a_dht)
+    data = os.urandom(12 << 20)
+    digest = commit_via_socket(a, data)
+    wait_for(lambda: "held" in locate(digest, a_dht), 30, "a's record")
+    for node in (b, c):
+        ch, stub = content_stub(node)
+        try:
+            wait_for(lambda: _info_size(stub, digest) == len(data), 30, "Info from peers")
+        finally:
+            ch.close()
+        if node is b:
+            out = wait_for(lambda: b_peer in locate(digest, a_dht) and locate(digest, a_dht), 30, "b in flight")
+            assert "in-flight" in out
+    wait_for(lambda: digest in c.blob_digests(), 60, "c's fetch to commit")
+    fetched = [json.loads(line) for line in open(c.proc.log_path) if "fetched from peers" in line]
+    assert b_peer in fetched[-1]["sources"]  # part of the blob came from b, which was fetching it too
+    assert open(c.blob_path(digest), "rb").read() == data
+    wait_for(lambda: "in-flight" not in locate(digest, a_dht), 30, "b's holder record to replace it")
+
+
+def _info_size(stub, digest: str) -> int:
+    try:
+        return stub.Info(pb.InfoRequest(digest=digest)).info.size
+    except grpc.RpcError:
+        return -1
