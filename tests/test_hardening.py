@@ -180,3 +180,48 @@ def test_a_grpc_message_over_the_limit_is_refused_and_the_ingest_is_untouched(st
         w.send(action=pb.WRITE, offset=1000, data=b"b" * (17 << 20))  # containerd's limit is 16 MiB
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert stub.Status(pb.StatusRequest(ref="big-message")).status.offset == 1000
+
+
+async def test_a_node_over_its_datagram_rate_is_dropped_while_others_are_answered():
+    nodes = []
+    try:
+        for i in range(3):
+            node = DhtNode(os.urandom(20), f"127.0.0.1:{23000 + i}")
+            node.port = await node.listen("127.0.0.1", 0)
+            nodes.append(node)
+        target, noisy, quiet = nodes
+        target.protocol.limits = PeerLimits(rate=5, burst=5)
+        addr = ("127.0.0.1", target.port)
+        answered = [(await noisy.protocol.ping(addr, noisy.node_id))[0] for _ in range(10)]
+        assert answered[:5] == [True] * 5 and not all(answered)  # past its burst, unanswered
+        assert (await quiet.protocol.ping(addr, quiet.node_id))[0]  # another node is still answered
+        assert target.protocol.limits.refused >= 1
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.fixture
+def one_stream_daemon(workdir):
+    cs = CsP2P(os.path.join(workdir, "cs"), ["--grpc-max-concurrent-streams", "1"]).start()
+    yield cs
+    cs.stop()
+
+
+def test_streams_beyond_the_limit_wait_for_a_free_one(one_stream_daemon):
+    import concurrent.futures
+
+    ch, stub = content_stub(one_stream_daemon)
+    try:
+        first = WriteSession(stub)
+        first.send(action=pb.STAT, ref="stream-1")
+        second = WriteSession(stub)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(second.send, action=pb.STAT, ref="stream-2")
+            with pytest.raises(concurrent.futures.TimeoutError):
+                pending.result(timeout=1.0)  # queued behind the open stream
+            first.close()
+            assert pending.result(timeout=30).action == pb.STAT  # served once the first ended
+        second.close()
+    finally:
+        ch.close()
