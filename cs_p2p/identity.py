@@ -154,7 +154,7 @@ class TrustStore:
             public = cert.public_key()
             not_before, not_after = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
             issued = any(self._issued_by(cert, ca) for ca in self.cas)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
+        except Exception:  # ValueError, InvalidVersion, UnsupportedAlgorithm...: untrusted bytes
             raise IdentityError("malformed certificate") from None
         if not isinstance(public, Ed25519PublicKey):
             raise IdentityError("member keys are Ed25519")
