@@ -176,7 +176,7 @@ def test_a_fetch_that_info_started_is_relayed_to_nodes_asking_later(p2p_node):
     a, _, a_dht = p2p_node("a", ["--peer-rate-limit", str(2 << 20)])
     b, b_peer, _ = p2p_node("b", [], a_dht)
     c, _, _ = p2p_node("c", [], a_dht)
-    data = os.urandom(12 << 20)
+    data = os.urandom(15 << 20)  # four pieces, eight seconds from a alone
     digest = commit_via_socket(a, data)
     wait_for(lambda: "held" in locate(digest, a_dht), 30, "a's record")
     for node in (b, c):
@@ -188,9 +188,11 @@ def test_a_fetch_that_info_started_is_relayed_to_nodes_asking_later(p2p_node):
         if node is b:
             out = wait_for(lambda: b_peer in locate(digest, a_dht) and locate(digest, a_dht), 30, "b in flight")
             assert "in-flight" in out
-    wait_for(lambda: digest in c.blob_digests(), 60, "c's fetch to commit")
-    fetched = [json.loads(line) for line in open(c.proc.log_path) if "fetched from peers" in line]
-    assert b_peer in fetched[-1]["sources"]  # part of the blob came from b, which was fetching it too
+    def fetched() -> list[dict]:
+        return [json.loads(line) for line in open(c.proc.log_path) if "fetched from peers" in line]
+
+    wait_for(lambda: digest in c.blob_digests() and fetched(), 60, "c's fetch to commit and be logged")
+    assert b_peer in fetched()[-1]["sources"]  # part of the blob came from b, which was fetching it too
     assert open(c.blob_path(digest), "rb").read() == data
     wait_for(lambda: "in-flight" not in locate(digest, a_dht), 30, "b's holder record to replace it")
 
