@@ -10,8 +10,11 @@ past `max_peers`, peers that are not banned are forgotten.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
+
+log = logging.getLogger("cs_p2p.penalties")
 
 STRIKE_WINDOW = 60.0
 
@@ -27,7 +30,8 @@ class _Peer:
 
 class PeerLimits:
     def __init__(self, rate: float, burst: float | None = None, strikes: int = 10, ban_seconds: float = 600.0,
-                 max_peers: int = 65536) -> None:
+                 max_peers: int = 65536, name: str = "peer") -> None:
+        self.name = name  # what the peers are to, for the log: "peer server", "dht"
         self.rate = rate  # requests per second; 0: no rate limit
         self.burst = burst if burst is not None else 2 * rate
         self.strikes = strikes
@@ -75,5 +79,7 @@ class PeerLimits:
         if state.strikes >= self.strikes and state.banned_until <= now:
             state.banned_until = now + self.ban_seconds
             self.bans += 1
+            log.warning("peer banned after failed challenges",
+                        extra={"to": self.name, "from": peer, "seconds": self.ban_seconds})
             return True
         return False

@@ -14,6 +14,7 @@ import pytest
 from cs_p2p.api import content_pb2 as pb
 from cs_p2p.api import content_pb2_grpc
 from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port
+from cs_p2p.dht.node import DhtNode
 
 GRPC_OPTS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
 HAVE_CONTAINERD = all(shutil.which(b) for b in ("containerd", "ctr", "docker-registry", "skopeo")) and os.geteuid() == 0
@@ -50,6 +51,25 @@ def p2p_node(workdir: str):
     yield start
     for cs in made:
         cs.stop()
+
+
+@pytest.fixture
+async def dht_nodes():
+    """In-process DHT nodes on loopback: `make(sealer, bootstrap, node_id)` -> a node with
+    `.port` and, if it bootstrapped through another, `.met` (peers it met)."""
+    made: list[DhtNode] = []
+
+    async def make(sealer=None, bootstrap: DhtNode | None = None, node_id: bytes | None = None) -> DhtNode:
+        node = DhtNode(node_id or os.urandom(20), f"127.0.0.1:{20000 + len(made)}", sealer=sealer)
+        node.port = await node.listen("127.0.0.1", 0)
+        made.append(node)
+        if bootstrap is not None:
+            node.met = await node.bootstrap([f"127.0.0.1:{bootstrap.port}"])
+        return node
+
+    yield make
+    for n in made:
+        n.stop()
 
 
 def content_stub(cs: CsP2P) -> tuple[grpc.Channel, content_pb2_grpc.ContentStub]:

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from cs_p2p.auth import HEADER, AuthError, Sealer, load_tokens
-from cs_p2p.dht.node import DhtNode, provider_key
+from cs_p2p.dht.node import provider_key
 from cs_p2p.dht.providers import ProviderRecord
 from cs_p2p.membership import membership
 from cs_p2p.devcluster.processes import wait_for
@@ -72,30 +72,18 @@ def test_rotation_seals_with_the_first_token_and_accepts_any():
 
 
 @pytest.fixture
-async def dht_nodes():
-    made: list[DhtNode] = []
-
-    async def make(token: bytes | None, bootstrap: DhtNode | None = None) -> DhtNode:
-        node = DhtNode(os.urandom(20), f"127.0.0.1:{20000 + len(made)}",
-                       sealer=Sealer(token, "dht") if token else None)
-        node.port = await node.listen("127.0.0.1", 0)
-        made.append(node)
-        if bootstrap is not None:
-            node.met = await node.bootstrap([f"127.0.0.1:{bootstrap.port}"])
-        return node
-
-    yield make
-    for n in made:
-        n.stop()
+def token_nodes(dht_nodes):
+    """DHT nodes sealing with `token` (None: no token at all)."""
+    return lambda token, bootstrap=None: dht_nodes(Sealer(token, "dht") if token else None, bootstrap)
 
 
-async def test_outsiders_can_neither_join_announce_withdraw_nor_read(dht_nodes):
-    first = await dht_nodes(TOKEN)
-    members = [first] + [await dht_nodes(TOKEN, first) for _ in range(2)]
+async def test_outsiders_can_neither_join_announce_withdraw_nor_read(token_nodes):
+    first = await token_nodes(TOKEN)
+    members = [first] + [await token_nodes(TOKEN, first) for _ in range(2)]
     assert all(m.met for m in members[1:])
     await members[1].announce(D1, 7)
     for token in (None, b"a wrong token of sufficient size"):
-        outsider = await dht_nodes(token, first)
+        outsider = await token_nodes(token, first)
         assert outsider.met == 0  # nobody answers it
         assert await outsider.find_providers(D1) == []
         # it cannot add records, nor remove a member's
@@ -113,9 +101,9 @@ async def test_outsiders_can_neither_join_announce_withdraw_nor_read(dht_nodes):
     assert first.protocol.dropped > 0
 
 
-async def test_a_replayed_datagram_is_dropped(dht_nodes):
-    first = await dht_nodes(TOKEN)
-    member = await dht_nodes(TOKEN, first)
+async def test_a_replayed_datagram_is_dropped(token_nodes):
+    first = await token_nodes(TOKEN)
+    member = await token_nodes(TOKEN, first)
     captured: list[bytes] = []
     real = member.protocol.transport._inner
     orig_sendto = real.sendto

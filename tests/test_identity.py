@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cs_p2p.auth import AuthError
-from cs_p2p.dht.node import DhtNode, provider_key
+from cs_p2p.dht.node import provider_key
 from cs_p2p.dht.providers import ProviderRecord
 from cs_p2p.dht.tags import TagRecord, tag_key
 from cs_p2p.api import content_pb2 as pb
@@ -94,20 +94,9 @@ def test_ca_rotation_trusts_members_of_either_ca_while_both_are_listed(tmp_path)
 
 
 @pytest.fixture
-async def key_nodes():
-    made: list[DhtNode] = []
-
-    async def make(identity: Identity, bootstrap: DhtNode | None = None) -> DhtNode:
-        node = DhtNode(identity.node_id, f"127.0.0.1:{21000 + len(made)}", sealer=KeySealer(identity, "dht"))
-        node.port = await node.listen("127.0.0.1", 0)
-        made.append(node)
-        if bootstrap is not None:
-            node.met = await node.bootstrap([f"127.0.0.1:{bootstrap.port}"])
-        return node
-
-    yield make
-    for n in made:
-        n.stop()
+def key_nodes(dht_nodes):
+    """DHT nodes in key-pair mode: the id is the one the identity's key implies."""
+    return lambda identity, bootstrap=None: dht_nodes(KeySealer(identity, "dht"), bootstrap, identity.node_id)
 
 
 async def test_members_join_and_find_signed_records_and_outsiders_get_nothing(key_nodes):

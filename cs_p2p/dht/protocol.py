@@ -64,7 +64,7 @@ class ProviderProtocol(KademliaProtocol):
         if self.identity is not None:
             self.certs[self.identity.node_id] = self.identity.cert_der
         self.dropped = 0  # datagrams refused (unauthenticated, replayed, malformed, over the rate)
-        self.limits = PeerLimits(rate=DATAGRAMS_PER_PEER)
+        self.limits = PeerLimits(rate=DATAGRAMS_PER_PEER, name="dht")
         self.forged = 0  # records refused: not signed by the node they name
 
     def connection_made(self, transport) -> None:
@@ -81,9 +81,7 @@ class ProviderProtocol(KademliaProtocol):
             except AuthError as exc:
                 self.dropped += 1
                 log.debug("datagram dropped", extra={"from": peer, "reason": str(exc)})
-                if self.limits.strike(peer):
-                    log.warning("dht peer banned after failed challenges",
-                                extra={"from": peer, "seconds": self.limits.ban_seconds})
+                self.limits.strike(peer)
                 return
             if member is not None:
                 addr = _Sender(addr, member)

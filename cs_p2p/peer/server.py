@@ -77,7 +77,7 @@ class PeerServer:
                  tls: ssl.SSLContext | None = None, limits: PeerLimits | None = None) -> None:
         self.store = store
         self.tls = tls
-        self.limits = limits or PeerLimits(rate=REQUESTS_PER_PEER)
+        self.limits = limits or PeerLimits(rate=REQUESTS_PER_PEER, name="peer server")
         self.fetcher = fetcher
         self.sealer = sealer
         self.refused = 0
@@ -114,9 +114,7 @@ class PeerServer:
             except AuthError as exc:
                 self.refused += 1
                 log.warning("peer request refused", extra={"from": peer, "reason": str(exc)})
-                if self.limits.strike(peer):
-                    log.warning("peer banned after failed challenges",
-                                extra={"from": peer, "seconds": self.limits.ban_seconds})
+                self.limits.strike(peer)
                 _hang_up(request)
         return await handler(request)
 
