@@ -13,7 +13,7 @@ import pytest
 
 from cs_p2p.api import content_pb2 as pb
 from cs_p2p.api import content_pb2_grpc
-from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port
+from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port, wait_for
 from cs_p2p.dht.node import DhtNode
 
 GRPC_OPTS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
@@ -98,6 +98,36 @@ class WriteSession:
     def close(self) -> None:
         self._q.put(None)
         self._responses.cancel()
+
+
+def info_size(stub: content_pb2_grpc.ContentStub, digest: str) -> int:
+    """The size `Info` answers for `digest`, or -1 if it answers with an error."""
+    try:
+        return stub.Info(pb.InfoRequest(digest=digest)).info.size
+    except grpc.RpcError:
+        return -1
+
+
+def assert_read_from_peers(cs: CsP2P, digest: str, data: bytes) -> None:
+    """The daemon's Info finds a blob only peers hold, and Read returns it whole."""
+    ch, stub = content_stub(cs)
+    try:
+        wait_for(lambda: info_size(stub, digest) == len(data), 30, "Info to find the blob on peers")
+        assert b"".join(r.data for r in stub.Read(pb.ReadContentRequest(digest=digest))) == data
+    finally:
+        ch.close()
+
+
+def assert_outsider_gets_nothing(outsider: CsP2P, digest: str) -> None:
+    """A daemon outside the cluster never joined it, and its Info for a member's blob is NOT_FOUND."""
+    ch, stub = content_stub(outsider)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Info(pb.InfoRequest(digest=digest))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        ch.close()
+    assert "dht joined" not in open(outsider.proc.log_path).read()
 
 
 def commit_via_socket(cs: CsP2P, data: bytes, ref: str = "r") -> str:

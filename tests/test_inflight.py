@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from cs_p2p.api import content_pb2 as pb
-from tests.conftest import WriteSession, commit_via_socket, content_stub
+from tests.conftest import WriteSession, commit_via_socket, content_stub, info_size
 from tests.test_dht_daemon import locate, pair  # noqa: F401  (fixture)
 from cs_p2p.devcluster.processes import wait_for
 
@@ -182,7 +182,7 @@ def test_a_fetch_that_info_started_is_relayed_to_nodes_asking_later(p2p_node):
     for node in (b, c):
         ch, stub = content_stub(node)
         try:
-            wait_for(lambda: _info_size(stub, digest) == len(data), 30, "Info from peers")
+            wait_for(lambda: info_size(stub, digest) == len(data), 30, "Info from peers")
         finally:
             ch.close()
         if node is b:
@@ -195,10 +195,3 @@ def test_a_fetch_that_info_started_is_relayed_to_nodes_asking_later(p2p_node):
     assert b_peer in fetched()[-1]["sources"]  # part of the blob came from b, which was fetching it too
     assert open(c.blob_path(digest), "rb").read() == data
     wait_for(lambda: "in-flight" not in locate(digest, a_dht), 30, "b's holder record to replace it")
-
-
-def _info_size(stub, digest: str) -> int:
-    try:
-        return stub.Info(pb.InfoRequest(digest=digest)).info.size
-    except grpc.RpcError:
-        return -1
