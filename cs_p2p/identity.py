@@ -180,13 +180,11 @@ class TrustStore:
 class Identity:
     """This node's key, certificate and trusted CAs."""
 
-    def __init__(self, key: Ed25519PrivateKey, cert: x509.Certificate, trust: TrustStore,
-                 key_file: str = "", cert_file: str = "", ca_file: str = "") -> None:
+    def __init__(self, key: Ed25519PrivateKey, cert: x509.Certificate, trust: TrustStore) -> None:
         self.key = key
         self.cert_der = cert.public_bytes(serialization.Encoding.DER)
         self.trust = trust
         self.node_id = node_id_of(_raw(key.public_key()))
-        self.key_file, self.cert_file, self.ca_file = key_file, cert_file, ca_file
         if _raw(cert.public_key()) != _raw(key.public_key()):  # type: ignore[arg-type]
             raise IdentityError("node certificate is for another key")
         try:
@@ -199,8 +197,7 @@ class Identity:
         certs = load_certs(cert_file, "node certificate")
         if not certs:
             raise IdentityError(f"no certificate in {cert_file}")
-        return cls(load_private(key_file), certs[0], TrustStore(load_certs(ca_file, "cluster CA")),
-                   key_file, cert_file, ca_file)
+        return cls(load_private(key_file), certs[0], TrustStore(load_certs(ca_file, "cluster CA")))
 
     def sign(self, data: bytes) -> bytes:
         return self.key.sign(data)

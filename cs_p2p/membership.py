@@ -34,10 +34,6 @@ class Membership:
     server_tls: ssl.SSLContext | None = None
     client_tls: ssl.SSLContext | None = None
 
-    @property
-    def scheme(self) -> str:
-        return "https" if self.client_tls else "http"
-
 
 def membership(token_file: str = "", key_file: str = "", cert_file: str = "", ca_file: str = "",
                tls_dir: str = "") -> Membership:
