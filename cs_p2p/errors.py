@@ -50,6 +50,6 @@ class Aborted(ContentError):
 
 
 class ResourceExhausted(ContentError):
-    """A bound of the store was reached (open ingests); the client may retry later."""
+    """A bound of the store was reached (open ingests, their disk use); the client may retry later."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -52,14 +52,15 @@ def _raw(public: Ed25519PublicKey) -> bytes:
 def write_private(path: str, key: Ed25519PrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    _write(path, pem, 0o600)
+    write_atomically(path, pem, 0o600)
 
 
 def write_cert(path: str, cert: x509.Certificate) -> None:
-    _write(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomically(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
-def _write(path: str, data: bytes, mode: int) -> None:
+def write_atomically(path: str, data: bytes, mode: int) -> None:
+    """Readers see the old file or the new one, never a part; a key is never readable by others."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from .auth import Sealer, derive, load_tokens
-from .identity import Identity, KeySealer, write_cert, write_private
+from .identity import Identity, KeySealer, write_atomically, write_cert, write_private
 
 
 @dataclass
@@ -91,8 +91,5 @@ def _token_bundle(tokens: list[bytes], tls_dir: str) -> str:
     """The certificates of every token in the file (rotation: accept any)."""
     path = os.path.join(tls_dir, "token-trusted.crt")
     pems = [_token_cert(t)[1].public_bytes(serialization.Encoding.PEM) for t in tokens]
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(b"".join(pems))
-    os.replace(tmp, path)
+    write_atomically(path, b"".join(pems), 0o644)
     return path
