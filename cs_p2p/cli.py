@@ -10,7 +10,7 @@ import sys
 from . import __version__
 from .config import DEFAULT_SOCKET, Config, ConfigError, load_config
 from .config import MirrorRegistry
-from .containerd_config import DEFAULT_HOSTS_DIR, containerd_config, write_hosts_dir
+from .containerd_config import DEFAULT_HOSTS_DIR, RELEASES, containerd_config, detect_release, write_hosts_dir
 from .logs import setup_logging
 
 
@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-max-concurrent-streams", type=int,
                    help="gRPC streams served at once per containerd connection (default 256); more wait")
     _membership_flags(s)
+    s.add_argument("--apply-workers", type=int,
+                   help="processes applying layers for containerd 2.x (default 0: one per core)")
     s.add_argument("--mirror-registry", action="append",
                    help="serve a registry mirror for http://HOST[:PORT] or https://HOST (repeatable)")
     s.add_argument("--mirror-listen", help="HOST:PORT of the registry mirror (default 127.0.0.1:5080)")
@@ -70,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--mirror-listen", default=Config.mirror_listen, help="the mirror's HOST:PORT")
     c.add_argument("--hosts-dir", default=DEFAULT_HOSTS_DIR,
                    help=f"containerd's registry config_path (default {DEFAULT_HOSTS_DIR})")
+    c.add_argument("--containerd-version", choices=RELEASES,
+                   help="the release to configure (default: from `containerd --version`); "
+                        "2 also makes cs-p2p the layer applier")
+    c.add_argument("--max-concurrent-unpacks", type=int,
+                   help="containerd 2.x: layers of one image applied at once (default: cores, at least 2)")
     return p
 
 
@@ -98,10 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"cs-p2p: {exc}", file=sys.stderr)
             return 2
+        try:
+            release = args.containerd_version or detect_release()
+        except ValueError as exc:
+            print(f"cs-p2p: {exc}", file=sys.stderr)
+            return 2
         if registries:
             for path in write_hosts_dir(args.hosts_dir, registries, args.mirror_listen):
                 print(f"# wrote {path}", file=sys.stderr)
-        sys.stdout.write(containerd_config(args.socket, hosts_dir=args.hosts_dir if registries else None))
+        sys.stdout.write(containerd_config(args.socket, release, args.hosts_dir if registries else None,
+                                           args.max_concurrent_unpacks))
         return 0
     if args.command in ("locate", "peers"):
         from .auth import AuthError

@@ -72,6 +72,7 @@ class Config:
     log_format: str = "json"
     grpc_max_message_bytes: int = 16 << 20
     grpc_max_concurrent_streams: int = 256  # per containerd connection
+    apply_workers: int = 0  # processes applying layers (containerd 2.x diff plugin); 0: one per core
     ingest_max_bytes: int = 100 << 30  # disk used by unfinished ingests, together
     peer_listen: str = ""  # HOST:PORT of the peer transfer server; empty: not started
     peer_max_uploads: int = 16
@@ -158,6 +159,8 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         raise ConfigError("dht-ttl must be at least 10 seconds")
     if cfg.ingest_max_bytes < 1 or cfg.grpc_max_concurrent_streams < 1:
         raise ConfigError("ingest-max-bytes and grpc-max-concurrent-streams must be positive")
+    if cfg.apply_workers < 0:
+        raise ConfigError("apply-workers must be >= 0 (0: one per core)")
     if cfg.peer_max_uploads < 1 or cfg.peer_rate_limit < 0:
         raise ConfigError("peer-max-uploads must be >= 1 and peer-rate-limit >= 0")
     if cfg.socket_group:

@@ -7,33 +7,99 @@ import os
 
 from .config import MirrorRegistry
 
-PLUGIN_NAME = "cs-p2p"
+PLUGIN_NAME = "cs-p2p"  # the content proxy plugin
+DIFF_PLUGIN_NAME = "cs-p2p-diff"  # the layer applier (containerd 2.x)
 DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
+RELEASES = ("1.6", "1.7", "2")
 
 
-def containerd_config(socket: str, plugin_name: str = PLUGIN_NAME, hosts_dir: str | None = None) -> str:
-    """Version 2 config: register the proxy plugin and disable the builtin store; with
-    `hosts_dir`, also point the CRI plugin's registry config at it (the mirror's hosts.toml).
+def detect_release(containerd: str = "containerd") -> str:
+    """"1.6", "1.7" or "2" from `containerd --version` (2 for any later major)."""
+    import re
+    import subprocess
 
-    The builtin must be disabled: with both enabled containerd 1.6/1.7 picks one of the
-    two at random on each start, and 2.x refuses to start its metadata plugin.
+    try:
+        out = subprocess.run([containerd, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ValueError(f"cannot run {containerd} --version ({exc}): pass --containerd-version") from None
+    m = re.search(r"\bv?(\d+)\.(\d+)\.\d+", out)
+    if not m:
+        raise ValueError(f"cannot read a version from {out.strip()!r}: pass --containerd-version")
+    major, minor = int(m.group(1)), int(m.group(2))
+    if major >= 2:
+        return "2"
+    if (major, minor) in ((1, 6), (1, 7)):
+        return f"{major}.{minor}"
+    raise ValueError(f"containerd {major}.{minor} is not supported (1.6, 1.7 or 2.x)")
+
+
+def _platform() -> str:
+    import platform
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    return f"linux/{arch}"
+
+
+def containerd_config(socket: str, release: str = "2", hosts_dir: str | None = None,
+                      max_concurrent_unpacks: int | None = None, snapshotter: str = "overlayfs",
+                      applier: bool = True) -> str:
+    """The config.toml fragment that makes cs-p2p the node's content store and, on
+    containerd 2.x, its layer applier; with `hosts_dir`, the CRI plugin resolves registries
+    through the hosts.toml files there (the mirror).
+
+    The builtin store must be disabled: with both enabled containerd 1.6/1.7 picks one of
+    the two at random on each start, and 2.x refuses to start its metadata plugin.
+
+    On 2.x every pull path uses cs-p2p's applier: the transfer service (`ctr image pull`,
+    CRI by default) through its unpack configuration, which then uses that differ alone;
+    client-side unpacks (`ctr image pull --local`, CRI's local pull) through the diff
+    service's order, which falls back to containerd's walking differ for what cs-p2p leaves
+    (encrypted layers, making diffs). `max_concurrent_unpacks` > 1 lets containerd 2.2+
+    apply the layers of one image at once on a snapshotter with the `rebase` capability.
+    `applier=False` leaves the layers to containerd's own applier (a baseline).
     """
-    text = (
-        "# cs-p2p: containerd's content store is served by cs-p2p over a unix socket.\n"
-        "version = 2\n"
-        'disabled_plugins = ["io.containerd.content.v1.content"]\n'
-        "\n"
-        f'[proxy_plugins."{plugin_name}"]\n'
-        '  type = "content"\n'
-        f'  address = "{socket}"\n'
-    )
+    if release not in RELEASES:
+        raise ValueError(f"containerd release must be one of {', '.join(RELEASES)}, got {release!r}")
+    v2 = release == "2"
+    applies = v2 and applier
+    lines = [
+        "# cs-p2p: containerd's content store is served by cs-p2p over a unix socket"
+        + (" and cs-p2p applies layers." if applies else "."),
+        f"version = {3 if v2 else 2}",
+        'disabled_plugins = ["io.containerd.content.v1.content"]',
+        "",
+        f'[proxy_plugins."{PLUGIN_NAME}"]',
+        '  type = "content"',
+        f'  address = "{socket}"',
+    ]
+    if applies:
+        unpacks = max_concurrent_unpacks or max(2, os.cpu_count() or 1)
+        lines += [
+            "",
+            f'[proxy_plugins."{DIFF_PLUGIN_NAME}"]',
+            '  type = "diff"',
+            f'  address = "{socket}"',
+            "",
+            '[plugins."io.containerd.service.v1.diff-service"]',
+            f'  default = ["{DIFF_PLUGIN_NAME}", "walking"]',
+            "",
+            '[plugins."io.containerd.transfer.v1.local"]',
+            f"  max_concurrent_unpacks = {unpacks}",
+            "",
+            '[[plugins."io.containerd.transfer.v1.local".unpack_config]]',
+            f'  platform = "{_platform()}"',
+            f'  snapshotter = "{snapshotter}"',
+            f'  differ = "{DIFF_PLUGIN_NAME}"',
+        ]
     if hosts_dir:
-        text += (
-            "\n# cs-p2p: registries are resolved through the node's mirror (hosts.toml per registry).\n"
-            '[plugins."io.containerd.grpc.v1.cri".registry]\n'
-            f'  config_path = "{hosts_dir}"\n'
-        )
-    return text
+        cri = '"io.containerd.cri.v1.images"' if v2 else '"io.containerd.grpc.v1.cri"'
+        lines += [
+            "",
+            "# cs-p2p: registries are resolved through the node's mirror (hosts.toml per registry).",
+            f"[plugins.{cri}.registry]",
+            f'  config_path = "{hosts_dir}"',
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def hosts_toml(registry: MirrorRegistry, mirror_addr: str) -> str:

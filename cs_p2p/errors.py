@@ -53,3 +53,17 @@ class ResourceExhausted(ContentError):
     """A bound of the store was reached (open ingests, their disk use); the client may retry later."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unimplemented(ContentError):
+    """Asked of cs-p2p's layer applier for something it leaves to containerd (an encrypted
+    layer, making a diff): containerd's diff service then tries its next differ."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class LayerRejected(ContentError):
+    """A layer that cannot be applied as it is: a malformed tar or compressed stream, or an
+    entry containerd's applier refuses too."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

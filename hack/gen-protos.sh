@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m grpc_tools.protoc -Iprotos \
   --python_out=. --pyi_out=. --grpc_python_out=. \
-  protos/cs_p2p/api/content.proto protos/cs_p2p/api/cri.proto
+  protos/cs_p2p/api/content.proto protos/cs_p2p/api/cri.proto \
+  protos/cs_p2p/api/types.proto protos/cs_p2p/api/diff.proto
 echo "generated: $(ls cs_p2p/api/*_pb2*.py* | tr '\n' ' ')"

@@ -20,7 +20,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..containerd_config import PLUGIN_NAME
+from ..containerd_config import containerd_config
+from .releases import Release
+from .releases import release as default_release
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
@@ -214,55 +216,78 @@ class Containerd:
     """A containerd with its own root/state/socket; content from `content_socket` or builtin.
 
     `content_socket=None` runs containerd's builtin content store: the benchmarks' baseline.
-    With `hosts_dir`, registries are configured by hosts.toml files there (the mirror), for
-    the CRI plugin and for `pull()`.
+    With cs-p2p as the content store on containerd 2.x, cs-p2p also applies the layers
+    (`applier=False` keeps containerd's own applier). With `hosts_dir`, registries are
+    configured by hosts.toml files there (the mirror), for the CRI plugin and for `pull()`.
+    The release is `releases.release()` unless given.
     """
 
     def __init__(self, workdir: str, content_socket: str | None, registry_hosts: list[str] | None = None,
-                 auto_gc: bool = True, netns: str | None = None, hosts_dir: str | None = None) -> None:
+                 auto_gc: bool = True, netns: str | None = None, hosts_dir: str | None = None,
+                 release: Release | None = None, applier: bool = True,
+                 max_concurrent_unpacks: int | None = None) -> None:
         self.dir = workdir
         self.netns = netns
-        self.hosts_dir = hosts_dir
+        self.release = release or default_release()
         self.socket = os.path.join(workdir, "containerd.sock")
         self.root = os.path.join(workdir, "root")
         self.state = os.path.join(workdir, "state")
         os.makedirs(workdir, exist_ok=True)
+        if hosts_dir is None and registry_hosts and self.release.series == "2":
+            # 2.x: plain-HTTP registries by hosts.toml (the old mirrors table forces CRI's local pull)
+            hosts_dir = os.path.join(workdir, "certs.d")
+            for host in registry_hosts:
+                os.makedirs(os.path.join(hosts_dir, host), exist_ok=True)
+                with open(os.path.join(hosts_dir, host, "hosts.toml"), "w") as f:
+                    f.write(f'server = "http://{host}"\n')
+        self.hosts_dir = hosts_dir
+        self.cs_applies = bool(content_socket) and applier and self.release.applies_layers
         self.config = os.path.join(workdir, "config.toml")
         with open(self.config, "w") as f:
-            f.write(self._config_toml(content_socket, registry_hosts or [], auto_gc))
-        self.proc = Proc("containerd", [shutil.which("containerd") or "containerd", "--config", self.config],
-                         os.path.join(workdir, "containerd.log"), netns=netns)
+            f.write(self._config_toml(content_socket, registry_hosts or [], auto_gc, max_concurrent_unpacks))
+        self.proc = Proc("containerd", [self.release.bin("containerd"), "--config", self.config],
+                         os.path.join(workdir, "containerd.log"), env=self.release.env(), netns=netns)
 
-    def _config_toml(self, content_socket: str | None, registry_hosts: list[str], auto_gc: bool) -> str:
-        lines = [
-            "version = 2",
-            f'root = "{self.root}"',
-            f'state = "{self.state}"',
-        ]
+    def _config_toml(self, content_socket: str | None, registry_hosts: list[str], auto_gc: bool,
+                     max_concurrent_unpacks: int | None) -> str:
+        v2 = self.release.series == "2"
+        lines = [f'root = "{self.root}"', f'state = "{self.state}"']
         if content_socket:
-            lines.append('disabled_plugins = ["io.containerd.content.v1.content"]')
+            lines.append(containerd_config(content_socket, self.release.series, self.hosts_dir if v2 else None,
+                                           max_concurrent_unpacks, applier=self.cs_applies))
+        else:
+            lines.insert(0, f"version = {3 if v2 else 2}")
+            if max_concurrent_unpacks and v2:
+                lines += ['[plugins."io.containerd.transfer.v1.local"]',
+                          f"  max_concurrent_unpacks = {max_concurrent_unpacks}"]
         lines += [
             "[grpc]", f'  address = "{self.socket}"',
             "[ttrpc]", f'  address = "{self.socket}.ttrpc"',
             "[debug]", '  level = "info"',
         ]
-        if content_socket:
-            lines += [f'[proxy_plugins."{PLUGIN_NAME}"]', '  type = "content"', f'  address = "{content_socket}"']
+        runtime = '"io.containerd.cri.v1.runtime"' if v2 else '"io.containerd.grpc.v1.cri"'
         lines += [
             '[plugins."io.containerd.grpc.v1.cri"]',
             '  stream_server_port = "0"',
+        ]
+        if v2:
+            lines += [f"[plugins.{runtime}]"]
+        lines += [
             '  disable_cgroup = true',
             '  disable_apparmor = true',
             '  restrict_oom_score_adj = true',
-            '[plugins."io.containerd.grpc.v1.cri".cni]',
-            f'  bin_dir = "{self.dir}/cni-bin"',
+            f"[plugins.{runtime}.cni]",
+            f'  bin_dirs = ["{self.dir}/cni-bin"]' if v2 else f'  bin_dir = "{self.dir}/cni-bin"',
             f'  conf_dir = "{self.dir}/cni-conf"',
         ]
         if not auto_gc:
             # Benchmarks ingest unreferenced blobs; only an explicit `--sync` delete collects them.
             lines += ['[plugins."io.containerd.gc.v1.scheduler"]', "  mutation_threshold = 1000000000",
                       "  deletion_threshold = 1000000000", "  startup_delay = \"0s\""]
-        if self.hosts_dir:
+        if v2:
+            if self.hosts_dir and not content_socket:
+                lines += ['[plugins."io.containerd.cri.v1.images".registry]', f'  config_path = "{self.hosts_dir}"']
+        elif self.hosts_dir:
             lines += ['[plugins."io.containerd.grpc.v1.cri".registry]', f'  config_path = "{self.hosts_dir}"']
         else:
             for host in registry_hosts:
@@ -285,9 +310,14 @@ class Containerd:
         hosts = ["--hosts-dir", self.hosts_dir] if self.hosts_dir else []
         return ["image", "pull", "--plain-http", *hosts, ref]
 
+    def ctr_argv(self, *args: str, namespace: str = "default") -> list[str]:
+        """This release's `ctr` talking to this containerd."""
+        return in_netns(self.netns, [self.release.bin("ctr"), "--address", self.socket, "--namespace", namespace,
+                                     *args])
+
     def ctr(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 300,
             namespace: str = "default") -> subprocess.CompletedProcess:
-        argv = in_netns(self.netns, ["ctr", "--address", self.socket, "--namespace", namespace, *args])
+        argv = self.ctr_argv(*args, namespace=namespace)
         res = subprocess.run(argv, input=input, capture_output=True, timeout=timeout)
         if check and res.returncode != 0:
             raise subprocess.CalledProcessError(res.returncode, argv, res.stdout, res.stderr)

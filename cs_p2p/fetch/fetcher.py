@@ -76,6 +76,16 @@ class Fetch:
         if self.error is not None and not self.committed:
             raise FetchFailed(self.error)
 
+    def open(self, committed_path: str) -> int:
+        """A read-only fd of the file this fetch writes into, or of the blob it has just been
+        committed as; FetchFailed if it ended without a commit."""
+        for path in (self.path, committed_path):
+            try:
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+        raise FetchFailed(self.error or "the fetch ended without a commit")
+
     async def _notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()

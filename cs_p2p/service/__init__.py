@@ -12,8 +12,10 @@ import grpc
 
 from google.protobuf.message_factory import GetMessageClass
 
-from ..api import content_pb2
+from ..api import content_pb2, diff_pb2_grpc
+from ..apply.pool import ApplyPool
 from ..config import Config, parse_host_port, peer_advertised, socket_gid
+from ..digests import parse_digest
 from ..dht.node import DhtNode, load_or_create_node_id
 from ..fetch.fetcher import Fetcher
 from ..fetch.source import PeerSource
@@ -22,6 +24,7 @@ from ..mirror.server import Mirror
 from ..peer.server import PeerServer
 from ..store import LocalStore
 from .content import ContentService
+from .diff import DiffService
 from .wire import decode_write_request, tolerant
 
 log = logging.getLogger("cs_p2p.serve")
@@ -113,6 +116,10 @@ async def serve(cfg: Config) -> None:
 
     server = grpc.aio.server(options=opts)
     server.add_generic_rpc_handlers((content_handler(ContentService(store, dht, peers)),))
+    # The layer applier (containerd 2.x proxy plugin of type "diff") shares the socket.
+    pool = ApplyPool(cfg.apply_workers or os.cpu_count() or 1, os.path.join(store.root, "apply"),
+                     lambda digest: store.blobs.blob_path(parse_digest(digest)))
+    diff_pb2_grpc.add_DiffServicer_to_server(DiffService(store, pool, peers), server)
     umask = os.umask(0o077)  # no moment in which the socket is open to everyone
     try:
         _bind_unix(server, cfg.socket)
@@ -139,6 +146,7 @@ async def serve(cfg: Config) -> None:
     if peer:
         await peer.stop()
     await server.stop(grace=5)
+    pool.close()
     try:
         os.unlink(cfg.socket)
     except FileNotFoundError:

@@ -22,7 +22,7 @@ from ..api import content_pb2 as pb
 from ..api import content_pb2_grpc as pb_grpc
 from ..digests import parse_digest
 from ..errors import Aborted, AlreadyExists, InvalidArgument, NotFound, OutOfRange
-from ..fetch.fetcher import Fetch, FetchFailed
+from ..fetch.fetcher import FetchFailed
 from ..filters import info_adaptor, parse_filters, status_adaptor
 from ..store import BlobInfo, IngestStatus, IngestWriter, LocalStore
 from ..store.ingest import digest_in_ref
@@ -131,7 +131,10 @@ class ContentService(pb_grpc.ContentServicer):
             fetch = self.peers.inflight(request.digest) if self.peers else None
             if fetch is None:
                 raise NotFound(f"content {request.digest}: not found") from None
-            fd = self._open_fetch(fetch, hex_)
+            try:
+                fd = fetch.open(self.store.blobs.blob_path(hex_))
+            except FetchFailed as exc:
+                raise Aborted(f"fetching {request.digest} from peers failed: {exc}") from None
         try:
             size = fetch.size if fetch else os.fstat(fd).st_size
             offset = max(request.offset, 0)
@@ -156,15 +159,6 @@ class ContentService(pb_grpc.ContentServicer):
                 offset += len(data)
         finally:
             os.close(fd)
-
-    def _open_fetch(self, fetch: "Fetch", hex_: str) -> int:
-        """The file a fetch writes into, or the blob it has just been committed as."""
-        for path in (fetch.path, self.store.blobs.blob_path(hex_)):
-            try:
-                return os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-        raise Aborted(f"fetching sha256:{hex_} from peers failed: {fetch.error}")
 
     @grpc_errors
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:

@@ -115,8 +115,8 @@ def test_sigkill_mid_ingest_resumes_and_never_commits_corrupt_data(node):
     size = 96 << 20
     data = os.urandom(size)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    argv = ["ctr", "--address", node.containerd.socket, "content", "ingest",
-            "--expected-size", str(size), "--expected-digest", digest, "big-ingest"]
+    argv = node.containerd.ctr_argv("content", "ingest", "--expected-size", str(size), "--expected-digest", digest,
+                                    "big-ingest")
     ctr = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         ctr.stdin.write(data[: size // 2])  # half the blob, then the writer waits for more

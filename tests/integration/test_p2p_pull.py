@@ -99,7 +99,7 @@ def test_a_provider_killed_mid_transfer_does_not_fail_the_pull(cluster, registry
     n1, n2, n3 = cluster
     served_before = registry.blob_bytes_served()
 
-    pull = subprocess.Popen(["ctr", "--address", n3.containerd.socket, "image", "pull", "--plain-http", ref],
+    pull = subprocess.Popen(n3.containerd.ctr_argv("image", "pull", "--plain-http", ref),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         fetch_dir = os.path.join(n3.cs.root, "fetch")
@@ -223,7 +223,7 @@ def test_nodes_pulling_at_once_get_each_blob_from_the_registry_about_once(cluste
     blobs = [img.config_digest, *img.layer_digests]
     sizes = {d: len(img.blob_bytes(d)) for d in blobs}
     before = registry.blob_bytes_served()
-    pulls = [subprocess.Popen(["ctr", "--address", n.containerd.socket, "image", "pull", "--plain-http", ref],
+    pulls = [subprocess.Popen(n.containerd.ctr_argv("image", "pull", "--plain-http", ref),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in cluster]
     try:
         for p in pulls:

@@ -1,0 +1,132 @@
+"""Layers are applied in worker processes, so that several layers use several cores and the
+event loop (which serves containerd's content calls meanwhile) never waits on tar work.
+
+A committed blob is read by the worker straight from its file. A blob still arriving from
+peers is handed over through a FIFO that the daemon feeds as pieces land (sendfile from the
+partial file, the last piece only once the whole blob's digest matched), so the layer is
+extracted while it downloads and never from unverified bytes at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+import os
+import uuid
+from typing import Callable
+from concurrent.futures.process import BrokenProcessPool
+
+from ..errors import Aborted, LayerRejected
+from ..fetch.fetcher import Fetch, FetchFailed
+from . import worker
+from .layerfs import InvalidLayer
+from .worker import Target
+
+log = logging.getLogger("cs_p2p.apply")
+
+FEED_CHUNK = 1 << 20
+PIPE_SIZE = 1 << 20
+
+
+class ApplyPool:
+    def __init__(self, workers: int, fifo_dir: str, committed_path: Callable[[str], str]) -> None:
+        self.workers = max(1, workers)
+        self.committed_path = committed_path  # digest -> where the store keeps it once committed
+        self.fifo_dir = fifo_dir
+        os.makedirs(fifo_dir, exist_ok=True)
+        for name in os.listdir(fifo_dir):  # FIFOs of a previous run
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(fifo_dir, name))
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["cs_p2p.apply.worker"])
+            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx,
+                                                                initializer=worker.init_worker)
+        return self._pool
+
+    def close(self) -> None:
+        """Waits for layers being applied: containerd is told of their end (or of ours) anyway."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    async def apply_file(self, path: str, target: Target, sync_fs: bool) -> tuple[str, int]:
+        return await self._run(path, target, sync_fs)
+
+    async def apply_fetch(self, fetch: Fetch, target: Target, sync_fs: bool) -> tuple[str, int]:
+        """Apply a blob as a peer fetch writes it."""
+        fifo = os.path.join(self.fifo_dir, uuid.uuid4().hex)
+        os.mkfifo(fifo, 0o600)
+        try:
+            job = asyncio.ensure_future(self._run(fifo, target, sync_fs))
+            feeder = asyncio.ensure_future(self._feed(fetch, fifo))
+            try:
+                await asyncio.wait({job, feeder}, return_when=asyncio.FIRST_COMPLETED)
+                if job.done() and not feeder.done():
+                    _unblock_writer(fifo)  # the worker gave up before reading it all
+                    feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BrokenPipeError):
+                    await feeder
+                if feeder.done() and not feeder.cancelled() and isinstance(feeder.exception(), FetchFailed):
+                    job.cancel()
+                    raise Aborted(f"fetching {fetch.digest} from peers failed: {feeder.exception()}")
+                return await job
+            finally:
+                job.cancel()
+                feeder.cancel()
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(fifo)
+
+    async def _feed(self, fetch: Fetch, fifo: str) -> None:
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(None, os.open, fifo, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError):
+                import fcntl
+                fcntl.fcntl(out, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+            src = fetch.open(self.committed_path(fetch.digest))
+            try:
+                offset = 0
+                while offset < fetch.size:
+                    n = min(FEED_CHUNK, fetch.size - offset)
+                    await fetch.wait_range(offset, n)
+                    sent = await loop.run_in_executor(None, _send, out, src, offset, n)
+                    offset += sent
+            finally:
+                os.close(src)
+        finally:
+            os.close(out)
+
+    async def _run(self, source: str, target: Target, sync_fs: bool) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor(), worker.apply_layer, source, target, sync_fs)
+        except BrokenProcessPool:
+            # Not retried: the snapshot is half written; containerd discards it and retries.
+            self._pool = None
+            raise Aborted("the apply worker died") from None
+        except InvalidLayer as exc:
+            raise LayerRejected(str(exc)) from None
+
+
+def _send(out: int, src: int, offset: int, n: int) -> int:
+    done = 0
+    while done < n:
+        sent = os.sendfile(out, src, offset + done, n - done)
+        if sent == 0:
+            raise FetchFailed("the fetched file is shorter than the blob")
+        done += sent
+    return done
+
+
+def _unblock_writer(fifo: str) -> None:
+    """A writer blocked opening a FIFO nobody will read: open it for reading once."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))

@@ -1,0 +1,122 @@
+"""A layer blob as the uncompressed tar stream containerd's applier reads, hashed as it is read.
+
+The compression is recognised by its magic bytes, as containerd's `DecompressStream` does
+(gzip, zstd, else plain tar), whatever the media type says. The sha256 of everything the
+decompressor yields, trailing bytes after the tar's end included, is the diff_id
+containerd checks against the image config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import BinaryIO, Iterator
+
+READ_SIZE = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b\x08"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class CorruptLayer(Exception):
+    """The compressed stream is broken or ends early."""
+
+
+def _raw_chunks(f: BinaryIO, first: bytes) -> Iterator[bytes]:
+    if first:
+        yield first
+    while chunk := f.read(READ_SIZE):
+        yield chunk
+
+
+def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Multi-member gzip, like Go's gzip.Reader; output bounded to READ_SIZE per step."""
+    d = zlib.decompressobj(wbits=31)
+    fed = False  # has the current member seen input? (a fresh one at the end is a clean end)
+    for pending in chunks:
+        while True:
+            fed = fed or bool(pending)
+            out = d.decompress(pending, READ_SIZE)
+            if out:
+                yield out
+            if d.eof:
+                pending, d, fed = d.unused_data, zlib.decompressobj(wbits=31), False
+                if not pending:
+                    break
+                if not pending.startswith(b"\x1f\x8b"):
+                    raise CorruptLayer("gzip: invalid header after a member")
+                continue
+            pending = d.unconsumed_tail
+            if not pending and len(out) < READ_SIZE:
+                break
+    if fed:
+        raise CorruptLayer("gzip: unexpected end of stream")
+
+
+def _unzstd(f: BinaryIO, first: bytes) -> Iterator[bytes]:
+    import zstandard  # only workers that meet a zstd layer pay for the import
+
+    class Prefixed:
+        def __init__(self) -> None:
+            self.first = first
+
+        def read(self, n: int = -1) -> bytes:
+            if self.first:
+                out, self.first = self.first, b""
+                return out
+            return f.read(n)
+
+    reader = zstandard.ZstdDecompressor().stream_reader(Prefixed(), read_size=READ_SIZE, read_across_frames=True)
+    try:
+        while chunk := reader.read(READ_SIZE):
+            yield chunk
+    except zstandard.ZstdError as exc:
+        raise CorruptLayer(f"zstd: {exc}") from None
+
+
+class HashingStream:
+    """A read-only file over the decompressed chunks: what tarfile reads in stream mode."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        first = f.read(4)
+        while len(first) < 4:  # a FIFO may hand the magic over in pieces
+            more = f.read(4 - len(first))
+            if not more:
+                break
+            first += more
+        if first.startswith(GZIP_MAGIC):
+            self.compression = "gzip"
+            chunks = _gunzip(_raw_chunks(f, first))
+        elif first.startswith(ZSTD_MAGIC):
+            self.compression = "zstd"
+            chunks = _unzstd(f, first)
+        else:
+            self.compression = "none"
+            chunks = _raw_chunks(f, first)
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(READ_SIZE), b""))
+        if not self._buf:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                return b""
+            self.hasher.update(chunk)
+            self.size += len(chunk)
+            self._buf = memoryview(chunk)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out.tobytes()
+
+    def drain(self) -> None:
+        """Read what follows the tar's end: it counts in the diff_id as in containerd."""
+        self._buf = memoryview(b"")
+        for chunk in self._chunks:
+            self.hasher.update(chunk)
+            self.size += len(chunk)
+
+    @property
+    def diff_id(self) -> str:
+        return "sha256:" + self.hasher.hexdigest()
