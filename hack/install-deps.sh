@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything cs-p2p's demo, tests and benchmarks need on a fresh Debian machine:
 # containerd + runc, the distribution registry, skopeo, containerd's .proto files (for the
-# wire-compatibility test), iproute2 (network namespaces for benchmarks), and the package
+# wire-compatibility test), iproute2 (network namespaces for benchmarks), busybox-static (a
+# binary for the containers the tests run), and the package
 # itself with its dev extras.  Idempotent; needs root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-PKGS=(containerd runc docker-registry skopeo golang-github-containerd-containerd-dev iproute2)
+PKGS=(containerd runc docker-registry skopeo golang-github-containerd-containerd-dev iproute2 busybox-static)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,7 +24,7 @@ fi
 # instances on private sockets and ports, so the system ones are not needed.
 
 PY="${PYTHON:-python3}"
-if ! "$PY" -c 'import cs_p2p, aiohttp, grpc_tools, pytest_asyncio, pytest_timeout' 2>/dev/null; then
+if ! "$PY" -c 'import cs_p2p, aiohttp, grpc_tools, pytest_asyncio, pytest_timeout, zstandard' 2>/dev/null; then
   echo "install-deps: pip install -e .[dev]"
   "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]'
 fi

@@ -23,6 +23,8 @@ MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MT_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+LAYER_MEDIA_TYPES = {"gzip": MT_LAYER_GZIP, "zstd": MT_LAYER_ZSTD, "none": MT_LAYER_TAR}
 
 
 @dataclass
@@ -99,6 +101,44 @@ class _RandomReader(io.RawIOBase):
         return os.urandom(n)
 
 
+def _compress_tar(blobs: str, tar_path: str, compression: str) -> tuple[str, int, str]:
+    """Compress a tar file into a layer blob; returns (digest, size, diff_id)."""
+    tmp = os.path.join(blobs, ".layer.tmp")
+    inner = hashlib.sha256()
+    with open(tar_path, "rb") as src, open(tmp, "wb") as raw:
+        outer = _HashingWriter(raw)
+        if compression == "gzip":
+            sink = gzip.GzipFile(fileobj=outer, mode="wb", compresslevel=1, mtime=0)
+        elif compression == "zstd":
+            import zstandard
+
+            sink = zstandard.ZstdCompressor(level=3).stream_writer(outer, closefd=False)
+        else:
+            sink = outer
+        while chunk := src.read(1 << 20):
+            inner.update(chunk)
+            sink.write(chunk)
+        if sink is not outer:
+            sink.close()
+    digest = outer.h.hexdigest()
+    os.rename(tmp, os.path.join(blobs, digest))
+    return "sha256:" + digest, outer.n, "sha256:" + inner.hexdigest()
+
+
+def build_image_from_tars(layout: str, tars: list[tuple[str, str]], tag: str = "v1",
+                          diff_ids: list[str] | None = None, cmd: list[str] | None = None) -> BuiltImage:
+    """An OCI layout with one image whose layers are the given tar files, each compressed
+    with "gzip", "zstd" or "none". `diff_ids` replaces the true ones (a lying config)."""
+    blobs = os.path.join(layout, "blobs", "sha256")
+    os.makedirs(blobs, exist_ok=True)
+    layers, true_ids = [], []
+    for path, compression in tars:
+        digest, size, diff_id = _compress_tar(blobs, path, compression)
+        layers.append({"mediaType": LAYER_MEDIA_TYPES[compression], "digest": digest, "size": size})
+        true_ids.append(diff_id)
+    return _write_image(layout, layers, diff_ids or true_ids, tag, _ARCH, cmd or ["/bin/true"])
+
+
 def build_image(layout: str, layer_sizes: list[int], tag: str = "v1", compress: bool = True,
                 arch: str = _ARCH) -> BuiltImage:
     """An OCI layout at `layout` with one image of random layers of the given sizes."""
@@ -109,10 +149,16 @@ def build_image(layout: str, layer_sizes: list[int], tag: str = "v1", compress: 
         digest, blob_size, diff_id = _write_layer(blobs, i, size, compress)
         layers.append({"mediaType": MT_LAYER_GZIP if compress else MT_LAYER_TAR, "digest": digest, "size": blob_size})
         diff_ids.append(diff_id)
+    return _write_image(layout, layers, diff_ids, tag, arch, ["/bin/true"])
+
+
+def _write_image(layout: str, layers: list[dict], diff_ids: list[str], tag: str, arch: str,
+                 cmd: list[str]) -> BuiltImage:
+    blobs = os.path.join(layout, "blobs", "sha256")
     config = {
         "architecture": arch,
         "os": "linux",
-        "config": {"Cmd": ["/bin/true"]},
+        "config": {"Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
     config_digest, config_size = _put_blob(blobs, json.dumps(config).encode())
