@@ -35,7 +35,10 @@ def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
     for pending in chunks:
         while True:
             fed = fed or bool(pending)
-            out = d.decompress(pending, READ_SIZE)
+            try:
+                out = d.decompress(pending, READ_SIZE)
+            except zlib.error as exc:  # tarfile would take this for an empty archive
+                raise CorruptLayer(f"gzip: {exc}") from None
             if out:
                 yield out
             if d.eof:

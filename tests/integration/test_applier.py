@@ -7,7 +7,6 @@ containerd binary — and the snapshots they leave are compared entry by entry.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import tarfile
@@ -20,7 +19,7 @@ from cs_p2p.api import cri_pb2, cri_pb2_grpc
 from cs_p2p.devcluster.images import build_image, build_image_from_tars, push_image
 from cs_p2p.devcluster.processes import Containerd, CsP2P, wait_for
 from cs_p2p.devcluster.releases import release
-from tests.conftest import HAVE_CONTAINERD, requires_containerd
+from tests.conftest import HAVE_CONTAINERD, applied_layers, requires_containerd
 from tests.integration.layers import TarBuilder, describe_tree, snapshot_dirs, tricky_layers
 
 pytestmark = [
@@ -28,12 +27,6 @@ pytestmark = [
     pytest.mark.skipif(not HAVE_CONTAINERD or not release().applies_layers,
                        reason="proxy diff plugins need containerd 2.x"),
 ]
-
-
-def applied(cs: CsP2P) -> list[dict]:
-    """The daemon's "layer applied" log records."""
-    with open(cs.proc.log_path) as f:
-        return [r for r in (json.loads(line) for line in f if line.startswith("{")) if r["msg"] == "layer applied"]
 
 
 class Pair:
@@ -82,7 +75,7 @@ def test_layers_applied_by_cs_p2p_are_the_trees_containerd_makes(pair, tricky):
     img, ref = tricky
     pair.stock.ctr(*pair.stock.pull_args(ref))
     pair.node.ctr(*pair.node.pull_args(ref))
-    records = applied(pair.cs)
+    records = applied_layers(pair.cs)
     assert sorted(r["digest"] for r in records) == sorted(img.layer_digests)  # each layer by cs-p2p, once
     assert_same_snapshots(pair.stock, pair.node, len(img.layer_digests))
     # overlay whiteouts and the opaque marker are really there (not only equal on both sides)
@@ -104,14 +97,14 @@ def test_a_container_runs_from_an_image_cs_p2p_applied(pair, tricky):
 def test_ctr_local_pull_and_cri_pull_use_the_applier_too(pair, tricky, registry):
     img, ref = tricky
     pair.node.ctr("image", "pull", "--local", "--plain-http", ref)
-    assert len(applied(pair.cs)) == len(img.layer_digests)
+    assert len(applied_layers(pair.cs)) == len(img.layer_digests)
     other = build_image(os.path.join(pair.cs.dir, "oci"), [1 << 20, 2 << 20])
     other_ref = push_image(other, registry.addr, "applier/cri")
     with grpc.insecure_channel("unix:" + pair.node.socket) as ch:
         cri = cri_pb2_grpc.ImageServiceStub(ch)
         cri.PullImage(cri_pb2.PullImageRequest(image=cri_pb2.ImageSpec(image=other_ref)), timeout=120,
                       metadata=[("containerd-namespace", "k8s.io")])
-    assert {r["digest"] for r in applied(pair.cs)} >= set(other.layer_digests)
+    assert {r["digest"] for r in applied_layers(pair.cs)} >= set(other.layer_digests)
 
 
 def test_a_layer_that_tries_to_escape_writes_nothing_outside_the_snapshot(pair, registry, workdir):

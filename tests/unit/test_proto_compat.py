@@ -19,24 +19,24 @@ CONTAINERD_PROTO = "github.com/containerd/containerd/api/services/content/v1/con
 GOGO_ROOT = os.path.join(GOCODE, "github.com/gogo/protobuf")
 
 
-def _containerd_descriptor(tmp_path) -> descriptor_pb2.FileDescriptorProto:
+def _containerd_descriptor(tmp_path, proto: str = CONTAINERD_PROTO) -> descriptor_pb2.FileDescriptorProto:
     grpc_tools = pytest.importorskip("grpc_tools")
     from grpc_tools import protoc
 
-    if not os.path.exists(os.path.join(GOCODE, CONTAINERD_PROTO)):
+    if not os.path.exists(os.path.join(GOCODE, proto)):
         pytest.skip("containerd's .proto files are not installed (golang-github-containerd-containerd-dev)")
     out = tmp_path / "containerd.pb"
     include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     rc = protoc.main(["protoc", f"-I{GOCODE}", f"-I{GOGO_ROOT}", f"-I{include}",
-                      f"--descriptor_set_out={out}", CONTAINERD_PROTO])
-    assert rc == 0, "protoc could not compile containerd's content.proto"
+                      f"--descriptor_set_out={out}", "--include_imports", proto])
+    assert rc == 0, f"protoc could not compile containerd's {proto}"
     fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
-    return next(f for f in fds.file if f.name == CONTAINERD_PROTO)
+    return next(f for f in fds.file if f.name == proto)
 
 
-def _ours() -> descriptor_pb2.FileDescriptorProto:
+def _ours(module=content_pb2) -> descriptor_pb2.FileDescriptorProto:
     fd = descriptor_pb2.FileDescriptorProto()
-    content_pb2.DESCRIPTOR.CopyToProto(fd)
+    module.DESCRIPTOR.CopyToProto(fd)
     return fd
 
 
@@ -81,3 +81,30 @@ def test_enums_match(tmp_path):
     theirs, ours = _containerd_descriptor(tmp_path), _ours()
     values = lambda fd: {e.name: [(v.name, v.number) for v in e.value] for e in fd.enum_type}  # noqa: E731
     assert values(ours) == values(theirs)
+
+
+DIFF_PROTO = "github.com/containerd/containerd/api/services/diff/v1/diff.proto"
+# Fields containerd 2.x added after the 1.6 file Debian ships: the rest must match it exactly.
+DIFF_2X_FIELDS = {".containerd.services.diff.v1.ApplyRequest": {4}, ".containerd.services.diff.v1.DiffRequest": {6}}
+
+
+def test_diff_service_matches_containerds(tmp_path):
+    from cs_p2p.api import diff_pb2, types_pb2
+
+    theirs, ours = _containerd_descriptor(tmp_path, DIFF_PROTO), _ours(diff_pb2)
+    assert ours.package == theirs.package == "containerd.services.diff.v1"
+    methods = lambda fd: {m.name: (m.input_type, m.output_type) for m in fd.service[0].method}  # noqa: E731
+    assert methods(ours) == methods(theirs)
+    mine, want = _messages(ours), _messages(theirs)
+    assert set(mine) == set(want)
+    for name, (fields, is_map) in want.items():
+        extra = {n: f for n, f in mine[name][0].items() if n not in fields}
+        assert set(extra) == DIFF_2X_FIELDS.get(name, set()), name
+        assert {n: f for n, f in mine[name][0].items() if n in fields} == fields, name
+    for name in ("mount", "descriptor"):
+        theirs_types = _containerd_descriptor(tmp_path, f"github.com/containerd/containerd/api/types/{name}.proto")
+        for msg in theirs_types.message_type:
+            if msg.name in types_pb2.DESCRIPTOR.message_types_by_name:
+                mine_msg = descriptor_pb2.DescriptorProto()
+                types_pb2.DESCRIPTOR.message_types_by_name[msg.name].CopyToProto(mine_msg)
+                assert _fields(mine_msg) == _fields(msg), msg.name
