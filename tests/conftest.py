@@ -21,6 +21,15 @@ GRPC_OPTS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_mess
 HAVE_CONTAINERD = all(shutil.which(b) for b in ("containerd", "ctr", "docker-registry", "skopeo")) and os.geteuid() == 0
 
 
+def pytest_report_header(config) -> str:
+    from cs_p2p.devcluster.releases import ENV, release
+
+    if not HAVE_CONTAINERD:
+        return "containerd: none (integration tests skipped)"
+    r = release()
+    return f"containerd: {r.name} ({r.series}) from {r.bin_dir}; {ENV} picks another"
+
+
 @pytest.fixture
 def workdir() -> Iterator[str]:
     # Short paths: unix socket names are limited to 108 bytes.

@@ -51,6 +51,50 @@ def test_containerd_config_disables_builtin_and_registers_proxy():
     assert shipped["disabled_plugins"] == cfg["disabled_plugins"]
 
 
+def test_containerd_config_for_2x_makes_cs_p2p_the_applier_of_every_pull_path():
+    import tomllib
+
+    def fragment(*args: str) -> dict:
+        return tomllib.loads(subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--socket",
+                                             "/run/x.sock", *args], capture_output=True, text=True, check=True).stdout)
+
+    cfg = fragment("--containerd-version", "2", "--max-concurrent-unpacks", "3")
+    assert cfg["version"] == 3
+    assert cfg["disabled_plugins"] == ["io.containerd.content.v1.content"]
+    assert cfg["proxy_plugins"] == {"cs-p2p": {"type": "content", "address": "/run/x.sock"},
+                                    "cs-p2p-diff": {"type": "diff", "address": "/run/x.sock"}}
+    assert cfg["plugins"]["io.containerd.service.v1.diff-service"]["default"] == ["cs-p2p-diff", "walking"]
+    transfer = cfg["plugins"]["io.containerd.transfer.v1.local"]
+    assert transfer["max_concurrent_unpacks"] == 3
+    assert transfer["unpack_config"] == [{"platform": transfer["unpack_config"][0]["platform"],
+                                          "snapshotter": "overlayfs", "differ": "cs-p2p-diff"}]
+    for old in ("1.6", "1.7"):  # their proxy plugins cannot apply layers: content only
+        cfg = fragment("--containerd-version", old)
+        assert cfg["version"] == 2 and set(cfg["proxy_plugins"]) == {"cs-p2p"} and "plugins" not in cfg
+    with open("packaging/containerd/config.toml", "rb") as f:
+        shipped = tomllib.load(f)
+    assert shipped["version"] == 3 and shipped["proxy_plugins"]["cs-p2p-diff"]["type"] == "diff"
+    with open("packaging/containerd/config-1.6-1.7.toml", "rb") as f:
+        assert set(tomllib.load(f)["proxy_plugins"]) == {"cs-p2p"}
+
+
+def test_containerd_release_is_read_from_its_version(tmp_path):
+    from cs_p2p.containerd_config import detect_release
+
+    for printed, want in (("containerd github.com/containerd/containerd/v2 v2.3.4 abc", "2"),
+                          ("containerd containerd.io 1.7.34 abc", "1.7"), ("containerd 1.6.20~ds1 1.6.20~ds1", "1.6")):
+        fake = tmp_path / "containerd"
+        fake.write_text(f"#!/bin/sh\necho '{printed}'\n")
+        fake.chmod(0o755)
+        assert detect_release(str(fake)) == want
+    fake.write_text("#!/bin/sh\necho 'containerd v1.5.0'\n")
+    with pytest.raises(ValueError):
+        detect_release(str(fake))
+    bad = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--containerd-version", "3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
 def test_mirror_section_and_flags(tmp_path):
     from cs_p2p.config import MirrorRegistry
 
