@@ -97,3 +97,22 @@ def test_an_empty_layer_applies_to_nothing(daemon, differ, tmp_path):
         resp = apply(differ, digest, str(tmp_path))
         assert resp.applied.size == len(gzip.decompress(blob)) if blob else resp.applied.size == 0
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_mounts_other_than_one_overlay_or_bind_are_mounted_for_the_apply(daemon, differ, tmp_path):
+    """Two stacked bind mounts, as containerd's WithTempMount would stack them: the layer
+    lands in the top one, and nothing stays mounted."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    tar = layer_tar({"etc/hello": b"hi"})
+    digest = commit_via_socket(daemon, gzip.compress(tar))
+    resp = differ.Apply(pb.ApplyRequest(
+        diff=types_pb2.Descriptor(media_type=MT_GZIP, digest=digest),
+        mounts=[types_pb2.Mount(type="bind", source=str(lower), options=["rbind"]),
+                types_pb2.Mount(type="bind", source=str(upper), options=["rbind"])]), timeout=60)
+    assert resp.applied.digest == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert (upper / "etc" / "hello").read_bytes() == b"hi" and os.listdir(lower) == []
+    with open("/proc/self/mountinfo") as f:
+        assert "cs-p2p-apply-" not in f.read()

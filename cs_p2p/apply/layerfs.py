@@ -134,6 +134,7 @@ class LayerApplier:
     unpacked: set[str] = field(default_factory=set)
     dirs: list[tuple[str, int, int]] = field(default_factory=list)  # (name, atime, mtime)
     _resolved: dict[str, str] = field(default_factory=dict)  # parent name -> resolved path
+    _dirs_seen: set[str] = field(default_factory=set)  # parents known to be directories
 
     def __post_init__(self) -> None:
         self.root = _clean(os.path.abspath(self.root))
@@ -141,6 +142,7 @@ class LayerApplier:
     def _forget_resolutions(self) -> None:
         """Something was removed or a link made: cached parent resolutions may be stale."""
         self._resolved.clear()
+        self._dirs_seen.clear()
 
     def _resolve_parent(self, ppath: str) -> str:
         hit = self._resolved.get(ppath)
@@ -164,7 +166,10 @@ class LayerApplier:
         if path == self.root:
             return  # the root's own attributes are never changed
         if ppath != self.root:
-            self._mkparent(ppath if base else posixpath.dirname(path))
+            parent = ppath if base else posixpath.dirname(path)
+            if parent not in self._dirs_seen:
+                self._mkparent(parent)
+                self._dirs_seen.add(parent)
         if not self._whiteout(member, path):
             return
         try:

@@ -44,10 +44,11 @@ class ApplyPool:
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["cs_p2p.apply.worker"])
-            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx,
-                                                                initializer=worker.init_worker)
+            # spawn, not fork (grpc's threads) nor forkserver: a forkserver outlives a killed
+            # daemon, held alive by its workers, and they by it; spawned workers are the daemon's
+            # own children and die with it (PR_SET_PDEATHSIG).
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker.init_worker)
         return self._pool
 
     def close(self) -> None:

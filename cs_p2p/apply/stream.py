@@ -98,20 +98,57 @@ class HashingStream:
         self._chunks = chunks
         self._buf = memoryview(b"")
         self.hasher = hashlib.sha256()
-        self.size = 0
+        self.size = 0  # bytes the decompressor produced
+        self.pos = 0  # bytes handed out (or skipped)
+
+    def _fill(self) -> bool:
+        chunk = next(self._chunks, b"")
+        if not chunk:
+            return False
+        self.hasher.update(chunk)
+        self.size += len(chunk)
+        self._buf = memoryview(chunk)
+        return True
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             return b"".join(iter(lambda: self.read(READ_SIZE), b""))
-        if not self._buf:
-            chunk = next(self._chunks, b"")
-            if not chunk:
-                return b""
-            self.hasher.update(chunk)
-            self.size += len(chunk)
-            self._buf = memoryview(chunk)
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out.tobytes()
+        if not self._buf and not self._fill():
+            return b""
+        if len(self._buf) >= n:
+            out, self._buf = self._buf[:n], self._buf[n:]
+            self.pos += n
+            return out.tobytes()
+        parts = [self._buf.tobytes()]  # a read across chunks: tarfile wants exactly n bytes
+        got = len(parts[0])
+        self._buf = memoryview(b"")
+        while got < n and self._fill():
+            take = self._buf[:n - got]
+            parts.append(take.tobytes())
+            got += len(take)
+            self._buf = self._buf[len(take):]
+        self.pos += got
+        return b"".join(parts)
+
+    # Forward-only seeking lets tarfile read members in place (its plain reader) instead of
+    # its stream mode, which re-slices a whole buffer on every small read.
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self.pos + offset if whence == 1 else -1
+        if target < self.pos:
+            raise CorruptLayer(f"the layer stream cannot seek back (from {self.pos} to {target})")
+        while self.pos < target:
+            if not self._buf and not self._fill():
+                break  # past the end: the next read finds nothing, as with a file
+            skip = min(len(self._buf), target - self.pos)
+            self._buf = self._buf[skip:]
+            self.pos += skip
+        return self.pos
 
     def drain(self) -> None:
         """Read what follows the tar's end: it counts in the diff_id as in containerd."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .layerfs import InvalidLayer, LayerApplier
-from .stream import READ_SIZE, CorruptLayer, HashingStream
+from .stream import CorruptLayer, HashingStream
 
 MountSpec = tuple[str, str, tuple[str, ...]]  # (type, source, options)
 
@@ -82,7 +82,7 @@ def _syncfs(path: str) -> None:
 
 def _write(stream: HashingStream, applier: LayerApplier) -> None:
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|", bufsize=READ_SIZE)  # type: ignore[call-overload]
+        tar = tarfile.open(fileobj=stream, mode="r:")  # type: ignore[call-overload]
     except tarfile.ReadError:
         if stream.size == 0:
             return  # an empty layer: nothing to write

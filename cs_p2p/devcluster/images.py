@@ -214,3 +214,28 @@ def push_image(image: BuiltImage, registry_addr: str, name: str) -> str:
         check=True, capture_output=True, timeout=600,
     )
     return ref
+
+
+def build_small_files_image(layout: str, files: int = 50_000, layers: int = 4, tag: str = "v1") -> BuiltImage:
+    """An image of many small files (100 B - 4 KiB of hex text, so gzip has work to do),
+    spread over `layers` gzip layers of 50 files per directory: the unpack cost per entry."""
+    tars = []
+    per_layer = -(-files // layers)
+    for n in range(layers):
+        path = os.path.join(layout, f"files-{n}.tar")
+        os.makedirs(layout, exist_ok=True)
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for i in range(n * per_layer, min(files, (n + 1) * per_layer)):
+                if i % 50 == 0:
+                    d = tarfile.TarInfo(f"l{n}/d{i // 50}")
+                    d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 1_600_000_000
+                    tar.addfile(d)
+                data = os.urandom(50 + i % 2000).hex().encode()
+                info = tarfile.TarInfo(f"l{n}/d{i // 50}/f{i}")
+                info.size, info.mode, info.mtime = len(data), 0o644, 1_600_000_000
+                tar.addfile(info, io.BytesIO(data))
+        tars.append((path, "gzip"))
+    img = build_image_from_tars(layout, tars, tag)
+    for path, _ in tars:
+        os.unlink(path)
+    return img

@@ -17,6 +17,7 @@ import pytest
 
 from cs_p2p.api import cri_pb2, cri_pb2_grpc
 from cs_p2p.devcluster.images import build_image, build_image_from_tars, push_image
+from cs_p2p.devcluster import proctree
 from cs_p2p.devcluster.processes import Containerd, CsP2P, wait_for
 from cs_p2p.devcluster.releases import release
 from tests.conftest import HAVE_CONTAINERD, applied_layers, requires_containerd
@@ -170,8 +171,12 @@ def test_cs_p2p_killed_mid_apply_fails_that_pull_and_the_next_pull_succeeds(pair
     try:
         wait_for(lambda: any(os.path.isdir(os.path.join(fs, "d0")) for fs in snapshot_dirs(pair.node.root)), 120,
                  "the layer to be half applied")
+        processes = proctree.tree(pair.cs.proc.popen.pid)
+        assert len(processes) > 1  # the daemon and its apply worker(s)
         pair.cs.kill()
         assert pull.wait(120) != 0
+        # no worker goes on writing into a snapshot nobody waits for
+        wait_for(lambda: not any(proctree.alive(p) for p in processes), 30, "the apply workers to die with the daemon")
     finally:
         if pull.poll() is None:
             pull.kill()
