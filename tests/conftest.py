@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import shutil
@@ -80,13 +79,6 @@ async def dht_nodes():
     yield make
     for n in made:
         n.stop()
-
-
-def applied_layers(cs: CsP2P) -> list[dict]:
-    """The daemon's "layer applied" log records (containerd 2.x: cs-p2p applies layers)."""
-    with open(cs.proc.log_path) as f:
-        records = [json.loads(line) for line in f if line.startswith("{")]
-    return [r for r in records if r["msg"] == "layer applied"]
 
 
 def content_stub(cs: CsP2P) -> tuple[grpc.Channel, content_pb2_grpc.ContentStub]:

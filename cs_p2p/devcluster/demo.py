@@ -24,6 +24,7 @@ from ..config import MirrorRegistry
 from ..containerd_config import write_hosts_dir
 from .images import build_image, push_image
 from .processes import Containerd, CsP2P, Registry, free_port, wait_for
+from .releases import release
 
 
 def _mib(n: int) -> str:
@@ -83,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="csp-demo-", dir="/tmp")
     procs: list = []
     try:
-        print(f"work dir: {work}")
+        rel = release()
+        print(f"work dir: {work}   containerd {rel.name}"
+              + (" (cs-p2p is its content store and layer applier)" if rel.applies_layers else
+                 " (cs-p2p is its content store; this release takes no layer applier plugin)"))
         reg = Registry(os.path.join(work, "registry")).start()
         procs.append(reg)
         img = build_image(os.path.join(work, "image"), [args.layer_mib << 20] * args.layers)
@@ -104,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             ctd.ctr(*ctd.pull_args(ref))
             took = time.monotonic() - t0
             from_registry = sum(reg.blob_bytes_served().values()) - before
-            rows.append((name, took, from_registry, peer_bytes(cs)))
+            applied = cs.applied_layers()
+            rows.append((name, took, from_registry, peer_bytes(cs),
+                         f"{len(applied)} by cs-p2p ({sum(r['from'] == 'peers' for r in applied)} as they streamed)"
+                         if applied else "by containerd"))
             ok &= cs.blob_digests() == set(img.digests)
             if name == "node1" and len(nodes) > 1:
                 _wait_announced(first_dht, img.digests)
@@ -112,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"registry stopped after node1's pull: the other nodes resolve {ref} and fetch it from peers")
 
         print()
-        print(f"{'node':<8} {'pull':>8} {'from registry':>15} {'from peers':>12}")
-        for name, took, reg_bytes, peer in rows:
-            print(f"{name:<8} {took:>7.2f}s {_mib(reg_bytes):>15} {_mib(peer):>12}")
+        print(f"{'node':<8} {'pull':>8} {'from registry':>15} {'from peers':>12}   layers applied")
+        for name, took, reg_bytes, peer, applied in rows:
+            print(f"{name:<8} {took:>7.2f}s {_mib(reg_bytes):>15} {_mib(peer):>12}   {applied}")
         total_registry = sum(r[2] for r in rows)
         print(f"\nregistry served {_mib(total_registry)} for {args.nodes} pulls of a "
               f"{_mib(img.total_size)} image ({total_registry / img.total_size:.2f}x the image)")

@@ -7,6 +7,7 @@ cs-p2p registered as a content proxy plugin.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -206,6 +207,12 @@ class CsP2P:
     def blob_digests(self) -> set[str]:
         d = os.path.join(self.root, "blobs", "sha256")
         return {"sha256:" + n for n in os.listdir(d)} if os.path.isdir(d) else set()
+
+    def applied_layers(self) -> list[dict]:
+        """The daemon's "layer applied" log records (containerd 2.x: cs-p2p applies layers)."""
+        with open(self.proc.log_path) as f:
+            records = [json.loads(line) for line in f if line.startswith("{")]
+        return [r for r in records if r.get("msg") == "layer applied"]
 
     def ingest_dirs(self) -> list[str]:
         d = os.path.join(self.root, "ingest")

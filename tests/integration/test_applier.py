@@ -20,7 +20,7 @@ from cs_p2p.devcluster.images import build_image, build_image_from_tars, push_im
 from cs_p2p.devcluster import proctree
 from cs_p2p.devcluster.processes import Containerd, CsP2P, wait_for
 from cs_p2p.devcluster.releases import release
-from tests.conftest import HAVE_CONTAINERD, applied_layers, requires_containerd
+from tests.conftest import HAVE_CONTAINERD, requires_containerd
 from tests.integration.layers import TarBuilder, describe_tree, snapshot_dirs, tricky_layers
 
 pytestmark = [
@@ -76,7 +76,7 @@ def test_layers_applied_by_cs_p2p_are_the_trees_containerd_makes(pair, tricky):
     img, ref = tricky
     pair.stock.ctr(*pair.stock.pull_args(ref))
     pair.node.ctr(*pair.node.pull_args(ref))
-    records = applied_layers(pair.cs)
+    records = pair.cs.applied_layers()
     assert sorted(r["digest"] for r in records) == sorted(img.layer_digests)  # each layer by cs-p2p, once
     assert_same_snapshots(pair.stock, pair.node, len(img.layer_digests))
     # overlay whiteouts and the opaque marker are really there (not only equal on both sides)
@@ -98,14 +98,14 @@ def test_a_container_runs_from_an_image_cs_p2p_applied(pair, tricky):
 def test_ctr_local_pull_and_cri_pull_use_the_applier_too(pair, tricky, registry):
     img, ref = tricky
     pair.node.ctr("image", "pull", "--local", "--plain-http", ref)
-    assert len(applied_layers(pair.cs)) == len(img.layer_digests)
+    assert len(pair.cs.applied_layers()) == len(img.layer_digests)
     other = build_image(os.path.join(pair.cs.dir, "oci"), [1 << 20, 2 << 20])
     other_ref = push_image(other, registry.addr, "applier/cri")
     with grpc.insecure_channel("unix:" + pair.node.socket) as ch:
         cri = cri_pb2_grpc.ImageServiceStub(ch)
         cri.PullImage(cri_pb2.PullImageRequest(image=cri_pb2.ImageSpec(image=other_ref)), timeout=120,
                       metadata=[("containerd-namespace", "k8s.io")])
-    assert {r["digest"] for r in applied_layers(pair.cs)} >= set(other.layer_digests)
+    assert {r["digest"] for r in pair.cs.applied_layers()} >= set(other.layer_digests)
 
 
 def test_a_layer_that_tries_to_escape_writes_nothing_outside_the_snapshot(pair, registry, workdir):

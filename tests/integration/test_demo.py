@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from cs_p2p.devcluster.releases import release
 from tests.conftest import requires_containerd
 
 
@@ -18,3 +19,5 @@ def test_demo_pulls_from_the_registry_once_then_from_peers_with_the_registry_dow
     assert rows["node2"][2:4] == ["0.0", "MiB"]  # nothing from the registry
     assert "(1.00x the image)" in res.stdout
     assert res.stdout.rstrip().endswith("demo: OK")
+    if release().applies_layers:  # containerd 2.x: every node's layers were applied by its cs-p2p
+        assert all(" ".join(row).count("2 by cs-p2p") == 1 for row in rows.values()), res.stdout

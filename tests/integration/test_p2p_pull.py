@@ -13,7 +13,7 @@ import pytest
 from cs_p2p.devcluster.images import build_image, push_image
 from cs_p2p.devcluster.processes import free_port, wait_for
 from cs_p2p.devcluster.releases import release
-from tests.conftest import Node, applied_layers, requires_containerd
+from tests.conftest import Node, requires_containerd
 from tests.integration.test_containerd import assert_unpacked
 
 pytestmark = requires_containerd
@@ -80,7 +80,7 @@ def test_second_and_third_node_pull_from_peers_not_the_registry(cluster, registr
     if release().applies_layers:
         # containerd 2.x: cs-p2p applied node 2's first two layers (two apply slots) from their
         # fetches as the pieces came in: node 1 uploads at 8 MiB/s, neither was complete yet
-        records = {r["digest"]: r["from"] for r in applied_layers(n2.cs)}
+        records = {r["digest"]: r["from"] for r in n2.cs.applied_layers()}
         assert sorted(records) == sorted(img.layer_digests)
         assert [records[d] for d in img.layer_digests[:2]] == ["peers", "peers"]
 
