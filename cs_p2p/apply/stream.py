@@ -15,6 +15,7 @@ from typing import BinaryIO, Iterator
 READ_SIZE = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b\x08"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_SLICE = 64 << 10  # compressed bytes per decompress step
 
 
 class CorruptLayer(Exception):
@@ -55,25 +56,30 @@ def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
         raise CorruptLayer("gzip: unexpected end of stream")
 
 
-def _unzstd(f: BinaryIO, first: bytes) -> Iterator[bytes]:
+def _unzstd(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Concatenated zstd frames, like containerd's reader; input fed in small slices so that
+    each step's output stays small, and a frame cut short is an error (zstandard's own
+    stream reader ends quietly there)."""
     import zstandard  # only workers that meet a zstd layer pay for the import
 
-    class Prefixed:
-        def __init__(self) -> None:
-            self.first = first
-
-        def read(self, n: int = -1) -> bytes:
-            if self.first:
-                out, self.first = self.first, b""
-                return out
-            return f.read(n)
-
-    reader = zstandard.ZstdDecompressor().stream_reader(Prefixed(), read_size=READ_SIZE, read_across_frames=True)
-    try:
-        while chunk := reader.read(READ_SIZE):
-            yield chunk
-    except zstandard.ZstdError as exc:
-        raise CorruptLayer(f"zstd: {exc}") from None
+    dctx = zstandard.ZstdDecompressor()
+    obj, fed = dctx.decompressobj(), False
+    for chunk in chunks:
+        for start in range(0, len(chunk), ZSTD_SLICE):
+            data = chunk[start:start + ZSTD_SLICE]
+            while data:
+                fed = True
+                try:
+                    out = obj.decompress(data)
+                except zstandard.ZstdError as exc:
+                    raise CorruptLayer(f"zstd: {exc}") from None
+                if out:
+                    yield out
+                if not obj.eof:
+                    break
+                data, obj, fed = obj.unused_data, dctx.decompressobj(), False
+    if fed:
+        raise CorruptLayer("zstd: unexpected end of stream")
 
 
 class HashingStream:
@@ -91,7 +97,7 @@ class HashingStream:
             chunks = _gunzip(_raw_chunks(f, first))
         elif first.startswith(ZSTD_MAGIC):
             self.compression = "zstd"
-            chunks = _unzstd(f, first)
+            chunks = _unzstd(_raw_chunks(f, first))
         else:
             self.compression = "none"
             chunks = _raw_chunks(f, first)
