@@ -29,7 +29,6 @@ import stat
 import tarfile
 from collections import deque
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 log = logging.getLogger("cs_p2p.apply")
 
@@ -151,8 +150,9 @@ class LayerApplier:
         return hit
 
     def apply(self, tar: tarfile.TarFile) -> None:
-        for member in tar:
+        while (member := tar.next()) is not None:
             self._entry(tar, member)
+            tar.members.clear()  # tarfile keeps every header it read; a layer may have millions
         for name, atime, mtime in self.dirs:
             os.utime(root_path(self.root, name), ns=(atime, mtime), follow_symlinks=False)
 
@@ -183,7 +183,8 @@ class LayerApplier:
         self._create(tar, member, path)
         if member.isdir():
             self.dirs.append((name, *_times(member)))
-        self.unpacked.add(path)
+        if not self.overlay:  # only an opaque marker without overlay asks what this layer unpacked
+            self.unpacked.add(path)
 
     def _whiteout(self, member: tarfile.TarInfo, path: str) -> bool:
         """Handle a whiteout entry; False if the entry is one (nothing more to write)."""
@@ -263,7 +264,7 @@ class LayerApplier:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
             try:
                 if member.size:
-                    _copy(tar.extractfile(member), fd)
+                    _copy(tar, member, fd)
                 os.fchown(fd, member.uid, member.gid)
                 self._xattrs(member, fd, path, regular_or_dir=True)
                 os.fchmod(fd, mode)
@@ -327,7 +328,15 @@ class LayerApplier:
                 raise
 
 
-def _copy(src: BinaryIO | None, fd: int) -> None:
+def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
+    """A member's data into `fd`: straight from the layer stream where it offers that,
+    through tarfile otherwise (sparse members, plain files in tests)."""
+    stream = tar.fileobj
+    if hasattr(stream, "copy_to") and not member.issparse():
+        stream.seek(member.offset_data)
+        stream.copy_to(fd, member.size)
+        return
+    src = tar.extractfile(member)
     assert src is not None
     while True:
         chunk = src.read(COPY_CHUNK)

@@ -9,6 +9,7 @@ containerd checks against the image config.
 from __future__ import annotations
 
 import hashlib
+import os
 import zlib
 from typing import BinaryIO, Iterator
 
@@ -135,6 +136,19 @@ class HashingStream:
             self._buf = self._buf[len(take):]
         self.pos += got
         return b"".join(parts)
+
+    def copy_to(self, fd: int, n: int) -> None:
+        """Write the next `n` bytes to `fd` straight from the decompressor's buffers (no copy
+        through tarfile's file object); CorruptLayer if the stream ends first."""
+        while n > 0:
+            if not self._buf and not self._fill():
+                raise CorruptLayer("unexpected end of data")
+            view = self._buf[:n]
+            self._buf = self._buf[len(view):]
+            self.pos += len(view)
+            n -= len(view)
+            while view:
+                view = view[os.write(fd, view):]
 
     # Forward-only seeking lets tarfile read members in place (its plain reader) instead of
     # its stream mode, which re-slices a whole buffer on every small read.

@@ -199,6 +199,7 @@ class ContentService(pb_grpc.ContentServicer):
                         async for resp in self._answer_filled(context, req, shared):
                             yield resp
                         return
+                writer.messages += 1
                 resp = await self._write_step(writer, req)
                 yield resp
                 if req.action == pb.COMMIT:
@@ -285,7 +286,8 @@ class ContentService(pb_grpc.ContentServicer):
             expected = req.expected or writer.expected
             digest = await asyncio.get_running_loop().run_in_executor(
                 None, writer.commit_sync, req.total or writer.total, expected, labels)
-            log.info("blob committed", extra={"digest": digest, "size": writer.offset, "ref": writer.ref})
+            log.info("blob committed", extra={"digest": digest, "size": writer.offset, "ref": writer.ref,
+                                              "messages": writer.messages})
             if self.events:
                 self.events.committed(digest, writer.offset)
         return pb.WriteContentResponse(

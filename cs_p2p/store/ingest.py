@@ -99,6 +99,7 @@ class IngestWriter:
         self._inflight_bytes: collections.deque[int] = collections.deque()
         self.closed = False
         self.committed = False
+        self.messages = 0  # requests of the Write stream (benchmarks: how containerd chunks a blob)
         self.published_as: str | None = None
         # Peers may stream the ingest while it is written: they follow its durable length.
         self.generation = 0
