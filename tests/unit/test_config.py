@@ -13,15 +13,16 @@ from cs_p2p.config import Config, ConfigError, load_config
 def test_toml_then_flags(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('root = "/data/cs"\nsocket = "/run/a.sock"\nlog-level = "debug"\nsocket-mode = "0600"\n')
-    cfg = load_config(str(f), {"socket": "/run/b.sock", "root": None})
-    assert cfg == Config(root="/data/cs", socket="/run/b.sock", log_level="debug", socket_mode=0o600)
+    cfg = load_config(str(f), {"socket": "/run/b.sock", "root": None, "apply_workers": 3})
+    assert cfg == Config(root="/data/cs", socket="/run/b.sock", log_level="debug", socket_mode=0o600,
+                         apply_workers=3)
 
 
 @pytest.mark.parametrize("body", ['bogus = 1\n', 'root = 5\n', 'log-level = "loud"\n', "root = \n",
                                   'node-key-file = "/k"\n',  # key-pair membership needs all three files
                                   'cluster-token-file = "/t"\nnode-key-file = "/k"\nnode-cert-file = "/c"\n'
                                   'cluster-ca-file = "/ca"\n',  # and is not mixed with a token
-                                  'socket-group = "no such group here"\n', 'ingest-max-bytes = 0\n'])
+                                  'socket-group = "no such group here"\n', 'ingest-max-bytes = 0\n', 'apply-workers = -1\n'])
 def test_bad_config_is_an_error(tmp_path, body):
     f = tmp_path / "c.toml"
     f.write_text(body)
