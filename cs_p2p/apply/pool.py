@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
 import multiprocessing
 import os
 import uuid
-from typing import Callable
 from concurrent.futures.process import BrokenProcessPool
+from typing import Callable
 
 from ..errors import Aborted, LayerRejected
 from ..fetch.fetcher import Fetch, FetchFailed
@@ -41,6 +42,9 @@ class ApplyPool:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(fifo_dir, name))
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        # FIFO feeders block (on open until a worker reads, on a full pipe): threads of their
+        # own, so that queued applies never starve the default executor Read and Write use.
+        self._feeders = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="apply-feed")
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
@@ -56,6 +60,7 @@ class ApplyPool:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._feeders.shutdown(wait=False, cancel_futures=True)
 
     async def apply_file(self, path: str, target: Target, sync_fs: bool) -> tuple[str, int]:
         return await self._run(path, target, sync_fs)
@@ -87,10 +92,14 @@ class ApplyPool:
 
     async def _feed(self, fetch: Fetch, fifo: str) -> None:
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(None, os.open, fifo, os.O_WRONLY | os.O_CLOEXEC)
+        opening = loop.run_in_executor(self._feeders, os.open, fifo, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            out = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the open may still complete: its fd must not leak
+            opening.add_done_callback(lambda f: f.cancelled() or f.exception() or os.close(f.result()))
+            raise
         try:
             with contextlib.suppress(OSError):
-                import fcntl
                 fcntl.fcntl(out, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
             src = fetch.open(self.committed_path(fetch.digest))
             try:
@@ -98,7 +107,7 @@ class ApplyPool:
                 while offset < fetch.size:
                     n = min(FEED_CHUNK, fetch.size - offset)
                     await fetch.wait_range(offset, n)
-                    sent = await loop.run_in_executor(None, _send, out, src, offset, n)
+                    sent = await loop.run_in_executor(self._feeders, _send, out, src, offset, n)
                     offset += sent
             finally:
                 os.close(src)

@@ -51,18 +51,22 @@ def target_for(mounts: list[MountSpec]) -> Target:
 
 
 @contextlib.contextmanager
-def _mounted(mounts: tuple[MountSpec, ...]) -> Iterator[str]:
-    """The mounts stacked on a temporary directory, as containerd's WithTempMount does."""
+def _destination(target: Target) -> Iterator[LayerApplier]:
+    """The applier for the target; other mounts stacked on a temporary directory for the time
+    of the apply, as containerd's WithTempMount does."""
+    if target.kind != "mount":
+        yield LayerApplier(target.path, target.kind == "overlay", list(target.parents))
+        return
     where = tempfile.mkdtemp(prefix="cs-p2p-apply-")
     done = 0
     try:
-        for kind, source, options in mounts:
+        for kind, source, options in target.mounts:
             argv = ["mount", "-t", kind] + (["-o", ",".join(options)] if options else []) + [source, where]
             res = subprocess.run(argv, capture_output=True, text=True)
             if res.returncode != 0:
                 raise OSError(f"mount {kind} {source}: {res.stderr.strip()}")
             done += 1
-        yield where
+        yield LayerApplier(where)
     finally:
         for _ in range(done):
             subprocess.run(["umount", where], capture_output=True)
@@ -97,17 +101,11 @@ def apply_layer(source: str, target: Target, sync_fs: bool = False) -> tuple[str
     with open(source, "rb", buffering=0) as f:
         try:
             stream = HashingStream(f)
-            if target.kind == "mount":
-                with _mounted(target.mounts) as root:
-                    _write(stream, LayerApplier(root))
-                    stream.drain()
-                    if sync_fs:
-                        _syncfs(root)
-            else:
-                _write(stream, LayerApplier(target.path, target.kind == "overlay", list(target.parents)))
+            with _destination(target) as applier:
+                _write(stream, applier)
                 stream.drain()
                 if sync_fs:
-                    _syncfs(target.path)
+                    _syncfs(applier.root)
         except (tarfile.TarError, CorruptLayer, EOFError) as exc:
             raise InvalidLayer(f"invalid layer: {exc}") from None
     return stream.diff_id, stream.size
