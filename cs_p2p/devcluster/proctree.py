@@ -63,3 +63,41 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
     return total / tick
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size of the process and its descendants: shared pages (the
+    interpreter and libraries every worker maps too) split between them, not counted again
+    in each, as a sum of RSS would."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+        except OSError:
+            continue
+    return total / 1024
+
+
+class PeakPss:
+    """Samples `pss_mib(pid)` every `interval` seconds while in the `with` block; `.peak`."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        import threading
+
+        self.pid, self.interval, self.peak = pid, interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, pss_mib(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakPss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
