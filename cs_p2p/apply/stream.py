@@ -84,7 +84,8 @@ def _unzstd(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 class HashingStream:
-    """A read-only file over the decompressed chunks: what tarfile reads in stream mode."""
+    """A read-only, forward-only file over the decompressed chunks: what tarfile reads the
+    layer from (its plain reader, with `seek` skipping forward)."""
 
     def __init__(self, f: BinaryIO) -> None:
         first = f.read(4)
@@ -117,38 +118,30 @@ class HashingStream:
         self._buf = memoryview(chunk)
         return True
 
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            return b"".join(iter(lambda: self.read(READ_SIZE), b""))
-        if not self._buf and not self._fill():
-            return b""
-        if len(self._buf) >= n:
-            out, self._buf = self._buf[:n], self._buf[n:]
-            self.pos += n
-            return out.tobytes()
-        parts = [self._buf.tobytes()]  # a read across chunks: tarfile wants exactly n bytes
-        got = len(parts[0])
-        self._buf = memoryview(b"")
-        while got < n and self._fill():
-            take = self._buf[:n - got]
-            parts.append(take.tobytes())
-            got += len(take)
-            self._buf = self._buf[len(take):]
-        self.pos += got
-        return b"".join(parts)
-
-    def copy_to(self, fd: int, n: int) -> None:
-        """Write the next `n` bytes to `fd` straight from the decompressor's buffers (no copy
-        through tarfile's file object); CorruptLayer if the stream ends first."""
-        while n > 0:
-            if not self._buf and not self._fill():
-                raise CorruptLayer("unexpected end of data")
+    def _take(self, n: int) -> Iterator[memoryview]:
+        """The next (up to) `n` bytes as views into the decompressor's chunks, consumed as
+        they are yielded; fewer if the stream ends."""
+        while n > 0 and (self._buf or self._fill()):
             view = self._buf[:n]
             self._buf = self._buf[len(view):]
             self.pos += len(view)
             n -= len(view)
+            yield view
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(READ_SIZE), b""))
+        return b"".join(self._take(n))  # tarfile wants exactly n bytes, across chunks too
+
+    def copy_to(self, fd: int, n: int) -> None:
+        """Write the next `n` bytes to `fd` straight from the decompressor's buffers (no copy
+        through tarfile's file object); CorruptLayer if the stream ends first."""
+        for view in self._take(n):
+            n -= len(view)
             while view:
                 view = view[os.write(fd, view):]
+        if n:
+            raise CorruptLayer("unexpected end of data")
 
     # Forward-only seeking lets tarfile read members in place (its plain reader) instead of
     # its stream mode, which re-slices a whole buffer on every small read.
@@ -162,12 +155,8 @@ class HashingStream:
         target = offset if whence == 0 else self.pos + offset if whence == 1 else -1
         if target < self.pos:
             raise CorruptLayer(f"the layer stream cannot seek back (from {self.pos} to {target})")
-        while self.pos < target:
-            if not self._buf and not self._fill():
-                break  # past the end: the next read finds nothing, as with a file
-            skip = min(len(self._buf), target - self.pos)
-            self._buf = self._buf[skip:]
-            self.pos += skip
+        for _ in self._take(target - self.pos):
+            pass  # past the end it stops: the next read finds nothing, as with a file
         return self.pos
 
     def drain(self) -> None:
