@@ -93,27 +93,39 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_ca(common_name: str = "cs-p2p cluster CA", days: int = 3650) -> tuple[Ed25519PrivateKey, x509.Certificate]:
+def key_ids(builder: x509.CertificateBuilder, subject: Ed25519PublicKey,
+            issuer: Ed25519PublicKey) -> x509.CertificateBuilder:
+    """Subject and authority key identifiers.  A trust bundle may hold several CAs (rotation):
+    OpenSSL picks the issuer among them by these identifiers and by name, and without them it
+    tries the first certificate whose name matches and fails on its signature."""
+    return (builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(subject), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer), critical=False))
+
+
+def make_ca(common_name: str = "", days: int = 3650) -> tuple[Ed25519PrivateKey, x509.Certificate]:
+    """A cluster CA.  Its default name carries its key id, so the old and the new CA of a
+    rotation never share a subject."""
     key = Ed25519PrivateKey.generate()
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .sign(key, None))
-    return key, cert
+    key_id = x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest.hex()[:16]
+    name = _name(common_name or f"cs-p2p cluster CA {key_id}")
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True))
+    return key, key_ids(builder, key.public_key(), key.public_key()).sign(key, None)
 
 
 def issue(ca_key: Ed25519PrivateKey, ca_cert: x509.Certificate, public: Ed25519PublicKey,
           days: int = 365, not_before: datetime.datetime | None = None) -> x509.Certificate:
     """A member certificate for `public`; its common name is the node id the key implies."""
     now = not_before or datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
-    return (x509.CertificateBuilder().subject_name(_name(node_id_of(_raw(public)).hex()))
-            .issuer_name(ca_cert.subject).public_key(public).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, None))
+    builder = (x509.CertificateBuilder().subject_name(_name(node_id_of(_raw(public)).hex()))
+               .issuer_name(ca_cert.subject).public_key(public).serial_number(x509.random_serial_number())
+               .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+    return key_ids(builder, public, ca_key.public_key()).sign(ca_key, None)
 
 
 @dataclass(frozen=True)

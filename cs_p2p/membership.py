@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from .auth import Sealer, derive, load_tokens
-from .identity import Identity, KeySealer, write_atomically, write_cert, write_private
+from .identity import Identity, KeySealer, key_ids, write_atomically, write_cert, write_private
 
 
 @dataclass
@@ -68,14 +68,18 @@ def tls_contexts(cert: str, key: str, trusted: str) -> tuple[ssl.SSLContext, ssl
 
 def _token_cert(token: bytes) -> tuple[Ed25519PrivateKey, x509.Certificate]:
     """The same key and self-signed certificate on every node that holds `token` (Ed25519
-    signatures are deterministic, and every field is fixed)."""
+    signatures are deterministic, and every field is fixed).  Name, serial and key ids follow
+    from the key: during a rotation the bundle holds two of these, and OpenSSL must be able
+    to tell them apart (with one shared name it tries the first and fails on its signature)."""
     key = Ed25519PrivateKey.from_private_bytes(derive(token, "tls"))
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cs-p2p cluster (token)")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(datetime.datetime(2020, 1, 1))
-            .not_valid_after(datetime.datetime(2199, 12, 31))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, None))
-    return key, cert
+    key_id = x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"cs-p2p cluster (token) {key_id.hex()[:16]}")])
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(int.from_bytes(key_id[:16], "big") >> 1 or 1)
+               .not_valid_before(datetime.datetime(2020, 1, 1))
+               .not_valid_after(datetime.datetime(2199, 12, 31))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True))
+    return key, key_ids(builder, key.public_key(), key.public_key()).sign(key, None)
 
 
 def token_tls_files(tokens: list[bytes], tls_dir: str) -> tuple[str, str]:
