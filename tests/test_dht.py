@@ -162,3 +162,44 @@ async def test_tag_records_cannot_be_forged_or_dated_in_the_future(network):
         ok, reply = await nodes[0].protocol.add_tag(target, nodes[0].node_id, key, bad)
         assert ok and "error" in reply, bad
     assert (await nodes[2].find_tag(REF)).digest == D1
+
+
+async def test_hundreds_of_operator_lookups_leave_no_dead_contact_behind(network, capsys):
+    """`cs-p2p locate` run over and over (an operator polling): each run is a short-lived
+    client, and none of them may stay in a node's routing table, where every later lookup
+    would wait on it."""
+    from cs_p2p.dht import operator
+
+    nodes = await network(4)
+    await nodes[1].announce(D1, 42)
+    await nodes[2].announce(D1, 42)
+    via = [nodes[0].dht_addr]
+    for _ in range(300):
+        assert await operator.locate(D1, via) == 0
+    out = capsys.readouterr().out
+    assert out.count("127.0.0.1:20001") == 300 and out.count("127.0.0.1:20002") == 300
+    members = {n.node_id for n in nodes}
+    for node in nodes:  # once the nodes' checks of the passing clients are over
+        deadline = time.monotonic() + 10
+        while node.protocol._verifying:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        contacts = {c.id for c in node.protocol.router.find_neighbors(node.server.node, k=1000)}
+        assert contacts <= members, f"{len(contacts - members)} operator clients in a routing table"
+    # A lookup after them asks nobody who does not answer, and finds both providers.
+    client = await operator._joined_client(via, None)
+    asked: list[bool] = []
+    real = client.protocol.call_get_providers
+
+    async def counting(node, key):
+        reply = await real(node, key)
+        asked.append(reply is not None)
+        return reply
+
+    client.protocol.call_get_providers = counting
+    try:
+        found = await client.find_providers(D1)
+    finally:
+        client.stop()
+    assert {r.addr for r in found} == {"127.0.0.1:20001", "127.0.0.1:20002"}
+    assert asked and all(asked), "the lookup waited on contacts that never answer"

@@ -190,8 +190,13 @@ async def test_a_node_over_its_datagram_rate_is_dropped_while_others_are_answere
             node.port = await node.listen("127.0.0.1", 0)
             nodes.append(node)
         target, noisy, quiet = nodes
-        target.protocol.limits = PeerLimits(rate=5, burst=5)
         addr = ("127.0.0.1", target.port)
+        assert (await noisy.protocol.ping(addr, noisy.node_id))[0]
+        deadline = time.monotonic() + 5  # target pings a new sender back before it adds it
+        while target.protocol.router.is_new_node(noisy.server.node):
+            assert time.monotonic() < deadline, "noisy never entered target's routing table"
+            await asyncio.sleep(0.01)
+        target.protocol.limits = PeerLimits(rate=5, burst=5)
         answered = [(await noisy.protocol.ping(addr, noisy.node_id))[0] for _ in range(10)]
         assert answered[:5] == [True] * 5 and not all(answered)  # past its burst, unanswered
         assert (await quiet.protocol.ping(addr, quiet.node_id))[0]  # another node is still answered

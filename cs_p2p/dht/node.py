@@ -57,22 +57,26 @@ def load_or_create_node_id(root: str) -> bytes:
 class _KademliaServer(Server):
     protocol_class = ProviderProtocol
 
-    def __init__(self, ksize: int, alpha: int, node_id: bytes, wait_timeout: float, sealer: Sealer | KeySealer | None) -> None:
+    def __init__(self, ksize: int, alpha: int, node_id: bytes, wait_timeout: float, sealer: Sealer | KeySealer | None,
+                 client: bool) -> None:
         super().__init__(ksize=ksize, alpha=alpha, node_id=node_id)
         self._wait_timeout = wait_timeout
         self._sealer = sealer
+        self._client = client
 
     def _create_protocol(self) -> ProviderProtocol:
-        return ProviderProtocol(self.node, self.storage, self.ksize, self._wait_timeout, self._sealer)
+        return ProviderProtocol(self.node, self.storage, self.ksize, self._wait_timeout, self._sealer, self._client)
 
 
 class DhtNode:
     def __init__(self, node_id: bytes, peer_addr: str, ttl: float = DEFAULT_TTL, ksize: int = 20, alpha: int = 3,
-                 rpc_timeout: float = 1.0, sealer: Sealer | KeySealer | None = None) -> None:
+                 rpc_timeout: float = 1.0, sealer: Sealer | KeySealer | None = None, client: bool = False) -> None:
+        """`client`: ask the network, never answer it (operator commands); such a node never
+        becomes a contact in another node's routing table."""
         self.node_id = node_id
         self.peer_addr = peer_addr
         self.ttl = ttl
-        self.server = _KademliaServer(ksize, alpha, node_id, rpc_timeout, sealer)
+        self.server = _KademliaServer(ksize, alpha, node_id, rpc_timeout, sealer, client)
         self.held: dict[str, int] = {}  # digest -> size, re-announced before expiry
         self._republisher: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()

@@ -1,5 +1,6 @@
-"""Operator commands that join the DHT for a moment as a client (providing nothing):
-`cs-p2p locate DIGEST` prints who provides a blob, `cs-p2p peers` the nodes of the network."""
+"""Operator commands that ask the DHT as a client (providing nothing, answering nothing, so
+they leave no contact behind in any routing table): `cs-p2p locate DIGEST` prints who
+provides a blob, `cs-p2p peers` the nodes of the network."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .node import DhtNode
 async def _joined_client(bootstrap: list[str], member: Membership | None) -> DhtNode | None:
     member = member or Membership()
     node_id = member.identity.node_id if member.identity else os.urandom(20)
-    node = DhtNode(node_id, "0.0.0.0:0", sealer=member.dht_sealer)  # a client: it provides nothing
+    node = DhtNode(node_id, "0.0.0.0:0", sealer=member.dht_sealer, client=True)
     await node.listen("0.0.0.0", 0)
     try:
         met = await node.bootstrap(bootstrap)

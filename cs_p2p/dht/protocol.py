@@ -16,6 +16,12 @@ request must name its sender's own node id, and provider and tag records carry t
 publisher's signature, checked where they are stored and again by every reader.  Senders over
 their datagram rate are dropped, and senders that keep failing authentication are banned
 (`penalties`).
+
+Routing tables hold only nodes that answer.  kademlia adds every node that sends a request;
+an operator command (`cs-p2p locate`, `peers`) runs a short-lived client that is gone a
+second later, and hundreds of those filled the tables with dead contacts that every lookup
+then waited on.  Here a node that sends a request joins the table only once it has answered
+a ping of ours, and a client (`client=True`) answers no request at all, so it never does.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ MAX_RECORDS_PER_REPLY = 40  # 40 x ~70 bytes + 20 neighbours x ~45 bytes < 8 KiB
 MAX_SIGNED_RECORDS_PER_REPLY = 12
 MAX_CERTS = 100_000
 DATAGRAMS_PER_PEER = 2000.0  # per second from one ip:port; a node announcing what it holds sends bursts
+MAX_VERIFYING = 256  # new contacts being pinged at once; more are ignored until they call again
 
 
 def _is_key(value: object) -> bool:
@@ -52,9 +59,11 @@ def _is_key(value: object) -> bool:
 
 class ProviderProtocol(KademliaProtocol):
     def __init__(self, source_node: Node, storage: Any, ksize: int, wait_timeout: float = 1.0,
-                 sealer: Sealer | KeySealer | None = None) -> None:
+                 sealer: Sealer | KeySealer | None = None, client: bool = False) -> None:
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = wait_timeout
+        self.client = client  # asks, never answers: never enters anyone's routing table
+        self._verifying: set[bytes] = set()
         self.providers = ProviderStore()
         self.tags = TagStore()
         self.sealer = sealer
@@ -97,6 +106,8 @@ class ProviderProtocol(KademliaProtocol):
         log.debug("malformed datagram dropped", extra={"from": f"{addr[0]}:{addr[1]}", "reason": reason})
 
     async def _accept_request(self, msg_id, data, address):
+        if self.client:
+            return
         try:
             if self.identity is not None and not _speaks_for_itself(data, address):
                 raise ValueError("a request names a node id that is not its sender's")
@@ -104,6 +115,31 @@ class ProviderProtocol(KademliaProtocol):
         except Exception as exc:
             self.dropped += 1
             log.debug("malformed request dropped", extra={"from": f"{address[0]}:{address[1]}", "reason": repr(exc)})
+
+    def welcome_if_new(self, node: Node) -> None:
+        """kademlia calls this for the sender of every request: a new one is pinged first and
+        joins the routing table only if it answers (see the module docstring)."""
+        if (self.client or node.id == self.source_node.id or not self.router.is_new_node(node)
+                or node.id in self._verifying or len(self._verifying) >= MAX_VERIFYING):
+            return
+        self._verifying.add(node.id)
+        asyncio.ensure_future(self._verify(node))
+
+    async def _verify(self, node: Node) -> None:
+        try:
+            ok, answer = await self.ping((node.ip, node.port), self.source_node.id)
+            if ok and answer == node.id:
+                KademliaProtocol.welcome_if_new(self, node)
+        finally:
+            self._verifying.discard(node.id)
+
+    def handle_call_response(self, result, node: Node):
+        """A node that answered us is alive: into the table at once; one that did not, out."""
+        if not result[0]:
+            self.router.remove_contact(node)
+        elif node.id != self.source_node.id:
+            KademliaProtocol.welcome_if_new(self, node)
+        return result
 
     def _sender_node(self, sender: tuple[str, int], nodeid: object) -> Node | None:
         if not _is_key(nodeid):
