@@ -140,3 +140,94 @@ async def test_providers_found_later_join_the_fetch(fetcher, servers):
     fetch = fetcher.start(DIGEST, len(DATA), [record("127.0.0.1:1")], more=full_lookup)
     await fetch.task
     assert fetch.committed and set(fetch.bytes_from) == {good}
+
+
+class HttpOrigin:
+    """The blob's registry, as the mirror's `RegistryOrigin` presents it: ranges over HTTP."""
+
+    def __init__(self, base: str) -> None:
+        import aiohttp
+
+        self.base = base
+        self.session = aiohttp.ClientSession()
+        self.ranges: list[tuple[int, int]] = []
+
+    async def open_range(self, digest: str, start: int, end: int):
+        self.ranges.append((start, end))
+        return await self.session.get(f"{self.base}/blobs/{digest}", headers={"Range": f"bytes={start}-{end - 1}"})
+
+
+@pytest.fixture
+async def registry_origin(servers):
+    """A registry holding DATA (a peer server stands in for its blob endpoint)."""
+    honest, _ = servers
+    _, addr = await honest()
+    origin = HttpOrigin(f"http://{addr}")
+    yield origin
+    await origin.session.close()
+
+
+async def test_when_every_provider_dies_the_registry_finishes_the_blob(fetcher, servers, registry_origin):
+    fetcher.origin = lambda digest: registry_origin if digest == DIGEST else None
+    fetch = fetcher.start(DIGEST, len(DATA), [record("127.0.0.1:1"), record("127.0.0.1:2")])
+    await fetch.wait_range(0, fetch.size, trusted_only=True)
+    await fetch.task
+    assert fetch.committed and open(fetcher.store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
+    assert fetch.bytes_from == {"registry": len(DATA)} and len(registry_origin.ranges) == fetch.pieces
+    assert not fetcher.recently_failed(DIGEST)
+
+
+async def test_corrupt_pieces_no_peer_can_replace_are_fetched_again_from_the_registry(fetcher, servers,
+                                                                                     registry_origin):
+    _, corrupt = servers
+    bad = await corrupt()
+    fetcher.origin = lambda digest: registry_origin
+    fetch = fetcher.start(DIGEST, len(DATA), [record(bad)])
+    # Read streams only pieces of proven providers: nothing of the liar's before verification.
+    waiting = asyncio.ensure_future(fetch.wait_range(0, PIECE, trusted_only=True))
+    await fetch.task
+    assert waiting.done() and fetch.committed and fetch.repaired  # the applier re-applies
+    assert open(fetcher.store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
+    assert fetch.bytes_from["registry"] == len(DATA)
+    assert bad not in fetcher.proven
+
+
+async def test_a_stalled_provider_is_dropped_and_the_registry_takes_over(tmp_path, registry_origin):
+    released = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=206, headers={"Content-Length": str(PIECE)})
+        await resp.prepare(request)
+        await resp.write(b"x" * 1000)
+        await released.wait()  # no other byte while the fetch runs
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/blobs/{digest}", stall)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    stalled = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    fetcher = Fetcher(LocalStore(str(tmp_path / "me")), timeout=1.0, origin=lambda d: registry_origin)
+    try:
+        fetch = fetcher.start(DIGEST, len(DATA), [record(stalled)])
+        await asyncio.wait_for(fetch.task, 30)
+        assert fetch.committed and fetch.bytes_from == {"registry": len(DATA)}
+    finally:
+        released.set()
+        await fetcher.close()
+        await runner.cleanup()
+
+
+async def test_info_claims_a_blob_only_from_a_provider_that_answers(fetcher, servers):
+    honest, _ = servers
+    _, good = await honest()
+    dead, other_blob = record("127.0.0.1:1"), ProviderRecord(os.urandom(20), good, len(DATA) + 1, time.time() + 60)
+    assert await fetcher.reachable(DIGEST, [dead], within=1) == []
+    assert await fetcher.reachable(DIGEST, [other_blob], within=1) == []  # answers, but not this blob
+    live = record(good)
+    assert await fetcher.reachable(DIGEST, [dead, live], within=1) == [live]
+    for _ in range(3):  # a provider that keeps failing the check is banned
+        await fetcher.reachable(DIGEST, [dead], within=1)
+    assert dead.addr in fetcher.banned

@@ -66,7 +66,25 @@ class ApplyPool:
         return await self._run(path, target, sync_fs)
 
     async def apply_fetch(self, fetch: Fetch, target: Target, sync_fs: bool) -> tuple[str, int]:
-        """Apply a blob as a peer fetch writes it."""
+        """Apply a blob as a peer fetch writes it.  If pieces the worker already read were
+        replaced afterwards (a provider sent corrupt bytes, or the registry finished the blob
+        after a peer's pieces did not verify), the snapshot is emptied and the layer applied
+        again from the verified blob."""
+        try:
+            result = await self._apply_streaming(fetch, target, sync_fs)
+        except LayerRejected:
+            if fetch.task is not None:
+                await asyncio.wait([fetch.task])  # rejected because of bytes replaced since?
+            if not (fetch.committed and fetch.repaired):
+                raise
+        if not fetch.repaired:
+            return result
+        log.warning("layer applied again from the verified blob", extra={"digest": fetch.digest})
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor(), worker.clear_target, target)
+        return await self.apply_file(self.committed_path(fetch.digest), target, sync_fs)
+
+    async def _apply_streaming(self, fetch: Fetch, target: Target, sync_fs: bool) -> tuple[str, int]:
         fifo = os.path.join(self.fifo_dir, uuid.uuid4().hex)
         os.mkfifo(fifo, 0o600)
         try:

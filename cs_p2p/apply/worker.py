@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -109,6 +110,22 @@ def apply_layer(source: str, target: Target, sync_fs: bool = False) -> tuple[str
         except (tarfile.TarError, CorruptLayer, EOFError) as exc:
             raise InvalidLayer(f"invalid layer: {exc}") from None
     return stream.diff_id, stream.size
+
+
+def clear_target(target: Target) -> None:
+    """Empty a snapshot a layer was half (or wrongly) applied to, so it can be applied again:
+    what an apply wrote is everything the directory holds (a new snapshot starts empty)."""
+    with _destination(target) as applier:
+        root = applier.root
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        for attr in ("trusted.overlay.opaque", "user.overlay.opaque"):
+            with contextlib.suppress(OSError):
+                os.removexattr(root, attr)
 
 
 def init_worker() -> None:

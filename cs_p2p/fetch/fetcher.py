@@ -7,19 +7,33 @@ fetch.  Bytes are hashed in order as the prefix grows, and the digest is verifie
 file is committed into the store (fsync + rename) and announced.  `wait_range` lets `Read`
 stream bytes as soon as their piece is on disk.
 
-Concurrent requests for one digest share one fetch.  A failed fetch is remembered for a while
-(`negative_ttl`) so that containerd's retry gets NOT_FOUND at once and uses the registry.
+Concurrent requests for one digest share one fetch.
+
+A peer problem must not fail a pull.  A piece slower than `min_rate` counts as a failure (a
+stalled provider is dropped like a dead one).  When no provider is left, or the bytes do not
+verify and no other peer can tell which were wrong, the fetch is finished from the registry
+the blob came from (`origin`, known to the mirror; `fetch.origin`), through the mirror's
+client and credentials, and verified like any other.  Only without a known origin does the
+fetch fail; it is then remembered for a while (`negative_ttl`) so that containerd's retry
+gets NOT_FOUND at once and uses the registry itself.
+
+Pieces are streamed to readers as they land, before the blob is verified; `Read` takes only
+those of providers whose pieces have made a blob verify before (`proven`) or of the registry,
+and waits for the verification otherwise, so a new liar's bytes never reach containerd.  The
+applier takes every piece at once, and applies the layer again from the verified file if
+any piece was replaced (`repaired`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 import aiohttp
 
@@ -35,6 +49,15 @@ PIECE = 4 << 20
 MAX_WORKERS = 8
 FAILURES_BEFORE_DROP = 2
 BUSY_BEFORE_FAILURE = 100  # 503s in a row from one provider that count as one failure
+# A provider that stalls (no byte for `timeout` seconds) or trickles (a piece slower than
+# MIN_RATE; low enough for a provider with a rate limit shared by a few uploads) has failed it.
+MIN_RATE = 256 << 10  # bytes per second
+STALL_GRACE = 2.0  # seconds every piece gets on top of its size at MIN_RATE
+ORIGIN = "registry"  # the upstream registry among a fetch's sources
+PROBE_TIMEOUT = 0.5  # seconds for a HEAD of a blob at a provider
+HEALTH_TTL = 10.0  # seconds a provider that answered counts as reachable without a new HEAD
+PROBE_FAILURES_BEFORE_BAN = 3
+MAX_REMEMBERED = 4096  # providers remembered as proven, reachable or failing
 
 
 class FetchFailed(Exception):
@@ -43,6 +66,14 @@ class FetchFailed(Exception):
 
 class ProviderBusy(Exception):
     """503: all upload slots taken.  Not the provider's fault; try again a little later."""
+
+
+class Origin(Protocol):
+    """Where a blob lives upstream: the registry and repository it was pulled from."""
+
+    async def open_range(self, digest: str, start: int, end: int) -> aiohttp.ClientResponse:
+        """A 206 with bytes [start, end), or a 200 with the whole blob; FetchFailed if not."""
+        ...
 
 
 @dataclass
@@ -58,21 +89,26 @@ class Fetch:
     task: asyncio.Task | None = None
     bytes_from: dict[str, int] = field(default_factory=dict)
     source: dict[int, str] = field(default_factory=dict)  # piece -> provider that sent it
+    trusted: Callable[[str], bool] = lambda addr: True  # whose unverified pieces `Read` may stream
+    origin: Origin | None = None  # set once peers failed and the registry finishes the blob
+    repaired: bool = False  # pieces were written again: what was streamed of them may be wrong
 
-    def covered(self, offset: int, n: int) -> bool:
+    def covered(self, offset: int, n: int, trusted_only: bool = False) -> bool:
         first, last = offset // PIECE, (offset + max(n, 1) - 1) // PIECE
-        return all(p in self.done_pieces for p in range(first, min(last, self.pieces - 1) + 1))
+        return all(p in self.done_pieces and (not trusted_only or self.trusted(self.source.get(p, "")))
+                   for p in range(first, min(last, self.pieces - 1) + 1))
 
-    async def wait_range(self, offset: int, n: int) -> None:
+    async def wait_range(self, offset: int, n: int, trusted_only: bool = False) -> None:
         """Return when [offset, offset+n) is on disk; raise FetchFailed if the fetch failed.
 
         A range that reaches the end of the blob waits for the digest check: a reader never
         gets a whole blob before it is verified, so corrupt data cannot pass as complete.
+        With `trusted_only`, so does a range with pieces of providers not proven honest yet.
         """
         tail = offset + n >= self.size
         async with self.changed:
             await self.changed.wait_for(lambda: self.error is not None or self.committed
-                                        or (not tail and self.covered(offset, n)))
+                                        or (not tail and self.covered(offset, n, trusted_only)))
         if self.error is not None and not self.committed:
             raise FetchFailed(self.error)
 
@@ -93,8 +129,9 @@ class Fetch:
 
 class Fetcher:
     def __init__(self, store: LocalStore, on_committed: Callable[[str, int], None] | None = None,
-                 negative_ttl: float = 60.0, timeout: float = 30.0, sealer: Sealer | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 negative_ttl: float = 60.0, timeout: float = 10.0, sealer: Sealer | None = None,
+                 tls: ssl.SSLContext | None = None, min_rate: int = MIN_RATE,
+                 origin: Callable[[str], Origin | None] | None = None) -> None:
         self.store = store
         self.sealer = sealer  # signs piece requests when the cluster has a token
         self.tls = tls  # peers talk TLS (mutual: this node presents its certificate too)
@@ -109,7 +146,85 @@ class Fetcher:
         self.failed: dict[str, float] = {}  # digest -> until when fetching is not retried
         self.banned: dict[str, float] = {}  # provider addr -> until when it is not used
         self.ban_seconds = 600.0
+        self.min_rate = min_rate
+        self.origin = origin  # digest -> the registry it came from, if known (the mirror knows)
+        self.proven: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._reachable_until: dict[str, float] = {}  # provider -> until when a HEAD is skipped
+        self._probe_failures: dict[str, int] = {}
         self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        """One session for every fetch and probe: connections to peers stay open (keep-alive),
+        so a lookup rarely pays a TCP and TLS handshake."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout),
+                connector=aiohttp.TCPConnector(ssl=self.tls if self.tls else False, keepalive_timeout=60))
+        return self._session
+
+    def _trusted(self, addr: str) -> bool:
+        return addr == ORIGIN or addr in self.proven
+
+    def _remember(self, table: dict, addr: str, value) -> None:
+        table.pop(addr, None)
+        table[addr] = value
+        while len(table) > MAX_REMEMBERED:
+            del table[next(iter(table))]
+
+    def _ban(self, addr: str, why: str, digest: str) -> None:
+        self.banned[addr] = time.monotonic() + self.ban_seconds
+        self.proven.pop(addr, None)
+        self._reachable_until.pop(addr, None)
+        log.warning(f"provider {why}: banned", extra={"digest": digest, "addr": addr, "seconds": self.ban_seconds})
+
+    def _answered(self, addr: str, ok: bool, digest: str) -> None:
+        """A provider answered a probe or a piece (ok), or failed one: after repeated failures
+        it is banned, as one that sends bad data is."""
+        if ok:
+            self._remember(self._reachable_until, addr, time.monotonic() + HEALTH_TTL)
+            self._probe_failures.pop(addr, None)
+            return
+        self._reachable_until.pop(addr, None)
+        failures = self._probe_failures.get(addr, 0) + 1
+        self._remember(self._probe_failures, addr, failures)
+        if failures >= PROBE_FAILURES_BEFORE_BAN:
+            self._probe_failures.pop(addr, None)
+            self._ban(addr, "unreachable", digest)
+
+    async def reachable(self, digest: str, providers: list[ProviderRecord], within: float) -> list[ProviderRecord]:
+        """The providers that can deliver `digest` over the real transport: reachable, TLS and
+        membership checks passed, blob present (a HEAD, skipped for a provider that answered
+        within `HEALTH_TTL`).  Returns as soon as one has answered, or [] after `within`."""
+        now = time.monotonic()
+        candidates = [p for p in providers if self.banned.get(p.addr, 0) < now]
+        warm = [p for p in candidates if self._reachable_until.get(p.addr, 0) > now]
+        if warm or not candidates:
+            return warm
+        probes = {asyncio.ensure_future(self._probe(digest, p)): p for p in candidates[:MAX_WORKERS]}
+        deadline = now + within
+        while probes:
+            done, _ = await asyncio.wait(probes, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break  # the rest finish in the background and update what is known of them
+            for t in done:
+                p = probes.pop(t)
+                if t.result():
+                    return [p]
+        return []
+
+    async def _probe(self, digest: str, rec: ProviderRecord) -> bool:
+        path = f"/blobs/{digest}"
+        headers = {HEADER: self.sealer.request_header("HEAD", path)} if self.sealer else {}
+        try:
+            async with self._client().head(f"{'https' if self.tls else 'http'}://{rec.addr}{path}", headers=headers,
+                                           timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as resp:
+                ok = resp.status == 200 and resp.headers.get("Content-Length") == str(rec.size)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            log.info("provider unreachable", extra={"digest": digest, "addr": rec.addr, "error": repr(exc)})
+            ok = False
+        self._answered(rec.addr, ok, digest)
+        return ok
 
     def recently_failed(self, digest: str) -> bool:
         until = self.failed.get(digest)
@@ -133,7 +248,8 @@ class Fetcher:
         now = time.monotonic()
         providers = [p for p in providers if self.banned.get(p.addr, 0) < now]
         hex_ = parse_digest(digest)
-        fetch = Fetch(digest, size, os.path.join(self.dir, hex_ + ".partial"), max(1, -(-size // PIECE)))
+        fetch = Fetch(digest, size, os.path.join(self.dir, hex_ + ".partial"), max(1, -(-size // PIECE)),
+                      trusted=self._trusted)
         self.inflight[digest] = fetch
         fetch.task = asyncio.get_running_loop().create_task(self._run(fetch, providers, more))
         return fetch
@@ -147,21 +263,22 @@ class Fetcher:
 
     async def _run(self, fetch: Fetch, providers: list[ProviderRecord],
                    more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout),
-                connector=aiohttp.TCPConnector(ssl=self.tls if self.tls else False))
         fd = os.open(fetch.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         t0 = time.monotonic()
         try:
             os.ftruncate(fd, fetch.size)
             providers = list(providers)
-            await self._download(fetch, fd, providers, range(fetch.pieces), more)
-            await self._verify_or_find_liar(fetch, fd, providers)
+            try:
+                await self._download(fetch, fd, providers, range(fetch.pieces), more)
+                await self._verify_or_find_liar(fetch, fd, providers)
+            except FetchFailed as exc:
+                await self._finish_from_origin(fetch, fd, exc)
             fetch.committed = True
-            log.info("fetched from peers", extra={"digest": fetch.digest, "size": fetch.size,
-                                                   "seconds": round(time.monotonic() - t0, 3),
-                                                   "sources": fetch.bytes_from})
+            for addr in set(fetch.source.values()) - {ORIGIN}:
+                self._remember(self.proven, addr, None)
+            log.info("fetched from peers" if ORIGIN not in fetch.bytes_from else "fetched from peers and the registry",
+                     extra={"digest": fetch.digest, "size": fetch.size, "seconds": round(time.monotonic() - t0, 3),
+                            "sources": fetch.bytes_from})
             if self.on_committed:
                 self.on_committed(fetch.digest, fetch.size)
         except asyncio.CancelledError:
@@ -177,6 +294,28 @@ class Fetcher:
                 os.unlink(fetch.path)  # partial data is discarded
             self.inflight.pop(fetch.digest, None)
             await fetch._notify()
+
+    async def _finish_from_origin(self, fetch: Fetch, fd: int, failure: FetchFailed) -> None:
+        """Peers could not deliver the blob: the registry it came from fills in what is missing,
+        and, if the blob still does not verify, every piece a peer sent."""
+        origin = self.origin(fetch.digest) if self.origin else None
+        if origin is None:
+            raise failure
+        fetch.origin = origin
+        log.warning("peers failed: finishing from the registry", extra={
+            "digest": fetch.digest, "registry": str(origin), "error": str(failure),
+            "pieces_from_peers": len(fetch.done_pieces), "pieces": fetch.pieces})
+        registry = [ProviderRecord(bytes(20), ORIGIN, fetch.size, float("inf"))]
+        loop = asyncio.get_running_loop()
+        missing = [p for p in range(fetch.pieces) if p not in fetch.done_pieces]
+        await self._download(fetch, fd, registry, missing)
+        try:
+            await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
+            return
+        except FetchFailed:
+            pass  # a peer's piece was wrong, and no other peer was left to tell whose
+        await self._download(fetch, fd, registry, [p for p in range(fetch.pieces) if fetch.source.get(p) != ORIGIN])
+        await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
 
     async def _verify_or_find_liar(self, fetch: Fetch, fd: int, providers: list[ProviderRecord]) -> None:
         """Verify; on a mismatch, re-fetch one suspect's pieces from the others at a time.
@@ -200,8 +339,7 @@ class Fetcher:
                 await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
             except FetchFailed:
                 continue
-            self.banned[suspect] = time.monotonic() + self.ban_seconds
-            log.warning("provider sent corrupt data: banned", extra={"digest": fetch.digest, "addr": suspect})
+            self._ban(suspect, "sent corrupt data", fetch.digest)
             return
         raise first_error
 
@@ -210,6 +348,8 @@ class Fetcher:
         queue: asyncio.Queue[int] = asyncio.Queue()
         for p in pieces:
             queue.put_nowait(p)
+            if p in fetch.done_pieces:
+                fetch.repaired = True
         alive = [p.addr for p in providers]
         finding = asyncio.ensure_future(more()) if more else None
 
@@ -244,10 +384,18 @@ class Fetcher:
                 addr = alive[turn % len(alive)]
                 turn += 1
                 try:
-                    await self._piece(fetch, fd, addr, piece)
+                    n = min(fetch.size, (piece + 1) * PIECE) - piece * PIECE
+                    if addr == ORIGIN:  # the registry is slow or not: there is nothing after it
+                        await self._piece(fetch, fd, addr, piece)
+                    else:
+                        await asyncio.wait_for(self._piece(fetch, fd, addr, piece), STALL_GRACE + n / self.min_rate)
                     busy.pop(addr, None)
+                    if addr != ORIGIN:
+                        self._answered(addr, True, fetch.digest)
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, FetchFailed, ProviderBusy) as exc:
                     queue.put_nowait(piece)
+                    if addr != ORIGIN and not isinstance(exc, ProviderBusy):
+                        self._answered(addr, False, fetch.digest)
                     if isinstance(exc, ProviderBusy):
                         busy[addr] = busy.get(addr, 0) + 1
                         if busy[addr] % BUSY_BEFORE_FAILURE:
@@ -283,13 +431,16 @@ class Fetcher:
     async def _piece(self, fetch: Fetch, fd: int, addr: str, piece: int) -> None:
         start = piece * PIECE
         end = min(fetch.size, start + PIECE)
-        assert self._session is not None
-        path = f"/blobs/{fetch.digest}"
-        headers = {"Range": f"bytes={start}-{end - 1}"}
-        if self.sealer:
-            headers[HEADER] = self.sealer.request_header("GET", path)
-        scheme = "https" if self.tls else "http"
-        async with self._session.get(f"{scheme}://{addr}{path}", headers=headers) as resp:
+        if addr == ORIGIN:
+            assert fetch.origin is not None
+            opening = fetch.origin.open_range(fetch.digest, start, end)
+        else:
+            path = f"/blobs/{fetch.digest}"
+            headers = {"Range": f"bytes={start}-{end - 1}"}
+            if self.sealer:
+                headers[HEADER] = self.sealer.request_header("GET", path)
+            opening = self._client().get(f"{'https' if self.tls else 'http'}://{addr}{path}", headers=headers)
+        async with await opening as resp:
             if resp.status in (429, 503):  # over its upload slots, or over our request rate there
                 raise ProviderBusy(addr)
             if resp.status not in (200, 206):

@@ -38,6 +38,7 @@ log = logging.getLogger("cs_p2p.fetch")
 ANNOUNCE_WAIT = 1.0  # seconds a download may be held back for its in-flight announce
 LOOKUP_ROUND = 0.5  # seconds a lookup round waits for replies
 LOOKUP_WITHIN = 2.0  # seconds the whole lookup may take; what it found by then counts
+MIN_PROBE_TIME = 0.2  # seconds the reachability check gets however long the lookup took
 
 
 def may_follow(rec: ProviderRecord, size: int, started: float, node_id: bytes) -> bool:
@@ -70,18 +71,45 @@ class PeerSource:
             return fetch
         if self.fetcher.recently_failed(digest):
             return None
-        providers = await self.dht.find_providers(digest, want=1, within=self.lookup_timeout)
-        if not providers:
+        providers, reachable = await self._deliverable(digest)
+        if not reachable:
             return None
-        # Providers that disagree on the size cannot all be right: follow the majority.
-        size = collections.Counter(p.size for p in providers).most_common(1)[0][0]
+        size = reachable[0].size
         started, me = time.time(), self.dht.node_id
         fetch = self.fetcher.start(
-            digest, size, [p for p in providers if p.size == size],
+            digest, size, reachable + [p for p in providers if p.size == size and p not in reachable],
             more=lambda: _earlier_only(self.dht.find_providers(digest), size, started, me))
         if fetch.task is not None and digest not in self._relaying:
             self._relay(fetch, started)
         return fetch
+
+    async def _deliverable(self, digest: str) -> tuple[list[ProviderRecord], list[ProviderRecord]]:
+        """The providers found, and those of them that can deliver the blob.
+
+        The blob is claimed only if a provider can deliver it: a provider the DHT names may be
+        dead, or fail TLS or membership checks, and a claim containerd believed becomes a
+        failed pull if nothing can be delivered.  The first provider the lookup meets is
+        checked at once (the common case costs one lookup and one HEAD on a warm connection);
+        only if it fails are the others looked for.
+        """
+        t0 = time.monotonic()
+        providers: list[ProviderRecord] = []
+        for want in (1, 0):
+            left = self.lookup_timeout - (time.monotonic() - t0)
+            found = await self.dht.find_providers(digest, want=want, within=max(left, MIN_PROBE_TIME))
+            new = [p for p in found if p not in providers]
+            if not new:
+                break
+            providers += new
+            # Providers that disagree on the size cannot all be right: follow the majority.
+            size = collections.Counter(p.size for p in providers).most_common(1)[0][0]
+            left = max(MIN_PROBE_TIME, self.lookup_timeout - (time.monotonic() - t0))
+            reachable = await self.fetcher.reachable(digest, [p for p in new if p.size == size], within=left)
+            if reachable:
+                return providers, reachable
+        if providers:
+            log.info("no provider reachable", extra={"digest": digest, "providers": [p.addr for p in providers]})
+        return providers, []
 
     def _relay(self, fetch: Fetch, started: float) -> None:
         """Announce this fetch as an in-flight provider, so that nodes asking later fetch

@@ -12,6 +12,10 @@ as the next host) and adds `?ns=<registry host>` to every request, which names t
 
 Answers 404 (with an OCI error body) when it cannot help, so containerd moves on to the next
 host; never writes.
+
+It also remembers which registry and repository each manifest and blob it was asked for
+belongs to (`fetch.origin`), so that a peer fetch that fails is finished from the registry
+(`origin_for`) with this mirror's upstream client.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from .. import __version__
 from ..config import MirrorRegistry
 from ..digests import parse_digest
 from ..errors import InvalidArgument
+from ..fetch.fetcher import FetchFailed
+from ..fetch.origin import Origins
 from ..peer.server import SentFileResponse, start_site
 from ..store import LocalStore
 from .upstream import MAX_MANIFEST, Manifest, Upstream, UpstreamNotFound, UpstreamUnavailable
@@ -81,6 +87,7 @@ class Mirror:
         self.dht = dht
         self.peers = peers
         self.upstreams: dict[str, Upstream] = {}
+        self.origins = Origins(lambda digest: store.blobs.blob_path(parse_digest(digest)))
         self.tmp = os.path.join(store.root, "mirror")
         os.makedirs(self.tmp, exist_ok=True)
         for name in os.listdir(self.tmp):  # left by a crash
@@ -106,6 +113,12 @@ class Mirror:
             await self._runner.cleanup()
         if self._session:
             await self._session.close()
+
+    def origin_for(self, digest: str) -> "RegistryOrigin | None":
+        """The registry repository `digest` was pulled from, if a manifest resolved here names it."""
+        where = self.origins.locate(digest)
+        upstream = self.upstreams.get(where.host) if where else None
+        return RegistryOrigin(upstream, where.repo) if upstream and where else None
 
     async def base(self, request: web.Request) -> web.Response:
         return web.json_response({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
@@ -133,6 +146,7 @@ class Mirror:
             manifest = await self._manifest_by_tag(upstream, name, reference, accept, head)
         else:
             raise oci_error(web.HTTPBadRequest, "MANIFEST_INVALID", f"invalid reference {reference!r}")
+        self.origins.manifest_seen(upstream.registry.host, name, manifest.digest)
         headers = {"Docker-Content-Digest": manifest.digest, "Content-Type": manifest.media_type,
                    "Content-Length": str(manifest.size)}
         if head:
@@ -199,6 +213,7 @@ class Mirror:
         upstream, name = self._route(request)
         digest = request.match_info["digest"]
         self._check_digest(digest)
+        self.origins.blob_seen(upstream.registry.host, name, digest)
         headers = {"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"}
         path = await self._local_or_peers(digest)
         if path is not None:
@@ -253,6 +268,23 @@ class Mirror:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class RegistryOrigin:
+    """A blob's repository at its registry, as a fetch's last source (`fetch.fetcher.Origin`)."""
+
+    def __init__(self, upstream: Upstream, repo: str) -> None:
+        self.upstream = upstream
+        self.repo = repo
+
+    def __str__(self) -> str:
+        return f"{self.upstream.registry.host}/{self.repo}"
+
+    async def open_range(self, digest: str, start: int, end: int) -> aiohttp.ClientResponse:
+        try:
+            return await self.upstream.open_range(self.repo, digest, start, end)
+        except (UpstreamUnavailable, UpstreamNotFound) as exc:
+            raise FetchFailed(str(exc)) from None
 
 
 class _ReadOnly(web.HTTPMethodNotAllowed):

@@ -123,6 +123,11 @@ class Upstream:
         """The registry's response for blob `digest` (the caller reads and releases it)."""
         return await self._request("GET", repo, f"blobs/{digest}", {})
 
+    async def open_range(self, repo: str, digest: str, start: int, end: int) -> aiohttp.ClientResponse:
+        """Bytes [start, end) of blob `digest`: a 206, or a 200 with the whole blob from a
+        registry that ignores Range (the caller skips to `start`)."""
+        return await self._request("GET", repo, f"blobs/{digest}", {"Range": f"bytes={start}-{end - 1}"})
+
     async def chunks(self, resp: aiohttp.ClientResponse, digest: str):
         """The body of `open_blob`'s response in order, each chunk held back until the next
         arrives and the last one until the whole body matched `digest`: a consumer that

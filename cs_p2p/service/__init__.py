@@ -110,6 +110,8 @@ async def serve(cfg: Config) -> None:
     if cfg.mirror_registry:
         host, port = parse_host_port(cfg.mirror_listen, "mirror-listen")
         mirror = Mirror(store, cfg.mirror_registry, dht, peers)
+        if fetcher:
+            fetcher.origin = mirror.origin_for  # a fetch peers cannot finish ends at the registry
         port = await mirror.start(host, port)
         log.info("registry mirror listening", extra={"host": host, "port": port,
                                                      "registries": [r.host for r in cfg.mirror_registry]})

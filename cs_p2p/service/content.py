@@ -146,7 +146,9 @@ class ContentService(pb_grpc.ContentServicer):
                 n = min(READ_CHUNK, end - offset)
                 if fetch is not None:
                     try:
-                        await fetch.wait_range(offset, n)  # stream as pieces arrive from peers
+                        # Stream pieces as they arrive, those of providers not yet proven honest
+                        # once the blob verified (`fetch.fetcher`).
+                        await fetch.wait_range(offset, n, trusted_only=True)
                     except FetchFailed as exc:
                         raise Aborted(f"fetching {request.digest} from peers failed: {exc}") from None
                 if n <= _INLINE_IO:

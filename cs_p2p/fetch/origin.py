@@ -1,0 +1,102 @@
+"""Where a blob lives upstream, so that a fetch peers cannot finish is finished from the
+registry instead of failing the pull.
+
+containerd keeps its `containerd.io/distribution.source.<registry>=<repository>` labels in
+its own database; a content proxy never sees them (../shared/notes/containerd-pull-trace.md).
+The registry mirror does see where things come from: every manifest containerd resolves
+through it names its registry (`?ns=`) and repository.  Those manifests end up in the local
+store, and their config, layers and (for an index) child manifests are the blobs containerd
+asks `Info` about next: a blob's repository is that of a resolved manifest that references
+it.  Memory is bounded: the newest `max_entries` manifests and blobs are remembered.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import InvalidArgument
+
+MAX_MANIFEST = 4 << 20
+
+
+@dataclass(frozen=True)
+class Location:
+    host: str  # the registry, as containerd names it (`ns`)
+    repo: str
+
+    def __str__(self) -> str:
+        return f"{self.host}/{self.repo}"
+
+
+class Origins:
+    def __init__(self, blob_path: Callable[[str], str], max_entries: int = 4096) -> None:
+        self.blob_path = blob_path  # digest -> its file in the local store
+        self.max_entries = max_entries
+        self._blobs: collections.OrderedDict[str, Location] = collections.OrderedDict()
+        self._manifests: collections.OrderedDict[str, Location] = collections.OrderedDict()
+        self._references: dict[str, frozenset[str]] = {}  # manifest -> what it references, once complete
+
+    def _remember(self, table: collections.OrderedDict, digest: str, where: Location) -> None:
+        table[digest] = where
+        table.move_to_end(digest)
+        while len(table) > self.max_entries:
+            gone, _ = table.popitem(last=False)
+            self._references.pop(gone, None)
+
+    def manifest_seen(self, host: str, repo: str, digest: str) -> None:
+        """The mirror resolved or served manifest `digest` of `host/repo`."""
+        self._remember(self._manifests, digest, Location(host, repo))
+        self._remember(self._blobs, digest, Location(host, repo))
+
+    def blob_seen(self, host: str, repo: str, digest: str) -> None:
+        self._remember(self._blobs, digest, Location(host, repo))
+
+    def locate(self, digest: str) -> Location | None:
+        """The repository `digest` was pulled from, or None if no resolved manifest names it."""
+        where = self._blobs.get(digest)
+        if where is not None:
+            return where
+        for manifest, where in reversed(self._manifests.items()):
+            if digest in self._referenced_by(manifest):
+                self.blob_seen(where.host, where.repo, digest)
+                return where
+        return None
+
+    def _referenced_by(self, manifest: str) -> frozenset[str]:
+        """Config, layers and child manifests (with theirs) of a manifest in the local store."""
+        known = self._references.get(manifest)
+        if known is not None:
+            return known
+        refs, complete = set(), True
+        pending = [manifest]
+        while pending:
+            doc = self._load(pending.pop())
+            if doc is None:
+                complete = False
+                continue
+            for child in doc.get("manifests") or []:
+                if isinstance(child, dict) and isinstance(child.get("digest"), str):
+                    refs.add(child["digest"])
+                    pending.append(child["digest"])
+            for desc in [doc.get("config"), *(doc.get("layers") or [])]:
+                if isinstance(desc, dict) and isinstance(desc.get("digest"), str):
+                    refs.add(desc["digest"])
+        result = frozenset(refs)
+        if complete:
+            self._references[manifest] = result
+        return result
+
+    def _load(self, digest: str) -> dict | None:
+        try:
+            path = self.blob_path(digest)
+            if os.path.getsize(path) > MAX_MANIFEST:
+                return None
+            with open(path, "rb") as f:
+                doc = json.loads(f.read())
+        except (OSError, ValueError, InvalidArgument):  # not here (yet), not a digest, or not JSON
+            return None
+        return doc if isinstance(doc, dict) else None

@@ -1,0 +1,41 @@
+"""Which registry repository a blob came from, as the mirror learns it from the manifests it
+resolves: the key to finishing a failed peer fetch from the registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from cs_p2p.fetch.origin import Location, Origins
+
+
+def blob(store: dict, doc: dict) -> str:
+    data = json.dumps(doc).encode()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    store[digest] = data
+    return digest
+
+
+def test_layers_of_a_resolved_manifest_and_of_an_index_child_are_located(tmp_path):
+    files: dict[str, bytes] = {}
+
+    def path(digest: str) -> str:
+        p = tmp_path / digest.replace(":", "_")
+        if digest in files:
+            p.write_bytes(files[digest])
+        return str(p)
+
+    layer, config, other = "sha256:" + "a" * 64, "sha256:" + "c" * 64, "sha256:" + "f" * 64
+    manifest = blob(files, {"config": {"digest": config}, "layers": [{"digest": layer}]})
+    index = blob(files, {"manifests": [{"digest": manifest}, {"digest": "sha256:" + "e" * 64}]})
+    origins = Origins(path, max_entries=3)
+    assert origins.locate(layer) is None
+    origins.manifest_seen("registry.example:5000", "team/app", index)
+    assert origins.locate(layer) == Location("registry.example:5000", "team/app")
+    assert str(origins.locate(config)) == "registry.example:5000/team/app"
+    assert origins.locate(other) is None  # referenced by nothing resolved here
+    origins.blob_seen("r2", "x/y", other)  # asked of the mirror directly
+    assert origins.locate(other) == Location("r2", "x/y")
+    for i in range(5):  # bounded: the oldest are forgotten
+        origins.blob_seen("r3", "z", "sha256:" + f"{i}" * 64)
+    assert origins.locate(other) is None
