@@ -95,7 +95,7 @@ class ApplyPool:
                 if job.done() and not feeder.done():
                     _unblock_writer(fifo)  # the worker gave up before reading it all
                     feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError, BrokenPipeError):
+                with contextlib.suppress(asyncio.CancelledError, BrokenPipeError, FetchFailed):
                     await feeder
                 if feeder.done() and not feeder.cancelled() and isinstance(feeder.exception(), FetchFailed):
                     job.cancel()

@@ -135,6 +135,8 @@ class DhtNode:
             self._republisher.cancel()
         for task in list(self._background):
             task.cancel()
+        if self.server.protocol is not None:
+            self.server.protocol.stop_verifying()
         self.server.stop()
 
     def _record(self, size: int, started: float = 0.0) -> ProviderRecord:

@@ -63,7 +63,7 @@ class ProviderProtocol(KademliaProtocol):
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = wait_timeout
         self.client = client  # asks, never answers: never enters anyone's routing table
-        self._verifying: set[bytes] = set()
+        self._verifying: dict[bytes, asyncio.Task] = {}  # new contacts being pinged
         self.providers = ProviderStore()
         self.tags = TagStore()
         self.sealer = sealer
@@ -122,8 +122,7 @@ class ProviderProtocol(KademliaProtocol):
         if (self.client or node.id == self.source_node.id or not self.router.is_new_node(node)
                 or node.id in self._verifying or len(self._verifying) >= MAX_VERIFYING):
             return
-        self._verifying.add(node.id)
-        asyncio.ensure_future(self._verify(node))
+        self._verifying[node.id] = asyncio.ensure_future(self._verify(node))
 
     async def _verify(self, node: Node) -> None:
         try:
@@ -131,7 +130,11 @@ class ProviderProtocol(KademliaProtocol):
             if ok and answer == node.id:
                 KademliaProtocol.welcome_if_new(self, node)
         finally:
-            self._verifying.discard(node.id)
+            self._verifying.pop(node.id, None)
+
+    def stop_verifying(self) -> None:
+        for task in list(self._verifying.values()):
+            task.cancel()
 
     def handle_call_response(self, result, node: Node):
         """A node that answered us is alive: into the table at once; one that did not, out."""

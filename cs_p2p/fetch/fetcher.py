@@ -307,15 +307,18 @@ class Fetcher:
             "pieces_from_peers": len(fetch.done_pieces), "pieces": fetch.pieces})
         registry = [ProviderRecord(bytes(20), ORIGIN, fetch.size, float("inf"))]
         loop = asyncio.get_running_loop()
-        missing = [p for p in range(fetch.pieces) if p not in fetch.done_pieces]
-        await self._download(fetch, fd, registry, missing)
         try:
+            missing = [p for p in range(fetch.pieces) if p not in fetch.done_pieces]
+            await self._download(fetch, fd, registry, missing)
+            try:
+                await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
+                return
+            except FetchFailed:
+                pass  # a peer's piece was wrong, and no other peer was left to tell whose
+            await self._download(fetch, fd, registry, [p for p in range(fetch.pieces) if fetch.source.get(p) != ORIGIN])
             await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
-            return
-        except FetchFailed:
-            pass  # a peer's piece was wrong, and no other peer was left to tell whose
-        await self._download(fetch, fd, registry, [p for p in range(fetch.pieces) if fetch.source.get(p) != ORIGIN])
-        await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
+        except FetchFailed as exc:
+            raise FetchFailed(f"{failure}; then the registry {origin} failed too: {exc}") from None
 
     async def _verify_or_find_liar(self, fetch: Fetch, fd: int, providers: list[ProviderRecord]) -> None:
         """Verify; on a mismatch, re-fetch one suspect's pieces from the others at a time.
@@ -366,10 +369,11 @@ class Fetcher:
                     providers.append(rec)
         failures: dict[str, int] = {}
         busy: dict[str, int] = {}
+        last_error = ""
         turn = 0
 
         async def worker() -> None:
-            nonlocal turn
+            nonlocal turn, last_error
             while fetch.error is None:
                 try:
                     piece = queue.get_nowait()
@@ -380,7 +384,7 @@ class Fetcher:
                     await asyncio.wait([finding])  # the full lookup may still bring providers
                     add_found()
                 if not alive:
-                    raise FetchFailed("no provider left to fetch from")
+                    raise FetchFailed(f"no provider left to fetch from{last_error}")
                 addr = alive[turn % len(alive)]
                 turn += 1
                 try:
@@ -404,6 +408,7 @@ class Fetcher:
                     failures[addr] = failures.get(addr, 0) + 1
                     if failures[addr] >= FAILURES_BEFORE_DROP and addr in alive:
                         alive.remove(addr)
+                        last_error = f" (the last, {addr}: {exc!r})"
                         log.warning("provider dropped", extra={"digest": fetch.digest, "addr": addr,
                                                                "error": repr(exc)})
                     continue
@@ -420,7 +425,7 @@ class Fetcher:
                 workers = list(pending)
                 if not workers and not queue.empty():
                     if not alive:
-                        raise FetchFailed("no provider left to fetch from")
+                        raise FetchFailed(f"no provider left to fetch from{last_error}")
                     workers = [asyncio.ensure_future(worker())]
         finally:
             for w in workers:

@@ -55,6 +55,15 @@ class Origins:
     def blob_seen(self, host: str, repo: str, digest: str) -> None:
         self._remember(self._blobs, digest, Location(host, repo))
 
+    def is_manifest(self, digest: str) -> bool:
+        return digest in self._manifests or any(
+            digest in self._references.get(m, ()) and self._is_child_manifest(m, digest) for m in self._manifests)
+
+    def _is_child_manifest(self, index: str, digest: str) -> bool:
+        doc = self._load(index)
+        return doc is not None and any(isinstance(c, dict) and c.get("digest") == digest
+                                       for c in doc.get("manifests") or [])
+
     def locate(self, digest: str) -> Location | None:
         """The repository `digest` was pulled from, or None if no resolved manifest names it."""
         where = self._blobs.get(digest)

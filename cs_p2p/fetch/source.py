@@ -164,7 +164,10 @@ class SharedIngest:
         except Exception as exc:  # a failing DHT: download as if alone
             log.warning("in-flight lookup failed", extra={"digest": self.digest, "error": repr(exc)})
             return []
-        return [r for r in found if self._earlier(r)]
+        earlier = [r for r in found if self._earlier(r)]
+        if earlier and not await self.source.fetcher.reachable(self.digest, earlier, within=LOOKUP_ROUND):
+            return []  # none can deliver: containerd downloads it
+        return earlier
 
     async def follow(self, providers: list[ProviderRecord]) -> bool:
         """Fetch the blob from `providers` (and any found later); True once it is committed

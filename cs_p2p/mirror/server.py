@@ -118,7 +118,9 @@ class Mirror:
         """The registry repository `digest` was pulled from, if a manifest resolved here names it."""
         where = self.origins.locate(digest)
         upstream = self.upstreams.get(where.host) if where else None
-        return RegistryOrigin(upstream, where.repo) if upstream and where else None
+        if upstream is None or where is None:
+            return None
+        return RegistryOrigin(upstream, where.repo, manifest=self.origins.is_manifest(digest))
 
     async def base(self, request: web.Request) -> web.Response:
         return web.json_response({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
@@ -273,16 +275,17 @@ class Mirror:
 class RegistryOrigin:
     """A blob's repository at its registry, as a fetch's last source (`fetch.fetcher.Origin`)."""
 
-    def __init__(self, upstream: Upstream, repo: str) -> None:
+    def __init__(self, upstream: Upstream, repo: str, manifest: bool = False) -> None:
         self.upstream = upstream
         self.repo = repo
+        self.manifest = manifest
 
     def __str__(self) -> str:
         return f"{self.upstream.registry.host}/{self.repo}"
 
     async def open_range(self, digest: str, start: int, end: int) -> aiohttp.ClientResponse:
         try:
-            return await self.upstream.open_range(self.repo, digest, start, end)
+            return await self.upstream.open_range(self.repo, digest, start, end, self.manifest, DEFAULT_ACCEPT)
         except (UpstreamUnavailable, UpstreamNotFound) as exc:
             raise FetchFailed(str(exc)) from None
 

@@ -123,10 +123,15 @@ class Upstream:
         """The registry's response for blob `digest` (the caller reads and releases it)."""
         return await self._request("GET", repo, f"blobs/{digest}", {})
 
-    async def open_range(self, repo: str, digest: str, start: int, end: int) -> aiohttp.ClientResponse:
+    async def open_range(self, repo: str, digest: str, start: int, end: int, manifest: bool = False,
+                         accept: str = "") -> aiohttp.ClientResponse:
         """Bytes [start, end) of blob `digest`: a 206, or a 200 with the whole blob from a
-        registry that ignores Range (the caller skips to `start`)."""
-        return await self._request("GET", repo, f"blobs/{digest}", {"Range": f"bytes={start}-{end - 1}"})
+        registry that ignores Range (the caller skips to `start`).  Manifests are asked for
+        where registries keep them (`/manifests/`; not every registry serves them as blobs)."""
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        if manifest:
+            headers["Accept"] = accept
+        return await self._request("GET", repo, f"{'manifests' if manifest else 'blobs'}/{digest}", headers)
 
     async def chunks(self, resp: aiohttp.ClientResponse, digest: str):
         """The body of `open_blob`'s response in order, each chunk held back until the next

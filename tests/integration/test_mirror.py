@@ -25,12 +25,12 @@ pytestmark = requires_containerd
 class MirrorNode:
     """containerd + cs-p2p with the peer server, the DHT and the mirror for one registry."""
 
-    def __init__(self, workdir: str, registry: Registry, bootstrap: str | None) -> None:
+    def __init__(self, workdir: str, registry: Registry, bootstrap: str | None, extra: list[str] | None = None) -> None:
         self.peer, self.dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         self.mirror = f"127.0.0.1:{free_port()}"
         args = ["--peer-listen", self.peer, "--dht-listen", self.dht, "--mirror-listen", self.mirror,
                 "--mirror-registry", f"http://{registry.addr}", "--mirror-timeout-ms", "1000"]
-        args += ["--bootstrap", bootstrap] if bootstrap else []
+        args += (["--bootstrap", bootstrap] if bootstrap else []) + (extra or [])
         self.cs = CsP2P(os.path.join(workdir, "cs"), args).start()
         hosts = os.path.join(workdir, "hosts")
         write_hosts_dir(hosts, [MirrorRegistry(registry.addr, plain_http=True)], self.mirror)
