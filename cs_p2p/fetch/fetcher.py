@@ -143,7 +143,7 @@ class Fetcher:
         for name in os.listdir(self.dir):  # partial fetches of a previous run are not resumable
             os.unlink(os.path.join(self.dir, name))
         self.inflight: dict[str, Fetch] = {}
-        self.failed: dict[str, float] = {}  # digest -> until when fetching is not retried
+        self.failed: dict[str, tuple[float, str]] = {}  # digest -> until when it is not retried, why
         self.banned: dict[str, float] = {}  # provider addr -> until when it is not used
         self.ban_seconds = 600.0
         self.min_rate = min_rate
@@ -226,14 +226,16 @@ class Fetcher:
         self._answered(rec.addr, ok, digest)
         return ok
 
-    def recently_failed(self, digest: str) -> bool:
-        until = self.failed.get(digest)
-        if until is None:
-            return False
-        if until < time.monotonic():
+    def recently_failed(self, digest: str) -> str | None:
+        """Why fetching `digest` failed a moment ago, or None: then containerd is told NOT_FOUND
+        (with this reason), so that its retry goes to the registry."""
+        entry = self.failed.get(digest)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
             del self.failed[digest]
-            return False
-        return True
+            return None
+        return entry[1]
 
     def start(self, digest: str, size: int, providers: list[ProviderRecord],
               more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> Fetch:
@@ -286,7 +288,7 @@ class Fetcher:
             raise
         except Exception as exc:
             fetch.error = str(exc) or repr(exc)
-            self.failed[fetch.digest] = time.monotonic() + self.negative_ttl
+            self.failed[fetch.digest] = (time.monotonic() + self.negative_ttl, fetch.error)
             log.warning("fetch from peers failed", extra={"digest": fetch.digest, "error": fetch.error})
         finally:
             os.close(fd)

@@ -64,6 +64,10 @@ class PeerSource:
     def inflight(self, digest: str) -> Fetch | None:
         return self.fetcher.inflight.get(digest)
 
+    def failure(self, digest: str) -> str | None:
+        """Why peers (and the registry after them) could not deliver `digest` a moment ago."""
+        return self.fetcher.recently_failed(digest)
+
     async def locate(self, digest: str) -> Fetch | None:
         """The fetch of `digest` from peers, started if peers have it; None if none do."""
         fetch = self.fetcher.inflight.get(digest)

@@ -87,6 +87,10 @@ class ContentService(pb_grpc.ContentServicer):
         except NotFound:
             fetch = await self.peers.locate(request.digest) if self.peers else None
             if fetch is None:
+                why = self.peers.failure(request.digest) if self.peers else None
+                if why:  # containerd's error then says what went wrong
+                    raise NotFound(f"content {request.digest}: not found (fetching it from peers failed: {why})") \
+                        from None
                 raise
         # Held by peers: containerd records it as present and reads it through Read, which
         # streams the bytes as the background fetch brings them.
