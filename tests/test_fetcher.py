@@ -24,6 +24,17 @@ def record(addr: str) -> ProviderRecord:
     return ProviderRecord(os.urandom(20), addr, len(DATA), time.time() + 600)
 
 
+async def serve_blobs(handler) -> tuple[web.AppRunner, str]:
+    """A misbehaving peer: `handler` answers GET /blobs/{digest}; returns its runner and address."""
+    app = web.Application()
+    app.router.add_get("/blobs/{digest}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+
 @pytest.fixture
 async def servers(tmp_path):
     running: list = []
@@ -45,14 +56,9 @@ async def servers(tmp_path):
             body[0] ^= 0xFF
             return web.Response(body=bytes(body), status=206)
 
-        app = web.Application()
-        app.router.add_get("/blobs/{digest}", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        runner, addr = await serve_blobs(handler)
         running.append(runner.cleanup)
-        return f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return addr
 
     yield honest, corrupt
     for stop in running:
@@ -202,13 +208,7 @@ async def test_a_stalled_provider_is_dropped_and_the_registry_takes_over(tmp_pat
         await released.wait()  # no other byte while the fetch runs
         return resp
 
-    app = web.Application()
-    app.router.add_get("/blobs/{digest}", stall)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stalled = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    runner, stalled = await serve_blobs(stall)
     fetcher = Fetcher(LocalStore(str(tmp_path / "me")), timeout=1.0, origin=lambda d: registry_origin)
     try:
         fetch = fetcher.start(DIGEST, len(DATA), [record(stalled)])

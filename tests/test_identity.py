@@ -114,6 +114,25 @@ async def test_members_join_and_find_signed_records_and_outsiders_get_nothing(ke
     assert first.protocol.dropped > 0
 
 
+async def test_an_operator_with_a_nodes_own_key_sees_that_node_and_its_records(key_nodes, capsys):
+    """`cs-p2p locate`/`peers` run on a node with that node's key files: the client has the
+    node's id, and must still list the node and the blobs it provides."""
+    from cs_p2p.dht import operator
+    from cs_p2p.membership import Membership
+
+    first = await key_nodes(member())
+    node_identity = member()
+    node = await key_nodes(node_identity, first)
+    await node.announce(D1, 7)
+    on_the_node = Membership(dht_sealer=KeySealer(node_identity, "dht"), identity=node_identity)
+    for via in (node, first):
+        assert await operator.locate(D1, [f"127.0.0.1:{via.port}"], on_the_node) == 0
+        assert node.peer_addr in capsys.readouterr().out
+    assert await operator.peers([f"127.0.0.1:{node.port}"], on_the_node) == 0
+    out = capsys.readouterr().out
+    assert node.node_id.hex() in out and first.node_id.hex() in out
+
+
 async def test_a_member_cannot_announce_withdraw_or_tag_for_another(key_nodes):
     first = await key_nodes(member())
     honest = await key_nodes(member(), first)

@@ -74,6 +74,10 @@ class DhtNode:
         """`client`: ask the network, never answer it (operator commands); such a node never
         becomes a contact in another node's routing table."""
         self.node_id = node_id
+        # Whose records and contacts a lookup leaves out: this node's own.  A client has none:
+        # in key-pair mode it speaks with a node's key, hence that node's id, and must still
+        # see that node's records and talk to it.
+        self._self_id = None if client else node_id
         self.peer_addr = peer_addr
         self.ttl = ttl
         self.server = _KademliaServer(ksize, alpha, node_id, rpc_timeout, sealer, client)
@@ -188,7 +192,7 @@ class DhtNode:
         local = self.protocol.providers.get(key)
         found = await self._walk(key, local, self.protocol.call_get_providers, want, round_timeout,
                                  keep=lambda rec: rec.expires > time.time(), within=within)
-        found.pop(self.node_id, None)
+        found.pop(self._self_id, None)
         return sorted(found.values(), key=lambda r: -r.expires)
 
     async def _walk(self, key: bytes, local: list, call, want: int, round_timeout: float, keep,
@@ -199,7 +203,7 @@ class DhtNode:
         target = Node(key)
         shortlist = NodeHeap(target, self.server.ksize)
         shortlist.push(self.protocol.router.find_neighbors(target, self.server.ksize))
-        while not (want and len(found.keys() - {self.node_id}) >= want):
+        while not (want and len(found.keys() - {self._self_id}) >= want):
             batch = shortlist.get_uncontacted()[: self.server.alpha]
             left = round_timeout if deadline is None else min(round_timeout, deadline - time.monotonic())
             if not batch or left <= 0:
@@ -217,7 +221,7 @@ class DhtNode:
                 for rec in records:
                     if keep(rec):
                         found[rec.node_id] = rec
-                shortlist.push([m for m in nodes if m.id != self.node_id])
+                shortlist.push([m for m in nodes if m.id != self._self_id])
         return found
 
     async def publish_tag(self, reference: str, digest: str, media_type: str, size: int) -> int:

@@ -140,7 +140,7 @@ class ProviderProtocol(KademliaProtocol):
         """A node that answered us is alive: into the table at once; one that did not, out."""
         if not result[0]:
             self.router.remove_contact(node)
-        elif node.id != self.source_node.id:
+        elif self.client or node.id != self.source_node.id:  # a client may speak with its node's id
             KademliaProtocol.welcome_if_new(self, node)
         return result
 

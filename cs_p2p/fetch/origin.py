@@ -56,8 +56,9 @@ class Origins:
         self._remember(self._blobs, digest, Location(host, repo))
 
     def is_manifest(self, digest: str) -> bool:
-        return digest in self._manifests or any(
-            digest in self._references.get(m, ()) and self._is_child_manifest(m, digest) for m in self._manifests)
+        """A resolved manifest, or a child manifest of a resolved index: registries serve those
+        from `/manifests/`, not necessarily from `/blobs/`."""
+        return digest in self._manifests or any(self._is_child_manifest(m, digest) for m in self._manifests)
 
     def _is_child_manifest(self, index: str, digest: str) -> bool:
         doc = self._load(index)

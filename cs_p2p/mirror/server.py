@@ -219,6 +219,7 @@ class Mirror:
         headers = {"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"}
         path = await self._local_or_peers(digest)
         if path is not None:
+            log.info("blob served", extra={"digest": digest, "from": "peers or local store", "method": request.method})
             return web.FileResponse(path, headers=headers)
         try:
             upstream_resp = await upstream.open_blob(name, digest)
@@ -244,6 +245,7 @@ class Mirror:
             out.force_close()  # short of the length: containerd sees the download fail
             return out
         await out.write_eof()
+        log.info("blob served", extra={"digest": digest, "from": "registry", "registry": upstream.registry.host})
         return out
 
     async def _verified_range(self, request: web.Request, upstream: Upstream, upstream_resp, digest: str,
@@ -261,6 +263,8 @@ class Mirror:
                 raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN", f"blob {digest}: {exc}") from None
             resp = SentFileResponse(tmp, headers=headers)
             await resp.prepare(request)  # sends the body: the file can go afterwards
+            log.info("blob served", extra={"digest": digest, "from": "registry", "registry": upstream.registry.host,
+                                           "range": request.headers.get("Range")})
             return resp
         finally:
             os.close(fd)

@@ -159,5 +159,6 @@ def describe_tree(root: str) -> dict[str, tuple]:
 def snapshot_dirs(containerd_root: str) -> list[str]:
     """The overlayfs snapshotter's snapshot directories, in the order they were made."""
     base = os.path.join(containerd_root, "io.containerd.snapshotter.v1.overlayfs", "snapshots")
-    ids = sorted((int(n) for n in os.listdir(base)), key=int) if os.path.isdir(base) else []
+    # Skips the snapshotter's `new-*` directories: snapshots being created, renamed a moment later.
+    ids = sorted(int(n) for n in os.listdir(base) if n.isdigit()) if os.path.isdir(base) else []
     return [os.path.join(base, str(i), "fs") for i in ids]

@@ -80,7 +80,11 @@ def both_ways(a: RotatingNode, b: RotatingNode, registry, tmp_path, step: str) -
         ref = push_image(img, registry.addr, f"rotation/{step}-{name}")
         src.pull(ref)
         for d in img.digests:
-            wait_for(lambda: dst.locates(d, src), 30, f"{step}: {d} announced by {name[0]}")
+            try:
+                wait_for(lambda: dst.locates(d, src), 30, f"{step}: {d} announced by {name[0]}")
+            except TimeoutError:
+                raise AssertionError(f"{step}: {d} not found; logs:\n" + "\n".join(
+                    f"--- {n}\n{n.cs.proc.log_tail(3000)}" for n in (src, dst))) from None
         before = registry.blob_bytes_served()
         dst.pull(ref)
         assert registry.blob_bytes_served() == before, f"{step}: {name[1]} went to the registry"

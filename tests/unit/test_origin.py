@@ -33,6 +33,7 @@ def test_layers_of_a_resolved_manifest_and_of_an_index_child_are_located(tmp_pat
     origins.manifest_seen("registry.example:5000", "team/app", index)
     assert origins.locate(layer) == Location("registry.example:5000", "team/app")
     assert str(origins.locate(config)) == "registry.example:5000/team/app"
+    assert origins.is_manifest(index) and origins.is_manifest(manifest) and not origins.is_manifest(layer)
     assert origins.locate(other) is None  # referenced by nothing resolved here
     origins.blob_seen("r2", "x/y", other)  # asked of the mirror directly
     assert origins.locate(other) == Location("r2", "x/y")
