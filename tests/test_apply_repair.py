@@ -1,0 +1,77 @@
+"""The layer applier and a peer that sends corrupt bytes: the worker has already read the
+bad pieces by the time the digest check fails, so once the registry has replaced them the
+snapshot is emptied and the layer applied again from the verified blob."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+import time
+
+from aiohttp import web
+
+from cs_p2p.apply.pool import ApplyPool
+from cs_p2p.apply.worker import Target
+from cs_p2p.dht.providers import ProviderRecord
+from cs_p2p.fetch.fetcher import PIECE, Fetcher
+from cs_p2p.store import LocalStore
+from tests.test_fetcher import HttpOrigin, serve_blobs
+
+
+def layer() -> tuple[bytes, bytes, dict[str, bytes]]:
+    files = {f"dir/f{i}": os.urandom(3 << 20) for i in range(3)}  # incompressible: three pieces
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.uid, ti.gid = len(data), os.getuid(), os.getgid()
+            t.addfile(ti, io.BytesIO(data))
+    return buf.getvalue(), gzip.compress(buf.getvalue(), compresslevel=1), files
+
+
+async def test_a_layer_streamed_from_a_liar_is_applied_again_from_the_verified_blob(tmp_path):
+    tar, blob, files = layer()
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert len(blob) > 2 * PIECE
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+
+    def ranged(flip: bool):
+        async def handler(request: web.Request) -> web.Response:
+            if not flip:  # the registry answers once the worker is writing what the liar sent
+                deadline = time.monotonic() + 30
+                while not (snapshot / "dir" / "f0").exists():
+                    assert time.monotonic() < deadline, "the worker never started on the liar's bytes"
+                    await asyncio.sleep(0.01)
+            rng = request.http_range
+            start, stop = rng.start or 0, len(blob) if rng.stop is None else rng.stop
+            body = bytearray(blob[start:stop])
+            if flip:
+                body[len(body) // 2] ^= 0xFF  # inside a file's bytes: the tar still parses
+            return web.Response(body=bytes(body), status=206)
+        return handler
+
+    liar_runner, liar = await serve_blobs(ranged(flip=True))
+    registry_runner, registry = await serve_blobs(ranged(flip=False))
+    origin = HttpOrigin(f"http://{registry}")
+    store = LocalStore(str(tmp_path / "store"))
+    fetcher = Fetcher(store, origin=lambda d: origin)
+    pool = ApplyPool(1, str(tmp_path / "fifos"), lambda d: store.blobs.blob_path(d.split(":")[1]))
+    try:
+        fetch = fetcher.start(digest, len(blob), [ProviderRecord(os.urandom(20), liar, len(blob), time.time() + 60)])
+        diff_id, size = await pool.apply_fetch(fetch, Target("dir", str(snapshot)), sync_fs=False)
+    finally:
+        pool.close()
+        await fetcher.close()
+        await origin.session.close()
+        await liar_runner.cleanup()
+        await registry_runner.cleanup()
+    assert fetch.committed and fetch.repaired and fetch.bytes_from["registry"] == len(blob)
+    assert (diff_id, size) == ("sha256:" + hashlib.sha256(tar).hexdigest(), len(tar))
+    got = {str(p.relative_to(snapshot)): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()}
+    assert got == files
