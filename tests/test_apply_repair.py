@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
-import io
 import os
-import tarfile
 import time
 
 from aiohttp import web
@@ -19,18 +17,14 @@ from cs_p2p.apply.worker import Target
 from cs_p2p.dht.providers import ProviderRecord
 from cs_p2p.fetch.fetcher import PIECE, Fetcher
 from cs_p2p.store import LocalStore
+from tests.test_diff_service import layer_tar
 from tests.test_fetcher import HttpOrigin, serve_blobs
 
 
 def layer() -> tuple[bytes, bytes, dict[str, bytes]]:
     files = {f"dir/f{i}": os.urandom(3 << 20) for i in range(3)}  # incompressible: three pieces
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.uid, ti.gid = len(data), os.getuid(), os.getgid()
-            t.addfile(ti, io.BytesIO(data))
-    return buf.getvalue(), gzip.compress(buf.getvalue(), compresslevel=1), files
+    tar = layer_tar(files)
+    return tar, gzip.compress(tar, compresslevel=1), files
 
 
 async def test_a_layer_streamed_from_a_liar_is_applied_again_from_the_verified_blob(tmp_path):
