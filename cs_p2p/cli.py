@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap", action="append", help="HOST:PORT of a DHT node to join through (repeatable)")
     s.add_argument("--dht-ttl", type=int, help="provider record lifetime in seconds (default 3600)")
     s.add_argument("--ingest-max-bytes", type=int, help="disk used by unfinished ingests, together (default 100 GiB)")
+    s.add_argument("--cache-max-bytes", type=int,
+                   help="disk for blobs containerd's GC deleted, kept for peers and re-pulls "
+                        "(-1: 10 %% of the root's file system; default 0: keep none)")
     s.add_argument("--grpc-max-concurrent-streams", type=int,
                    help="gRPC streams served at once per containerd connection (default 256); more wait")
     _membership_flags(s)

@@ -74,6 +74,9 @@ class Config:
     grpc_max_concurrent_streams: int = 256  # per containerd connection
     apply_workers: int = 0  # processes applying layers (containerd 2.x diff plugin); 0: one per core
     ingest_max_bytes: int = 100 << 30  # disk used by unfinished ingests, together
+    # Blobs kept after containerd's GC (`store.cache`); -1: 10 % of the root's file system.  Off (0)
+    # until the replication floor (issue 11) decides which of them the cluster needs.
+    cache_max_bytes: int = 0
     peer_listen: str = ""  # HOST:PORT of the peer transfer server; empty: not started
     peer_max_uploads: int = 16
     peer_rate_limit: int = 0  # bytes per second over all uploads; 0: unlimited
@@ -159,6 +162,8 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         raise ConfigError("dht-ttl must be at least 10 seconds")
     if cfg.ingest_max_bytes < 1 or cfg.grpc_max_concurrent_streams < 1:
         raise ConfigError("ingest-max-bytes and grpc-max-concurrent-streams must be positive")
+    if cfg.cache_max_bytes < -1:
+        raise ConfigError("cache-max-bytes must be >= -1 (-1: 10 % of the root's file system; 0: no cache)")
     if cfg.apply_workers < 0:
         raise ConfigError("apply-workers must be >= 0 (0: one per core)")
     if cfg.peer_max_uploads < 1 or cfg.peer_rate_limit < 0:

@@ -208,6 +208,11 @@ class CsP2P:
         d = os.path.join(self.root, "blobs", "sha256")
         return {"sha256:" + n for n in os.listdir(d)} if os.path.isdir(d) else set()
 
+    def cached_digests(self) -> set[str]:
+        """Blobs containerd's GC deleted that the daemon keeps in its cache."""
+        d = os.path.join(self.root, "cache", "sha256")
+        return {"sha256:" + n for n in os.listdir(d)} if os.path.isdir(d) else set()
+
     def applied_layers(self) -> list[dict]:
         """The daemon's "layer applied" log records (containerd 2.x: cs-p2p applies layers)."""
         with open(self.proc.log_path) as f:

@@ -124,7 +124,7 @@ class PeerServer:
             hex_ = parse_digest(digest)
         except InvalidArgument as exc:
             raise web.HTTPBadRequest(text=str(exc))
-        path = self.store.blobs.blob_path(hex_)
+        path = self.store.served_path(hex_) or self.store.blobs.blob_path(hex_)
         if not os.path.exists(path):
             writer = self.store.ingests.published(digest)
             if writer is not None:

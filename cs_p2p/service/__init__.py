@@ -23,6 +23,7 @@ from ..membership import membership
 from ..mirror.server import Mirror
 from ..peer.server import PeerServer
 from ..store import LocalStore
+from ..store.cache import default_budget
 from .content import ContentService
 from .diff import DiffService
 from .wire import decode_write_request, tolerant
@@ -77,7 +78,9 @@ def _lock_root(root: str) -> int:
 
 async def serve(cfg: Config) -> None:
     """Run until SIGTERM/SIGINT; ingests in flight stay on disk and resume on the next start."""
-    store = LocalStore(cfg.root, cfg.ingest_max_bytes)
+    os.makedirs(cfg.root, exist_ok=True)
+    cache_max = default_budget(cfg.root) if cfg.cache_max_bytes < 0 else cfg.cache_max_bytes
+    store = LocalStore(cfg.root, cfg.ingest_max_bytes, cache_max)
     lock = _lock_root(store.root)
     member = membership(cfg.cluster_token_file, cfg.node_key_file, cfg.node_cert_file, cfg.cluster_ca_file,
                         os.path.join(store.root, "tls"))
@@ -104,7 +107,8 @@ async def serve(cfg: Config) -> None:
         host, port = parse_host_port(cfg.dht_listen, "dht-listen")
         port = await dht.listen(host, port)
         log.info("dht listening", extra={"host": host, "port": port, "node_id": dht.node_id.hex()})
-        dht.join_and_announce(cfg.bootstrap, [(info.digest, info.size) for info in store.blobs.walk()])
+        held = [(info.digest, info.size) for info in store.blobs.walk()] + store.cache.digests()
+        dht.join_and_announce(cfg.bootstrap, held)
 
     mirror = None
     if cfg.mirror_registry:

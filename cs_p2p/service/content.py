@@ -85,6 +85,9 @@ class ContentService(pb_grpc.ContentServicer):
         try:
             return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
         except NotFound:
+            if self.store.restore(request.digest):  # let go of by GC, kept in the cache: back at once
+                log.info("blob restored from the cache", extra={"digest": request.digest})
+                return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
             fetch = await self.peers.locate(request.digest) if self.peers else None
             if fetch is None:
                 why = self.peers.failure(request.digest) if self.peers else None
@@ -119,10 +122,11 @@ class ContentService(pb_grpc.ContentServicer):
 
     @grpc_errors
     async def Delete(self, request: pb.DeleteContentRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        self.store.blobs.delete(request.digest)
-        log.info("blob deleted", extra={"digest": request.digest})
-        if self.events:
-            self.events.deleted(request.digest)
+        cached, evicted = self.store.delete(request.digest)
+        log.info("blob deleted", extra={"digest": request.digest, "cached": cached, "evicted": evicted})
+        if self.events:  # a cached blob stays announced: peers may still fetch it here
+            for digest in evicted if cached else [request.digest, *evicted]:
+                self.events.deleted(digest)
         return empty_pb2.Empty()
 
     @grpc_errors

@@ -132,16 +132,19 @@ class BlobStore:
         self._save_meta(info)
         return info
 
+    def drop_meta(self, hex_: str) -> None:
+        try:
+            os.unlink(self._meta_path(hex_))
+        except FileNotFoundError:
+            pass
+
     def delete(self, digest: str) -> None:
         hex_ = parse_digest(digest)
         try:
             os.unlink(self.blob_path(hex_))
         except FileNotFoundError:
             raise NotFound(f"content {digest}: not found") from None
-        try:
-            os.unlink(self._meta_path(hex_))
-        except FileNotFoundError:
-            pass
+        self.drop_meta(hex_)
 
     def walk(self) -> Iterator[BlobInfo]:
         """Every committed blob; files that are not a valid digest (e.g. temp files) are skipped."""
