@@ -58,7 +58,7 @@ class BlobCache:
         Not kept if it alone is over the budget: then it is deleted as containerd asked."""
         size = os.stat(blob_path).st_size
         with self._lock:
-            if size > self.max_bytes:
+            if self.max_bytes <= 0 or size > self.max_bytes:
                 return False, []
             evicted = self._make_room(size)
             os.rename(blob_path, self.path(hex_))

@@ -46,3 +46,9 @@ def test_a_blob_over_the_budget_is_deleted_and_nothing_else_is_evicted(tmp_path)
     assert store.served_path(big[7:]) is None and store.cache.holds(small[7:])
     again = LocalStore(str(tmp_path), cache_max_bytes=150)  # a restart keeps the cache
     assert again.cache.digests() == [(small, 100)]
+
+
+def test_without_a_budget_nothing_is_kept_not_even_an_empty_blob(tmp_path):
+    store = LocalStore(str(tmp_path))
+    empty = commit(store, b"")
+    assert store.delete(empty) == (False, []) and store.cache.digests() == []
