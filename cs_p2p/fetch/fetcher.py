@@ -51,10 +51,13 @@ FAILURES_BEFORE_DROP = 2
 BUSY_BEFORE_FAILURE = 100  # 503s in a row from one provider that count as one failure
 # A provider that stalls (no byte for `timeout` seconds) or trickles (a piece slower than
 # MIN_RATE; low enough for a provider with a rate limit shared by a few uploads) has failed it.
+# An in-flight provider (a relay) sends a piece only as it gets it itself: it may be silent for
+# a while without being at fault, so it gets RELAY_IDLE instead and no strike towards a ban.
 MIN_RATE = 256 << 10  # bytes per second
 STALL_GRACE = 2.0  # seconds every piece gets on top of its size at MIN_RATE
+RELAY_IDLE = 30.0  # seconds without a byte from a relay
 ORIGIN = "registry"  # the upstream registry among a fetch's sources
-PROBE_TIMEOUT = 0.5  # seconds for a HEAD of a blob at a provider
+PROBE_TIMEOUT = 0.5  # seconds for a HEAD of a blob at a provider, at least
 HEALTH_TTL = 10.0  # seconds a provider that answered counts as reachable without a new HEAD
 PROBE_FAILURES_BEFORE_BAN = 3
 MAX_REMEMBERED = 4096  # providers remembered as proven, reachable or failing
@@ -200,7 +203,8 @@ class Fetcher:
         warm = [p for p in candidates if self._reachable_until.get(p.addr, 0) > now]
         if warm or not candidates:
             return warm
-        probes = {asyncio.ensure_future(self._probe(digest, p)): p for p in candidates[:MAX_WORKERS]}
+        probes = {asyncio.ensure_future(self._probe(digest, p, max(PROBE_TIMEOUT, within))): p
+                  for p in candidates[:MAX_WORKERS]}
         deadline = now + within
         while probes:
             done, _ = await asyncio.wait(probes, timeout=max(0.0, deadline - time.monotonic()),
@@ -213,12 +217,12 @@ class Fetcher:
                     return [p]
         return []
 
-    async def _probe(self, digest: str, rec: ProviderRecord) -> bool:
+    async def _probe(self, digest: str, rec: ProviderRecord, timeout: float = PROBE_TIMEOUT) -> bool:
         path = f"/blobs/{digest}"
         headers = {HEADER: self.sealer.request_header("HEAD", path)} if self.sealer else {}
         try:
             async with self._client().head(f"{'https' if self.tls else 'http'}://{rec.addr}{path}", headers=headers,
-                                           timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as resp:
+                                           timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 ok = resp.status == 200 and resp.headers.get("Content-Length") == str(rec.size)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             log.info("provider unreachable", extra={"digest": digest, "addr": rec.addr, "error": repr(exc)})
@@ -356,6 +360,7 @@ class Fetcher:
             if p in fetch.done_pieces:
                 fetch.repaired = True
         alive = [p.addr for p in providers]
+        relays = {p.addr for p in providers if p.inflight}
         finding = asyncio.ensure_future(more()) if more else None
 
         def add_found() -> None:
@@ -369,6 +374,8 @@ class Fetcher:
                 if rec.size == fetch.size and rec.addr not in alive and self.banned.get(rec.addr, 0) < now:
                     alive.append(rec.addr)
                     providers.append(rec)
+                    if rec.inflight:
+                        relays.add(rec.addr)
         failures: dict[str, int] = {}
         busy: dict[str, int] = {}
         last_error = ""
@@ -393,6 +400,8 @@ class Fetcher:
                     n = min(fetch.size, (piece + 1) * PIECE) - piece * PIECE
                     if addr == ORIGIN:  # the registry is slow or not: there is nothing after it
                         await self._piece(fetch, fd, addr, piece)
+                    elif addr in relays:
+                        await self._piece(fetch, fd, addr, piece, idle=RELAY_IDLE)
                     else:
                         await asyncio.wait_for(self._piece(fetch, fd, addr, piece), STALL_GRACE + n / self.min_rate)
                     busy.pop(addr, None)
@@ -400,7 +409,7 @@ class Fetcher:
                         self._answered(addr, True, fetch.digest)
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, FetchFailed, ProviderBusy) as exc:
                     queue.put_nowait(piece)
-                    if addr != ORIGIN and not isinstance(exc, ProviderBusy):
+                    if addr != ORIGIN and addr not in relays and not isinstance(exc, ProviderBusy):
                         self._answered(addr, False, fetch.digest)
                     if isinstance(exc, ProviderBusy):
                         busy[addr] = busy.get(addr, 0) + 1
@@ -435,7 +444,7 @@ class Fetcher:
             if finding is not None:
                 finding.cancel()
 
-    async def _piece(self, fetch: Fetch, fd: int, addr: str, piece: int) -> None:
+    async def _piece(self, fetch: Fetch, fd: int, addr: str, piece: int, idle: float | None = None) -> None:
         start = piece * PIECE
         end = min(fetch.size, start + PIECE)
         if addr == ORIGIN:
@@ -446,7 +455,9 @@ class Fetcher:
             headers = {"Range": f"bytes={start}-{end - 1}"}
             if self.sealer:
                 headers[HEADER] = self.sealer.request_header("GET", path)
-            opening = self._client().get(f"{'https' if self.tls else 'http'}://{addr}{path}", headers=headers)
+            timeout = aiohttp.ClientTimeout(total=None, sock_read=idle) if idle else None
+            opening = self._client().get(f"{'https' if self.tls else 'http'}://{addr}{path}", headers=headers,
+                                         **({"timeout": timeout} if timeout else {}))
         async with await opening as resp:
             if resp.status in (429, 503):  # over its upload slots, or over our request rate there
                 raise ProviderBusy(addr)

@@ -38,6 +38,7 @@ log = logging.getLogger("cs_p2p.fetch")
 ANNOUNCE_WAIT = 1.0  # seconds a download may be held back for its in-flight announce
 LOOKUP_ROUND = 0.5  # seconds a lookup round waits for replies
 LOOKUP_WITHIN = 2.0  # seconds the whole lookup may take; what it found by then counts
+FOLLOW_PROBE = 2.0  # seconds to check that a download to follow can deliver (a busy node is slow)
 MIN_PROBE_TIME = 0.2  # seconds the reachability check gets however long the lookup took
 
 
@@ -169,7 +170,7 @@ class SharedIngest:
             log.warning("in-flight lookup failed", extra={"digest": self.digest, "error": repr(exc)})
             return []
         earlier = [r for r in found if self._earlier(r)]
-        if earlier and not await self.source.fetcher.reachable(self.digest, earlier, within=LOOKUP_ROUND):
+        if earlier and not await self.source.fetcher.reachable(self.digest, earlier, within=FOLLOW_PROBE):
             return []  # none can deliver: containerd downloads it
         return earlier
 
