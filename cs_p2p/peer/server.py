@@ -124,14 +124,15 @@ class PeerServer:
             hex_ = parse_digest(digest)
         except InvalidArgument as exc:
             raise web.HTTPBadRequest(text=str(exc))
-        path = self.store.served_path(hex_) or self.store.blobs.blob_path(hex_)
-        if not os.path.exists(path):
+        path = self.store.served_path(hex_)
+        if path is None:  # not held: perhaps being written here, then committed to blob_path
+            blob_path = self.store.blobs.blob_path(hex_)
             writer = self.store.ingests.published(digest)
             if writer is not None:
-                return await self._ingest(request, writer, path, digest)
+                return await self._ingest(request, writer, blob_path, digest)
             fetch = self.fetcher.inflight.get(digest) if self.fetcher else None
             if fetch is not None:
-                return await self._relay(request, fetch, path, digest)
+                return await self._relay(request, fetch, blob_path, digest)
             raise web.HTTPNotFound(text=f"blob {digest} not found")
         if request.method == "HEAD":
             return _head(os.path.getsize(path), digest)
