@@ -106,14 +106,16 @@ def held_by(nodes: list[MirrorNode], img, ref: str, token_file: str, via: str) -
         wait_for(lambda: all(n.peer in locate(d, via, token_file) for n in nodes), 30, "every holder's record")
 
 
-def pull_while(node: MirrorNode, ref: str, layers: list[str], action) -> subprocess.CompletedProcess:
-    """Pull `ref` on `node`; once a fetch of one of `layers` from peers is under way, run `action`."""
+def pull_while(node: MirrorNode, ref: str, img, action) -> subprocess.CompletedProcess:
+    """Pull `ref` on `node`; once its config is in and a layer's fetch from peers is under way,
+    run `action` (so that what `action` breaks is a layer in transfer)."""
     pull = subprocess.Popen(node.containerd.ctr_argv(*node.containerd.pull_args(ref)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    partials = {d.split(":")[1] + ".partial" for d in layers}
+    partials = {d.split(":")[1] + ".partial" for d in img.layer_digests}
     try:
         fetch_dir = os.path.join(node.cs.root, "fetch")
-        wait_for(lambda: partials & set(os.listdir(fetch_dir)), 60, "a layer's fetch from peers")
+        wait_for(lambda: img.config_digest in node.cs.blob_digests() and partials & set(os.listdir(fetch_dir)), 60,
+                 "the config, and a layer's fetch from peers")
         action()
         out, err = pull.communicate(timeout=180)
         return subprocess.CompletedProcess(pull.args, pull.returncode, out, err)
@@ -136,7 +138,7 @@ def test_every_provider_killed_mid_transfer_and_the_registry_finishes(make_node,
         h1.cs.kill()
         h2.cs.kill()
 
-    res = pull_while(puller, ref, img.layer_digests, kill_all)
+    res = pull_while(puller, ref, img, kill_all)
     assert res.returncode == 0, res.stderr.decode()
     assert_pulled(puller, img, ref, workdir)
     finished = {r["digest"] for r in log_records(puller, "fetched from peers and the registry")}
@@ -152,7 +154,7 @@ def test_providers_killed_with_the_registry_down_fail_clearly_in_bounded_time(ma
     held_by([holder], img, ref, token_file, puller.dht)
     own_registry.stop()
     t0 = time.monotonic()
-    res = pull_while(puller, ref, img.layer_digests, holder.cs.kill)
+    res = pull_while(puller, ref, img, holder.cs.kill)
     assert res.returncode != 0
     assert time.monotonic() - t0 < 120
     err = res.stderr.decode()
