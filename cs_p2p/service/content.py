@@ -90,15 +90,17 @@ class ContentService(pb_grpc.ContentServicer):
                 return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
             fetch = await self.peers.locate(request.digest) if self.peers else None
             if fetch is None:
-                why = self.peers.failure(request.digest) if self.peers else None
-                if why:  # containerd's error then says what went wrong
-                    raise NotFound(f"content {request.digest}: not found (fetching it from peers failed: {why})") \
-                        from None
-                raise
+                raise self._not_found(request.digest) from None
         # Held by peers: containerd records it as present and reads it through Read, which
         # streams the bytes as the background fetch brings them.
         now = time.time_ns()
         return pb.InfoResponse(info=_info_pb(BlobInfo(fetch.digest, fetch.size, now, now, {})))
+
+    def _not_found(self, digest: str) -> NotFound:
+        """NOT_FOUND, with the reason if peers (and the registry) just failed to deliver it:
+        containerd's error then says what went wrong."""
+        why = self.peers.failure(digest) if self.peers else None
+        return NotFound(f"content {digest}: not found" + (f" (fetching it from peers failed: {why})" if why else ""))
 
     @grpc_errors
     async def Update(self, request: pb.UpdateRequest, context: grpc.aio.ServicerContext) -> pb.UpdateResponse:
@@ -138,7 +140,7 @@ class ContentService(pb_grpc.ContentServicer):
         except FileNotFoundError:
             fetch = self.peers.inflight(request.digest) if self.peers else None
             if fetch is None:
-                raise NotFound(f"content {request.digest}: not found") from None
+                raise self._not_found(request.digest) from None
             try:
                 fd = fetch.open(self.store.blobs.blob_path(hex_))
             except FetchFailed as exc:
