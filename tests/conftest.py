@@ -34,7 +34,8 @@ def workdir() -> Iterator[str]:
     # Short paths: unix socket names are limited to 108 bytes.
     d = tempfile.mkdtemp(prefix="csp-", dir="/tmp")
     yield d
-    shutil.rmtree(d, ignore_errors=True)
+    if not os.environ.get("CS_P2P_KEEP"):  # CS_P2P_KEEP=1 keeps the nodes' logs for a post-mortem
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

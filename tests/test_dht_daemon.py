@@ -14,9 +14,10 @@ from cs_p2p.devcluster.processes import CsP2P, free_port, wait_for
 from tests.conftest import commit_via_socket, content_stub
 
 
-def daemon(workdir: str, name: str, bootstrap: str | None = None) -> tuple[CsP2P, str, str]:
+def daemon(workdir: str, name: str, bootstrap: str | None = None, extra: list[str] | None = None
+           ) -> tuple[CsP2P, str, str]:
     peer, dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    args = ["--peer-listen", peer, "--dht-listen", dht]
+    args = ["--peer-listen", peer, "--dht-listen", dht, *(extra or [])]
     if bootstrap:
         args += ["--bootstrap", bootstrap]
     return CsP2P(os.path.join(workdir, name), args), peer, dht

@@ -8,6 +8,7 @@ that starts the same download later follows the earlier one instead of the regis
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import http.client
 import json
@@ -20,7 +21,8 @@ import pytest
 from cs_p2p.api import content_pb2 as pb
 from tests.conftest import WriteSession, commit_via_socket, content_stub, info_size
 from tests.test_dht_daemon import locate, pair  # noqa: F401  (fixture)
-from cs_p2p.devcluster.processes import wait_for
+from cs_p2p.devcluster.images import build_image, push_image
+from cs_p2p.devcluster.processes import free_port, wait_for
 
 DATA = os.urandom(6 << 20)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -195,3 +197,48 @@ def test_a_fetch_that_info_started_is_relayed_to_nodes_asking_later(p2p_node):
     assert b_peer in fetched()[-1]["sources"]  # part of the blob came from b, which was fetching it too
     assert open(c.blob_path(digest), "rb").read() == data
     wait_for(lambda: "in-flight" not in locate(digest, a_dht), 30, "b's holder record to replace it")
+
+
+def test_the_mirror_feeding_a_download_never_follows_a_node_that_started_later(workdir, registry, tmp_path):
+    """Node a's containerd downloads a layer through a's mirror; node b started the same download
+    later and follows a.  a's mirror must take the layer from the registry, not from b (which
+    waits on a): four nodes pulling at once used to wait on each other in a ring."""
+    from tests.test_dht_daemon import daemon
+
+    img = build_image(str(tmp_path / "oci"), [3 << 20])
+    push_image(img, registry.addr, "inflight/ring")
+    layer = img.layer_digests[0]
+    data, ref = img.blob_bytes(layer), f"default/1/layer-{layer}"
+    mirror = f"127.0.0.1:{free_port()}"
+    a, a_peer, a_dht = daemon(workdir, "a", extra=["--mirror-listen", mirror,
+                                                   "--mirror-registry", f"http://{registry.addr}"])
+    b, _, b_dht = daemon(workdir, "b", bootstrap=a_dht)
+    with contextlib.ExitStack() as stack:
+        for cs in (a, b):
+            stack.callback(cs.start().stop)
+        sessions = []
+        for cs in (a, b):
+            ch, stub = content_stub(cs)
+            stack.callback(ch.close)
+            sessions.append(WriteSession(stub))
+            stack.callback(sessions[-1].close)
+        first, later = sessions
+        first.send(action=pb.STAT, ref=ref, total=len(data))
+        assert first.send(action=pb.STAT).offset == 0  # nobody earlier: a downloads
+        wait_for(lambda: a_peer in locate(layer, b_dht), 30, "a's in-flight record")
+        later.send(action=pb.STAT, ref=ref, total=len(data))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            b_status = pool.submit(later.send, action=pb.STAT)  # b follows a
+            wait_for(lambda: sum("in-flight" in ln for ln in locate(layer, a_dht).splitlines()) == 2, 30,
+                     "b's in-flight record")
+            # a's containerd now fetches the layer through a's mirror and writes it.
+            with urllib.request.urlopen(f"http://{mirror}/v2/inflight/ring/blobs/{layer}?ns={registry.addr}",
+                                        timeout=120) as r:
+                got = r.read()
+            assert got == data
+            first.send(action=pb.WRITE, offset=0, data=got)
+            first.send(action=pb.COMMIT, offset=len(data), total=len(data), expected=layer)
+            assert b_status.result(timeout=60).offset == len(data)
+        served = [json.loads(ln) for ln in open(a.proc.log_path) if '"blob served"' in ln]
+        assert [r["from"] for r in served] == ["registry"], served
+        assert not [ln for ln in open(a.proc.log_path) if "fetched from peers" in ln]

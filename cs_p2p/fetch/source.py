@@ -25,6 +25,7 @@ import asyncio
 import collections
 import logging
 import time
+from typing import Callable
 
 from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
@@ -42,13 +43,15 @@ FOLLOW_PROBE = 2.0  # seconds to check that a download to follow can deliver (a 
 MIN_PROBE_TIME = 0.2  # seconds the reachability check gets however long the lookup took
 
 
-def may_follow(rec: ProviderRecord, size: int, started: float, node_id: bytes) -> bool:
+def precedes(rec: ProviderRecord, started: float, node_id: bytes) -> bool:
     """Whether a node whose own download or fetch began at `started` may fetch from `rec`: a
-    holder, or an in-flight provider that began before it (ties broken by node id), so that
-    two nodes never wait on each other."""
-    if rec.size != size:
-        return False
+    holder, or an in-flight provider that began before it (ties broken by node id).  Every
+    wait then points at an earlier start, so no chain of nodes waits on itself."""
     return not rec.inflight or (rec.started, rec.node_id) < (started, node_id)
+
+
+def may_follow(rec: ProviderRecord, size: int, started: float, node_id: bytes) -> bool:
+    return rec.size == size and precedes(rec, started, node_id)
 
 
 async def _earlier_only(lookup, size: int, started: float, node_id: bytes) -> list[ProviderRecord]:
@@ -61,6 +64,8 @@ class PeerSource:
         self.fetcher = fetcher
         self.lookup_timeout = lookup_timeout
         self._relaying: set[str] = set()  # digests fetched here and announced in flight
+        # Digest -> start of this node's own in-flight record while containerd downloads it.
+        self._downloading: dict[str, float] = {}
 
     def inflight(self, digest: str) -> Fetch | None:
         return self.fetcher.inflight.get(digest)
@@ -70,17 +75,23 @@ class PeerSource:
         return self.fetcher.recently_failed(digest)
 
     async def locate(self, digest: str) -> Fetch | None:
-        """The fetch of `digest` from peers, started if peers have it; None if none do."""
+        """The fetch of `digest` from peers, started if peers have it; None if none do.
+
+        While this node's containerd downloads the blob itself (its ingest announced in
+        flight, `share`), the download's start orders what may be followed: the mirror serving
+        that download must not follow a node that started later, which may be following us
+        (four nodes pulling at once otherwise waited on each other in a ring until relays
+        timed out)."""
         fetch = self.fetcher.inflight.get(digest)
         if fetch is not None:
             return fetch
         if self.fetcher.recently_failed(digest):
             return None
-        providers, reachable = await self._deliverable(digest)
+        started, me = self._downloading.get(digest, time.time()), self.dht.node_id
+        providers, reachable = await self._deliverable(digest, lambda rec: precedes(rec, started, me))
         if not reachable:
             return None
         size = reachable[0].size
-        started, me = time.time(), self.dht.node_id
         fetch = self.fetcher.start(
             digest, size, reachable + [p for p in providers if p.size == size and p not in reachable],
             more=lambda: _earlier_only(self.dht.find_providers(digest), size, started, me))
@@ -88,8 +99,9 @@ class PeerSource:
             self._relay(fetch, started)
         return fetch
 
-    async def _deliverable(self, digest: str) -> tuple[list[ProviderRecord], list[ProviderRecord]]:
-        """The providers found, and those of them that can deliver the blob.
+    async def _deliverable(self, digest: str, eligible: Callable[[ProviderRecord], bool]
+                           ) -> tuple[list[ProviderRecord], list[ProviderRecord]]:
+        """The `eligible` providers found, and those of them that can deliver the blob.
 
         The blob is claimed only if a provider can deliver it: a provider the DHT names may be
         dead, or fail TLS or membership checks, and a claim containerd believed becomes a
@@ -102,7 +114,7 @@ class PeerSource:
         for want in (1, 0):
             left = self.lookup_timeout - (time.monotonic() - t0)
             found = await self.dht.find_providers(digest, want=want, within=max(left, MIN_PROBE_TIME))
-            new = [p for p in found if p not in providers]
+            new = [p for p in found if p not in providers and eligible(p)]
             if not new:
                 break
             providers += new
@@ -148,6 +160,7 @@ class SharedIngest:
         self.decided = False
         self._ended = False
         self._announce = asyncio.ensure_future(source.dht.announce(digest, size, started=started))
+        source._downloading[digest] = started
 
     def _earlier(self, rec: ProviderRecord) -> bool:
         return may_follow(rec, self.size, self.started, self.source.dht.node_id)
@@ -196,6 +209,8 @@ class SharedIngest:
         self._ended = True
         if not self._announce.done():
             self._announce.cancel()
+        if self.source._downloading.get(self.digest) == self.started:
+            del self.source._downloading[self.digest]
         dht = self.source.dht
         if not committed and self.digest not in dht.held:
             dht.deleted(self.digest)
