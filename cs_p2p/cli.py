@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dht-listen", help="HOST:PORT (UDP) for the DHT node (default: off)")
     s.add_argument("--bootstrap", action="append", help="HOST:PORT of a DHT node to join through (repeatable)")
     s.add_argument("--dht-ttl", type=int, help="provider record lifetime in seconds (default 3600)")
+    s.add_argument("--replicas", type=int,
+                   help="holders every blob announced in the cluster keeps; nodes close to a blob's DHT key "
+                        "fetch copies into their cache when it has fewer (default 2; 0: off)")
+    s.add_argument("--replica-check-interval", type=float,
+                   help="seconds between checks of the replication floor (default 10)")
     s.add_argument("--ingest-max-bytes", type=int, help="disk used by unfinished ingests, together (default 100 GiB)")
     s.add_argument("--cache-max-bytes", type=int,
                    help="disk for blobs containerd's GC deleted, kept for peers and re-pulls "

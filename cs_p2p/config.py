@@ -84,6 +84,8 @@ class Config:
     dht_listen: str = ""  # HOST:PORT (UDP) of the DHT node; empty: no DHT
     bootstrap: list = dataclasses.field(default_factory=list)  # HOST:PORT contacts, names resolved
     dht_ttl: int = 3600  # seconds a provider record lives; re-announced at half of it
+    replicas: int = 2  # holders every announced blob keeps (`placement`); 0: no floor
+    replica_check_interval: float = 10.0  # seconds between checks of the floor
     cluster_token_file: str = ""  # shared join token: authenticates datagrams and peer requests
     node_key_file: str = ""  # key-pair mode: this node's Ed25519 key (PEM) ...
     node_cert_file: str = ""  # ... its certificate, issued by the cluster CA ...
@@ -160,6 +162,8 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         parse_host_port(cfg.mirror_listen, "mirror-listen")
     if cfg.dht_ttl < 10:
         raise ConfigError("dht-ttl must be at least 10 seconds")
+    if cfg.replicas < 0 or cfg.replica_check_interval <= 0:
+        raise ConfigError("replicas must be >= 0 and replica-check-interval positive")
     if cfg.ingest_max_bytes < 1 or cfg.grpc_max_concurrent_streams < 1:
         raise ConfigError("ingest-max-bytes and grpc-max-concurrent-streams must be positive")
     if cfg.cache_max_bytes < -1:

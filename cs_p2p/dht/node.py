@@ -8,7 +8,6 @@ instead of stopping at the first answer (kademlia's `get` returns the first valu
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import socket
@@ -22,17 +21,12 @@ from ..auth import Sealer
 from ..config import parse_host_port
 from ..identity import KeySealer
 from .protocol import ProviderProtocol
-from .providers import ProviderRecord
+from .providers import ProviderRecord, provider_key
 from .tags import TagRecord, tag_key
 
 log = logging.getLogger("cs_p2p.dht")
 
 DEFAULT_TTL = 3600.0
-
-
-def provider_key(digest: str) -> bytes:
-    """The 20-byte DHT key under which the providers of `digest` are kept."""
-    return hashlib.sha1(b"cs-p2p/providers/" + digest.encode()).digest()
 
 
 def load_or_create_node_id(root: str) -> bytes:
@@ -164,8 +158,9 @@ class DhtNode:
         key = provider_key(digest)
         rec = self.protocol.sign("provider", key, self._record(size, started))
         self.protocol.providers.add(key, rec)
+        self.protocol.watch(key, digest)
         nodes = await self._closest(key)
-        results = await asyncio.gather(*(self.protocol.call_add_provider(n, key, rec) for n in nodes))
+        results = await asyncio.gather(*(self.protocol.call_add_provider(n, key, rec, digest) for n in nodes))
         return sum(results)
 
     async def withdraw(self, digest: str) -> int:

@@ -39,7 +39,7 @@ from kademlia.protocol import KademliaProtocol
 from ..auth import AuthError, Sealer
 from ..identity import Identity, IdentityError, KeySealer, Member
 from ..penalties import PeerLimits
-from .providers import ProviderRecord, ProviderStore
+from .providers import ProviderRecord, ProviderStore, provider_key
 from .tags import TagRecord, TagStore
 
 log = logging.getLogger("cs_p2p.dht")
@@ -49,6 +49,7 @@ MAX_RECORDS_PER_REPLY = 40  # 40 x ~70 bytes + 20 neighbours x ~45 bytes < 8 KiB
 # certificate and signature < 8 KiB.
 MAX_SIGNED_RECORDS_PER_REPLY = 12
 MAX_CERTS = 100_000
+MAX_WATCHED = 100_000  # digests of the keys whose records this node keeps
 DATAGRAMS_PER_PEER = 2000.0  # per second from one ip:port; a node announcing what it holds sends bursts
 MAX_VERIFYING = 256  # new contacts being pinged at once; more are ignored until they call again
 
@@ -65,6 +66,9 @@ class ProviderProtocol(KademliaProtocol):
         self.client = client  # asks, never answers: never enters anyone's routing table
         self._verifying: dict[bytes, asyncio.Task] = {}  # new contacts being pinged
         self.providers = ProviderStore()
+        # key -> digest, for the keys whose records this node keeps: the replication floor
+        # (`placement`) fetches a blob by digest, and a key alone does not name it.
+        self.digests: dict[bytes, str] = {}
         self.tags = TagStore()
         self.sealer = sealer
         # Key-pair mode: who sent each datagram is known, and records carry signatures.
@@ -194,8 +198,17 @@ class ProviderProtocol(KademliaProtocol):
         reply["nodes"] = [tuple(n) for n in self.router.find_neighbors(Node(key), exclude=node)]
         return reply
 
-    def rpc_add_provider(self, sender, nodeid, key, record) -> Any:
-        return self._add("provider", sender, nodeid, key, record, ProviderRecord.from_wire, self.providers.add)
+    def rpc_add_provider(self, sender, nodeid, key, record, digest=None) -> Any:
+        result = self._add("provider", sender, nodeid, key, record, ProviderRecord.from_wire, self.providers.add)
+        if result is True:
+            self.watch(key, digest)
+        return result
+
+    def watch(self, key: bytes, digest: object) -> None:
+        """Remember which digest `key` is for; the sender says, `provider_key` checks it."""
+        if (isinstance(digest, str) and len(digest) < 200 and key not in self.digests
+                and len(self.digests) < MAX_WATCHED and provider_key(digest) == key):
+            self.digests[key] = digest
 
     def rpc_remove_provider(self, sender, nodeid, key) -> Any:
         if self._sender_node(sender, nodeid) is None or not _is_key(key):
@@ -227,8 +240,8 @@ class ProviderProtocol(KademliaProtocol):
         result = await self.get_tags((node.ip, node.port), self.source_node.id, key)
         return self._records_and_nodes(result, node, key, "tag", TagRecord.from_wire)
 
-    async def call_add_provider(self, node: Node, key: bytes, rec: ProviderRecord) -> bool:
-        result = await self.add_provider((node.ip, node.port), self.source_node.id, key, rec.to_wire())
+    async def call_add_provider(self, node: Node, key: bytes, rec: ProviderRecord, digest: str) -> bool:
+        result = await self.add_provider((node.ip, node.port), self.source_node.id, key, rec.to_wire(), digest)
         self.handle_call_response(result, node)
         return result[0] and result[1] is True
 

@@ -13,11 +13,17 @@ blob at the same moment agree on one of them to follow.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
 MAX_PROVIDERS_PER_KEY = 64  # what one node keeps per digest; the newest win
 MAX_RECORDS_PER_PUBLISHER = 100_000  # what one node keeps from one publisher over all digests
+
+
+def provider_key(digest: str) -> bytes:
+    """The 20-byte DHT key under which the providers of `digest` are kept."""
+    return hashlib.sha1(b"cs-p2p/providers/" + digest.encode()).digest()
 
 
 @dataclass(frozen=True)

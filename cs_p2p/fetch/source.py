@@ -66,6 +66,7 @@ class PeerSource:
         self._relaying: set[str] = set()  # digests fetched here and announced in flight
         # Digest -> start of this node's own in-flight record while containerd downloads it.
         self._downloading: dict[str, float] = {}
+        self._for_cluster: set[str] = set()  # fetches for the replication floor nobody here asked for
 
     def inflight(self, digest: str) -> Fetch | None:
         return self.fetcher.inflight.get(digest)
@@ -84,6 +85,7 @@ class PeerSource:
         timed out)."""
         fetch = self.fetcher.inflight.get(digest)
         if fetch is not None:
+            self._for_cluster.discard(digest)  # containerd here wants it after all
             return fetch
         if self.fetcher.recently_failed(digest):
             return None
@@ -98,6 +100,21 @@ class PeerSource:
         if fetch.task is not None and digest not in self._relaying:
             self._relay(fetch, started)
         return fetch
+
+    async def replicate(self, digest: str) -> bool:
+        """Fetch `digest` for the replication floor (`placement`): True once committed here and
+        still unasked for by this node's containerd, whose copy it then is, not the cluster's."""
+        if digest in self.fetcher.inflight:
+            return False
+        self._for_cluster.add(digest)
+        try:
+            fetch = await self.locate(digest)
+            if fetch is None or fetch.task is None:
+                return False
+            await asyncio.wait([fetch.task])
+            return fetch.committed and digest in self._for_cluster
+        finally:
+            self._for_cluster.discard(digest)
 
     async def _deliverable(self, digest: str, eligible: Callable[[ProviderRecord], bool]
                            ) -> tuple[list[ProviderRecord], list[ProviderRecord]]:

@@ -22,6 +22,7 @@ from ..fetch.source import PeerSource
 from ..membership import membership
 from ..mirror.server import Mirror
 from ..peer.server import PeerServer
+from ..placement.floor import ReplicaFloor
 from ..store import LocalStore
 from ..store.cache import default_budget
 from .content import ContentService
@@ -85,6 +86,7 @@ async def serve(cfg: Config) -> None:
     member = membership(cfg.cluster_token_file, cfg.node_key_file, cfg.node_cert_file, cfg.cluster_ca_file,
                         os.path.join(store.root, "tls"))
     dht = peers = fetcher = None
+    background: list[asyncio.Task] = []
     if cfg.dht_listen:
         node_id = member.identity.node_id if member.identity else load_or_create_node_id(store.root)
         dht = DhtNode(node_id, peer_advertised(cfg), ttl=cfg.dht_ttl, sealer=member.dht_sealer)
@@ -109,6 +111,9 @@ async def serve(cfg: Config) -> None:
         log.info("dht listening", extra={"host": host, "port": port, "node_id": dht.node_id.hex()})
         held = [(info.digest, info.size) for info in store.blobs.walk()] + store.cache.digests()
         dht.join_and_announce(cfg.bootstrap, held)
+        if cfg.replicas and store.cache.max_bytes > 0:  # copies go into the cache: no cache, no copies
+            floor = ReplicaFloor(dht, store, peers, cfg.replicas, cfg.replica_check_interval, dht.deleted)
+            background.append(asyncio.get_running_loop().create_task(floor.run()))
 
     mirror = None
     if cfg.mirror_registry:
@@ -143,6 +148,8 @@ async def serve(cfg: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
+    for task in background:
+        task.cancel()
     if mirror:
         await mirror.stop()
     if fetcher:

@@ -22,7 +22,7 @@ from ..api import content_pb2 as pb
 from ..api import content_pb2_grpc as pb_grpc
 from ..digests import parse_digest
 from ..errors import Aborted, AlreadyExists, InvalidArgument, NotFound, OutOfRange
-from ..fetch.fetcher import FetchFailed
+from ..fetch.fetcher import Fetch, FetchFailed
 from ..filters import info_adaptor, parse_filters, status_adaptor
 from ..store import BlobInfo, IngestStatus, IngestWriter, LocalStore
 from ..store.ingest import digest_in_ref
@@ -134,17 +134,7 @@ class ContentService(pb_grpc.ContentServicer):
     @grpc_errors
     async def Read(self, request: pb.ReadContentRequest, context: grpc.aio.ServicerContext):
         hex_ = parse_digest(request.digest)
-        fetch = None
-        try:
-            fd = os.open(self.store.blobs.blob_path(hex_), os.O_RDONLY)
-        except FileNotFoundError:
-            fetch = self.peers.inflight(request.digest) if self.peers else None
-            if fetch is None:
-                raise self._not_found(request.digest) from None
-            try:
-                fd = fetch.open(self.store.blobs.blob_path(hex_))
-            except FetchFailed as exc:
-                raise Aborted(f"fetching {request.digest} from peers failed: {exc}") from None
+        fd, fetch = self._open(request.digest, hex_)
         try:
             size = fetch.size if fetch else os.fstat(fd).st_size
             offset = max(request.offset, 0)
@@ -171,6 +161,24 @@ class ContentService(pb_grpc.ContentServicer):
                 offset += len(data)
         finally:
             os.close(fd)
+
+    def _open(self, digest: str, hex_: str) -> tuple[int, Fetch | None]:
+        """The blob's file, or the file a fetch from peers is writing (and the fetch)."""
+        path = self.store.blobs.blob_path(hex_)
+        try:
+            return os.open(path, os.O_RDONLY), None
+        except FileNotFoundError:
+            pass
+        # Moved to the cache between containerd's Info and this Read (a replica): back.
+        if self.store.restore(digest):
+            return os.open(path, os.O_RDONLY), None
+        fetch = self.peers.inflight(digest) if self.peers else None
+        if fetch is None:
+            raise self._not_found(digest)
+        try:
+            return fetch.open(path), fetch
+        except FetchFailed as exc:
+            raise Aborted(f"fetching {digest} from peers failed: {exc}") from None
 
     @grpc_errors
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:

@@ -39,6 +39,11 @@ class LocalStore:
             self.blobs.delete(digest)
         return kept, evicted
 
+    def to_cache(self, digest: str) -> tuple[bool, list[str]]:
+        """A blob fetched for the cluster (a replica), not for containerd: into the cache, as
+        one containerd deleted goes (`delete`)."""
+        return self.delete(digest)
+
     def restore(self, digest: str) -> bool:
         """Hand a cached blob back to containerd's store; False if the cache does not hold it."""
         hex_ = parse_digest(digest)

@@ -1,0 +1,1 @@
+"""Where blobs live in the cluster beyond where containerd keeps them (issue 11)."""

@@ -1,0 +1,133 @@
+"""The replication floor: every blob announced in the cluster keeps `replicas` holders.
+
+No coordinator decides where copies go; it follows from DHT distance.  The nodes closest to a
+blob's key keep its provider records (that is where announces go), so they see when holders
+fall below the floor: a node died and its record expired, or containerd's GC deleted the
+blob on node after node and each withdrew it.  Each of these watchers ranks the nodes it
+knows that do not hold the blob by their distance to the key; the `deficit` closest fetch it
+into their cache (`store.cache`: served and announced, never listed to containerd).  A
+watcher further down the ranking waits two check intervals per place before it acts, so that
+when a closer node cannot (no room, or dead but still in the routing table), the next one
+takes over, and when the closer node does, the others see its in-flight record and stand
+down.  In-flight records count as holders: a fetch under way is a copy on its way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Callable, Protocol
+
+from kademlia.node import Node
+
+from ..dht.node import DhtNode
+from ..dht.providers import ProviderRecord
+from ..store import LocalStore
+
+log = logging.getLogger("cs_p2p.placement")
+
+DEFAULT_REPLICAS = 2
+DEFAULT_INTERVAL = 10.0  # seconds between checks of the watched keys
+
+
+class Replicator(Protocol):
+    """Fetches a blob from its holders (`fetch.source.PeerSource`); True once committed here."""
+
+    async def replicate(self, digest: str) -> bool: ...
+
+
+def rank(self_id: bytes, key: bytes, candidates: list[bytes]) -> int:
+    """This node's place among `candidates` (ids that do not hold the blob, itself included),
+    closest to `key` first."""
+    target = Node(key)
+    ordered = sorted(set(candidates) | {self_id}, key=lambda nid: target.distance_to(Node(nid)))
+    return ordered.index(self_id)
+
+
+def turn_to_act(place: int, deficit: int, short_for: float, interval: float) -> bool:
+    """The `deficit` closest act at once; the next ones two intervals later per place, in case
+    the closer ones cannot.  Two: watchers check at different moments, so a closer node may
+    see the shortfall up to one interval after this one did, and its in-flight record needs
+    a moment more to arrive."""
+    return deficit > 0 and short_for >= max(0, place - deficit + 1) * 2 * interval
+
+
+class ReplicaFloor:
+    def __init__(self, dht: DhtNode, store: LocalStore, replicator: Replicator, replicas: int = DEFAULT_REPLICAS,
+                 interval: float = DEFAULT_INTERVAL, on_dropped: Callable[[str], None] | None = None) -> None:
+        self.dht = dht
+        self.store = store
+        self.replicator = replicator
+        self.replicas = replicas
+        self.interval = interval
+        self.on_dropped = on_dropped  # a digest this node no longer holds: withdraw it
+        self._short_since: dict[bytes, float] = {}  # key -> since when it has been below the floor
+        self._replicating: dict[str, asyncio.Task] = {}
+        self.replicated = 0  # blobs this node fetched for the floor
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.check()
+            except Exception:  # one bad round must not end the floor
+                log.exception("replication check failed")
+
+    def check(self, now: float | None = None) -> list[str]:
+        """One round over the watched keys; returns the digests this node started to fetch."""
+        now = time.monotonic() if now is None else now
+        protocol = self.dht.protocol
+        started = []
+        for key, digest in list(protocol.digests.items()):
+            records = protocol.providers.get(key)
+            if not records:  # nobody holds it any more: nothing to copy it from
+                del protocol.digests[key]
+                self._short_since.pop(key, None)
+                continue
+            if self._act(key, digest, records, now):
+                started.append(digest)
+        return started
+
+    def _act(self, key: bytes, digest: str, records: list[ProviderRecord], now: float) -> bool:
+        holders = {r.node_id for r in records}
+        deficit = self.replicas - len(holders)
+        if deficit <= 0:
+            self._short_since.pop(key, None)
+            return False
+        since = self._short_since.setdefault(key, now)
+        size = collections.Counter(r.size for r in records).most_common(1)[0][0]
+        if (self.dht.node_id in holders or digest in self._replicating or not self._has_room(size)
+                or self.store.served_path(digest.split(":", 1)[1])):
+            return False
+        known = self.dht.protocol.router.find_neighbors(Node(key), self.dht.server.ksize)
+        place = rank(self.dht.node_id, key, [n.id for n in known if n.id not in holders])
+        if not turn_to_act(place, deficit, now - since, self.interval):
+            return False
+        log.info("below the replication floor: fetching a copy", extra={
+            "digest": digest, "holders": len(holders), "replicas": self.replicas, "place": place})
+        task = asyncio.get_running_loop().create_task(self._replicate(digest))
+        self._replicating[digest] = task
+        task.add_done_callback(lambda _t: self._replicating.pop(digest, None))
+        return True
+
+    def _has_room(self, size: int) -> bool:
+        return 0 < size <= self.store.cache.max_bytes
+
+    async def _replicate(self, digest: str) -> None:
+        try:
+            if not await self.replicator.replicate(digest):
+                return
+        except Exception as exc:
+            log.warning("replica fetch failed", extra={"digest": digest, "error": repr(exc)})
+            return
+        # Fetched for the cluster, not for containerd: into the cache, as a GC'd blob goes.
+        kept, evicted = self.store.to_cache(digest)
+        self.replicated += kept
+        log.info("replica cached" if kept else "replica dropped: no room in the cache",
+                 extra={"digest": digest, "evicted": evicted})
+        if self.on_dropped:
+            for gone in evicted if kept else [digest, *evicted]:
+                self.on_dropped(gone)
+
