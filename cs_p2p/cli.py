@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds between checks of the replication floor (default 10)")
     s.add_argument("--ingest-max-bytes", type=int, help="disk used by unfinished ingests, together (default 100 GiB)")
     s.add_argument("--cache-max-bytes", type=int,
-                   help="disk for blobs containerd's GC deleted, kept for peers and re-pulls "
-                        "(-1: 10 %% of the root's file system; default 0: keep none)")
+                   help="disk for blobs containerd's GC deleted and copies the cluster needs, kept for peers "
+                        "and re-pulls (default -1: 10 %% of the root's file system; 0: keep none)")
     s.add_argument("--grpc-max-concurrent-streams", type=int,
                    help="gRPC streams served at once per containerd connection (default 256); more wait")
     _membership_flags(s)
@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     loc.add_argument("digest")
     loc.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
     _membership_flags(loc)
+
+    pre = sub.add_parser("preheat", help="bring every blob of an image into the cluster's caches before a rollout",
+                         description="A node (through its mirror's listener) resolves REF, takes every blob it "
+                                     "lacks from peers or the registry into its cache, and waits until each has "
+                                     "the replication floor's number of holders; progress on the terminal.")
+    pre.add_argument("ref", help="REGISTRY/REPOSITORY:TAG, REGISTRY/REPOSITORY@sha256:... (a registry the node "
+                                 "mirrors) or a manifest digest some node holds")
+    pre.add_argument("--platform", action="append", default=[],
+                     help="os/arch[/variant] of an index to take (repeatable; default: every platform)")
+    pre.add_argument("--mirror", default=Config.mirror_listen,
+                     help=f"HOST:PORT of the node's mirror (default {Config.mirror_listen})")
+    pre.add_argument("--json", action="store_true", help="print the node's progress events as JSON lines")
 
     ca = sub.add_parser("ca", help="key-pair membership: make a cluster CA and issue node certificates")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
@@ -124,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(containerd_config(args.socket, release, args.hosts_dir if registries else None,
                                            args.max_concurrent_unpacks))
         return 0
+    if args.command == "preheat":
+        from .placement.preheat_client import preheat
+
+        return preheat(args.ref, args.platform, args.mirror, args.json)
     if args.command in ("locate", "peers"):
         from .auth import AuthError
         from .dht.operator import locate, peers

@@ -74,9 +74,9 @@ class Config:
     grpc_max_concurrent_streams: int = 256  # per containerd connection
     apply_workers: int = 0  # processes applying layers (containerd 2.x diff plugin); 0: one per core
     ingest_max_bytes: int = 100 << 30  # disk used by unfinished ingests, together
-    # Blobs kept after containerd's GC (`store.cache`); -1: 10 % of the root's file system.  Off (0)
-    # until the replication floor (issue 11) decides which of them the cluster needs.
-    cache_max_bytes: int = 0
+    # Blobs kept after containerd's GC and copies for the replication floor (`store.cache`);
+    # -1: 10 % of the root's file system; 0: no cache (and no copies for the floor).
+    cache_max_bytes: int = -1
     peer_listen: str = ""  # HOST:PORT of the peer transfer server; empty: not started
     peer_max_uploads: int = 16
     peer_rate_limit: int = 0  # bytes per second over all uploads; 0: unlimited

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -39,18 +40,24 @@ def pair(workdir):
         cs.stop()
 
 
-def test_commit_is_announced_located_fetched_and_withdrawn_on_delete(pair):
-    a, a_peer, _, b, b_dht = pair
-    data = os.urandom(300_000)
-    digest = commit_via_socket(a, data)
-    out = wait_for(lambda: a_peer in locate(digest, b_dht) and locate(digest, b_dht), 30, "provider record")
-    assert str(len(data)) in out
-    with urllib.request.urlopen(f"http://{a_peer}/blobs/{digest}", timeout=10) as r:
-        assert r.read() == data
-    ch, stub = content_stub(a)
-    stub.Delete(pb.DeleteContentRequest(digest=digest))
-    ch.close()
-    wait_for(lambda: "no provider" in locate(digest, b_dht), 30, "the record to be withdrawn")
+def test_commit_is_announced_located_fetched_and_withdrawn_on_delete(workdir):
+    # Node a keeps no cache: with one, a deleted blob stays announced (tests/test_replica_floor.py).
+    a, a_peer, a_dht = daemon(workdir, "a", extra=["--cache-max-bytes", "0"])
+    b, _, b_dht = daemon(workdir, "b", bootstrap=a_dht)
+    with contextlib.ExitStack() as stack:
+        for cs in (a, b):
+            stack.callback(cs.start().stop)
+        data = os.urandom(300_000)
+        digest = commit_via_socket(a, data)
+        out = wait_for(lambda: a_peer in locate(digest, b_dht) and locate(digest, b_dht), 30, "provider record")
+        assert str(len(data)) in out
+        with urllib.request.urlopen(f"http://{a_peer}/blobs/{digest}", timeout=10) as r:
+            assert r.read() == data
+        ch, stub = content_stub(a)
+        stub.Delete(pb.DeleteContentRequest(digest=digest))
+        ch.close()
+        # (b may hold a copy by now: the replication floor)
+        wait_for(lambda: (out := locate(digest, b_dht)) and a_peer not in out, 30, "the record to be withdrawn")
 
 
 def test_restart_keeps_node_id_and_reannounces_held_blobs(pair, workdir):

@@ -196,7 +196,7 @@ def test_a_fetch_that_info_started_is_relayed_to_nodes_asking_later(p2p_node):
     wait_for(lambda: digest in c.blob_digests() and fetched(), 60, "c's fetch to commit and be logged")
     assert b_peer in fetched()[-1]["sources"]  # part of the blob came from b, which was fetching it too
     assert open(c.blob_path(digest), "rb").read() == data
-    wait_for(lambda: "in-flight" not in locate(digest, a_dht), 30, "b's holder record to replace it")
+    wait_for(lambda: (out := locate(digest, a_dht)) and "in-flight" not in out, 30, "b's holder record to replace it")
 
 
 def test_the_mirror_feeding_a_download_never_follows_a_node_that_started_later(workdir, registry, tmp_path):

@@ -100,7 +100,8 @@ def test_daemon_serves_committed_blobs_to_peers(workdir):
     from tests.conftest import commit_via_socket, content_stub
 
     port = free_port()
-    cs = CsP2P(os.path.join(workdir, "cs"), ["--peer-listen", f"127.0.0.1:{port}"]).start()
+    # Without a cache: with one, a deleted blob stays served (tests/integration/test_cache.py).
+    cs = CsP2P(os.path.join(workdir, "cs"), ["--peer-listen", f"127.0.0.1:{port}", "--cache-max-bytes", "0"]).start()
     try:
         data = os.urandom(100_000)
         digest = commit_via_socket(cs, data)

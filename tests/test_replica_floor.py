@@ -17,6 +17,7 @@ from tests.test_dht_daemon import daemon, locate
 # Short record lifetime and checks, so that a dead holder is noticed within the test.
 FLOOR = ["--replicas", "2", "--replica-check-interval", "1", "--dht-ttl", "10"]
 CACHE = ["--cache-max-bytes", str(64 << 20)]
+NO_CACHE = ["--cache-max-bytes", "0"]
 
 
 def held_by(digest: str, via: str) -> int:
@@ -40,9 +41,9 @@ def closest_id_to(digest: str) -> bytes:
 def test_holders_fall_below_the_floor_and_the_closest_nodes_with_room_copy_the_blob(workdir):
     data = os.urandom(5 << 20)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    a, _, a_dht = daemon(workdir, "a", extra=FLOOR)  # no cache: it never holds copies
+    a, _, a_dht = daemon(workdir, "a", extra=FLOOR + NO_CACHE)  # it never holds copies
     # The node closest to the key has no room either: the next ones must take over.
-    full, _, _ = daemon(workdir, "full", a_dht, FLOOR)
+    full, _, _ = daemon(workdir, "full", a_dht, FLOOR + NO_CACHE)
     os.makedirs(os.path.join(full.root, "dht"))
     with open(os.path.join(full.root, "dht", "node_id"), "w") as f:
         f.write(closest_id_to(digest).hex())

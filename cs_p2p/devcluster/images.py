@@ -16,7 +16,7 @@ import subprocess
 import tarfile
 from dataclasses import dataclass
 
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), platform.machine())
+ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), platform.machine())
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -136,11 +136,11 @@ def build_image_from_tars(layout: str, tars: list[tuple[str, str]], tag: str = "
         digest, size, diff_id = _compress_tar(blobs, path, compression)
         layers.append({"mediaType": LAYER_MEDIA_TYPES[compression], "digest": digest, "size": size})
         true_ids.append(diff_id)
-    return _write_image(layout, layers, diff_ids or true_ids, tag, _ARCH, cmd or ["/bin/true"])
+    return _write_image(layout, layers, diff_ids or true_ids, tag, ARCH, cmd or ["/bin/true"])
 
 
 def build_image(layout: str, layer_sizes: list[int], tag: str = "v1", compress: bool = True,
-                arch: str = _ARCH) -> BuiltImage:
+                arch: str = ARCH) -> BuiltImage:
     """An OCI layout at `layout` with one image of random layers of the given sizes."""
     blobs = os.path.join(layout, "blobs", "sha256")
     os.makedirs(blobs, exist_ok=True)
@@ -187,12 +187,12 @@ def _write_image(layout: str, layers: list[dict], diff_ids: list[str], tag: str,
 def build_multiarch_image(layout: str, layer_sizes: list[int], tag: str = "v1") -> tuple[BuiltImage, str]:
     """An OCI layout whose `tag` is an image index: this machine's platform (the returned
     image) and one other architecture.  Returns (native image, index digest)."""
-    other_arch = "arm64" if _ARCH != "arm64" else "amd64"
+    other_arch = "arm64" if ARCH != "arm64" else "amd64"
     other = build_image(layout, [4096], tag="other", arch=other_arch)
     native = build_image(layout, layer_sizes, tag=tag)
     blobs = os.path.join(layout, "blobs", "sha256")
     entries = []
-    for img, arch in ((native, _ARCH), (other, other_arch)):
+    for img, arch in ((native, ARCH), (other, other_arch)):
         size = os.path.getsize(os.path.join(blobs, img.manifest_digest.split(":")[1]))
         entries.append({"mediaType": MT_MANIFEST, "digest": img.manifest_digest, "size": size,
                         "platform": {"architecture": arch, "os": "linux"}})

@@ -130,6 +130,8 @@ class Fetch:
             self.changed.notify_all()
 
 
+NO_PEERS = "no peer holds it"
+
 class Fetcher:
     def __init__(self, store: LocalStore, on_committed: Callable[[str, int], None] | None = None,
                  negative_ttl: float = 60.0, timeout: float = 10.0, sealer: Sealer | None = None,
@@ -275,6 +277,8 @@ class Fetcher:
             os.ftruncate(fd, fetch.size)
             providers = list(providers)
             try:
+                if not providers and more is None:
+                    raise FetchFailed(NO_PEERS)
                 await self._download(fetch, fd, providers, range(fetch.pieces), more)
                 await self._verify_or_find_liar(fetch, fd, providers)
             except FetchFailed as exc:
@@ -308,9 +312,12 @@ class Fetcher:
         if origin is None:
             raise failure
         fetch.origin = origin
-        log.warning("peers failed: finishing from the registry", extra={
-            "digest": fetch.digest, "registry": str(origin), "error": str(failure),
-            "pieces_from_peers": len(fetch.done_pieces), "pieces": fetch.pieces})
+        extra = {"digest": fetch.digest, "registry": str(origin), "error": str(failure),
+                 "pieces_from_peers": len(fetch.done_pieces), "pieces": fetch.pieces}
+        if str(failure) == NO_PEERS:  # a fetch for the cluster (`placement`): no peer was asked
+            log.info("no peer holds it: fetching from the registry", extra=extra)
+        else:
+            log.warning("peers failed: finishing from the registry", extra=extra)
         registry = [ProviderRecord(bytes(20), ORIGIN, fetch.size, float("inf"))]
         loop = asyncio.get_running_loop()
         try:

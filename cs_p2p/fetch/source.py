@@ -101,18 +101,23 @@ class PeerSource:
             self._relay(fetch, started)
         return fetch
 
-    async def replicate(self, digest: str) -> bool:
-        """Fetch `digest` for the replication floor (`placement`): True once committed here and
-        still unasked for by this node's containerd, whose copy it then is, not the cluster's."""
+    async def replicate(self, digest: str, size: int = 0) -> Fetch | None:
+        """Fetch `digest` for the cluster (`placement`: the replication floor, preheat) rather
+        than for containerd: from peers, or, with its `size` known, from the registry it came
+        from when no peer has it.  Returns the fetch once committed here and still unasked for by
+        this node's containerd; if containerd asked meanwhile, the copy is containerd's (None)."""
         if digest in self.fetcher.inflight:
-            return False
+            return None
         self._for_cluster.add(digest)
         try:
             fetch = await self.locate(digest)
+            if fetch is None and size and digest not in self.fetcher.inflight:
+                fetch = self.fetcher.start(digest, size, [])  # no peer: the registry (`Fetcher.origin`)
+                self._relay(fetch, time.time())
             if fetch is None or fetch.task is None:
-                return False
+                return None
             await asyncio.wait([fetch.task])
-            return fetch.committed and digest in self._for_cluster
+            return fetch if fetch.committed and digest in self._for_cluster else None
         finally:
             self._for_cluster.discard(digest)
 

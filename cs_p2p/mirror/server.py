@@ -87,7 +87,9 @@ class Mirror:
         self.dht = dht
         self.peers = peers
         self.upstreams: dict[str, Upstream] = {}
-        self.origins = Origins(lambda digest: store.blobs.blob_path(parse_digest(digest)))
+        # Resolved manifests may sit in the cache (preheat puts them there).
+        self.origins = Origins(lambda digest: store.served_path(parse_digest(digest))
+                               or store.blobs.blob_path(parse_digest(digest)))
         self.tmp = os.path.join(store.root, "mirror")
         os.makedirs(self.tmp, exist_ok=True)
         for name in os.listdir(self.tmp):  # left by a crash
@@ -129,19 +131,24 @@ class Mirror:
         if request.method not in ("GET", "HEAD"):
             raise oci_error(_ReadOnly, "UNSUPPORTED", "this mirror is read-only")
         name = request.match_info["name"]
-        if not _NAME.match(name):
-            raise oci_error(web.HTTPBadRequest, "NAME_INVALID", f"invalid repository name {name!r}")
         ns = request.query.get("ns") or (next(iter(self.registries)) if len(self.registries) == 1 else "")
-        upstream = self.upstreams.get(ns)
-        if upstream is None:
-            raise oci_error(web.HTTPNotFound, "NAME_UNKNOWN", f"registry {ns!r} is not mirrored here")
-        return upstream, name
+        return self.upstream_of(ns, name), name
 
     async def manifests(self, request: web.Request) -> web.StreamResponse:
         upstream, name = self._route(request)
-        reference = request.match_info["reference"]
         head = request.method == "HEAD"
-        accept = request.headers.get("Accept") or DEFAULT_ACCEPT
+        manifest = await self.resolve(upstream, name, request.match_info["reference"],
+                                      request.headers.get("Accept") or DEFAULT_ACCEPT, head)
+        headers = {"Docker-Content-Digest": manifest.digest, "Content-Type": manifest.media_type,
+                   "Content-Length": str(manifest.size)}
+        if head:
+            return web.Response(headers=headers)
+        return web.Response(body=manifest.body, headers=headers)
+
+    async def resolve(self, upstream: Upstream, name: str, reference: str, accept: str = DEFAULT_ACCEPT,
+                      head: bool = False) -> Manifest:
+        """A manifest by tag or digest, as containerd gets it through this mirror; where it came
+        from is remembered (`origins`).  Failures raise OCI errors (HTTP exceptions)."""
         if reference.startswith("sha256:"):
             manifest = await self._manifest_by_digest(upstream, name, reference, accept, media_type="")
         elif _TAG.match(reference):
@@ -149,11 +156,16 @@ class Mirror:
         else:
             raise oci_error(web.HTTPBadRequest, "MANIFEST_INVALID", f"invalid reference {reference!r}")
         self.origins.manifest_seen(upstream.registry.host, name, manifest.digest)
-        headers = {"Docker-Content-Digest": manifest.digest, "Content-Type": manifest.media_type,
-                   "Content-Length": str(manifest.size)}
-        if head:
-            return web.Response(headers=headers)
-        return web.Response(body=manifest.body, headers=headers)
+        return manifest
+
+    def upstream_of(self, host: str, name: str) -> Upstream:
+        """The mirrored registry `host`, for repository `name`."""
+        if not _NAME.match(name):
+            raise oci_error(web.HTTPBadRequest, "NAME_INVALID", f"invalid repository name {name!r}")
+        upstream = self.upstreams.get(host)
+        if upstream is None:
+            raise oci_error(web.HTTPNotFound, "NAME_UNKNOWN", f"registry {host!r} is not mirrored here")
+        return upstream
 
     async def _manifest_by_tag(self, upstream: Upstream, name: str, tag: str, accept: str, head: bool) -> Manifest:
         reference = f"{upstream.registry.host}/{name}:{tag}"

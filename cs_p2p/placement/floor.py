@@ -24,6 +24,7 @@ from kademlia.node import Node
 
 from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
+from ..fetch.fetcher import Fetch
 from ..store import LocalStore
 
 log = logging.getLogger("cs_p2p.placement")
@@ -33,9 +34,20 @@ DEFAULT_INTERVAL = 10.0  # seconds between checks of the watched keys
 
 
 class Replicator(Protocol):
-    """Fetches a blob from its holders (`fetch.source.PeerSource`); True once committed here."""
+    """Fetches a blob for the cluster (`fetch.source.PeerSource`): the fetch once committed here."""
 
-    async def replicate(self, digest: str) -> bool: ...
+    async def replicate(self, digest: str, size: int = 0) -> Fetch | None: ...
+
+
+def keep_for_cluster(store: LocalStore, digest: str, withdraw: Callable[[str], None] | None) -> bool:
+    """A blob fetched for the cluster, not for containerd: into the cache, as a GC'd blob goes;
+    what leaves the node (no room, or evicted for room) is withdrawn."""
+    kept, evicted = store.to_cache(digest)
+    log.info("copy cached" if kept else "copy dropped: no room in the cache", extra={"digest": digest, "evicted": evicted})
+    if withdraw:
+        for gone in evicted if kept else [digest, *evicted]:
+            withdraw(gone)
+    return kept
 
 
 def rank(self_id: bytes, key: bytes, candidates: list[bytes]) -> int:
@@ -122,12 +134,5 @@ class ReplicaFloor:
         except Exception as exc:
             log.warning("replica fetch failed", extra={"digest": digest, "error": repr(exc)})
             return
-        # Fetched for the cluster, not for containerd: into the cache, as a GC'd blob goes.
-        kept, evicted = self.store.to_cache(digest)
-        self.replicated += kept
-        log.info("replica cached" if kept else "replica dropped: no room in the cache",
-                 extra={"digest": digest, "evicted": evicted})
-        if self.on_dropped:
-            for gone in evicted if kept else [digest, *evicted]:
-                self.on_dropped(gone)
+        self.replicated += keep_for_cluster(self.store, digest, self.on_dropped)
 

@@ -23,6 +23,8 @@ from ..membership import membership
 from ..mirror.server import Mirror
 from ..peer.server import PeerServer
 from ..placement.floor import ReplicaFloor
+from ..placement.preheat import PATH as PREHEAT_PATH
+from ..placement.preheat import Preheater, floor_wait
 from ..store import LocalStore
 from ..store.cache import default_budget
 from .content import ContentService
@@ -119,8 +121,11 @@ async def serve(cfg: Config) -> None:
     if cfg.mirror_registry:
         host, port = parse_host_port(cfg.mirror_listen, "mirror-listen")
         mirror = Mirror(store, cfg.mirror_registry, dht, peers)
-        if fetcher:
+        if fetcher and dht and peers:
             fetcher.origin = mirror.origin_for  # a fetch peers cannot finish ends at the registry
+            preheater = Preheater(mirror, peers, dht, store, cfg.replicas, floor_wait(cfg.replica_check_interval),
+                                  dht.deleted)
+            mirror.app.router.add_post(PREHEAT_PATH, preheater.handle)
         port = await mirror.start(host, port)
         log.info("registry mirror listening", extra={"host": host, "port": port,
                                                      "registries": [r.host for r in cfg.mirror_registry]})
