@@ -240,11 +240,15 @@ def test_update_merges_one_label_replaces_all_or_refuses(stub, writes):
     assert code_of(stub.Update, pb.UpdateRequest(info=pb.Info(digest=sha(b"none")))) == grpc.StatusCode.NOT_FOUND
 
 
-def test_delete_removes_the_blob(stub, writes, daemon):
+def test_delete_removes_the_blob_from_containerds_view(stub, writes, daemon):
     digest = commit_blob(writes, b"to delete")
     stub.Delete(pb.DeleteContentRequest(digest=digest))
     assert daemon.blob_digests() == set()
-    assert code_of(stub.Info, pb.InfoRequest(digest=digest)) == grpc.StatusCode.NOT_FOUND
+    assert not [i for resp in stub.List(pb.ListContentRequest()) for i in resp.info]
+    assert code_of(stub.Delete, pb.DeleteContentRequest(digest=digest)) == grpc.StatusCode.NOT_FOUND
+    # The default cache keeps it for the cluster; asked for again, it is handed back.
+    assert daemon.cached_digests() == {digest}
+    assert stub.Info(pb.InfoRequest(digest=digest)).info.size == len(b"to delete")
 
 
 # --- List / ListStatuses filters --------------------------------------------------------------------
