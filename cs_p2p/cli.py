@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
                         "fetch copies into their cache when it has fewer (default 2; 0: off)")
     s.add_argument("--replica-check-interval", type=float,
                    help="seconds between checks of the replication floor (default 10)")
+    s.add_argument("--challenge-interval", type=float,
+                   help="seconds between rounds of proofs of storage asked of the holders this node keeps "
+                        "records of (default 30; 0: none)")
+    s.add_argument("--challenge-bytes-per-minute", type=int,
+                   help="bytes of blobs challenged per minute, over all holders (default 16 MiB)")
     s.add_argument("--ingest-max-bytes", type=int, help="disk used by unfinished ingests, together (default 100 GiB)")
     s.add_argument("--cache-max-bytes", type=int,
                    help="disk for blobs containerd's GC deleted and copies the cluster needs, kept for peers "

@@ -86,6 +86,8 @@ class Config:
     dht_ttl: int = 3600  # seconds a provider record lives; re-announced at half of it
     replicas: int = 2  # holders every announced blob keeps (`placement`); 0: no floor
     replica_check_interval: float = 10.0  # seconds between checks of the floor
+    challenge_interval: float = 30.0  # seconds between rounds of proofs of storage; 0: none
+    challenge_bytes_per_minute: int = 16 << 20  # challenged bytes per minute, over all holders
     cluster_token_file: str = ""  # shared join token: authenticates datagrams and peer requests
     node_key_file: str = ""  # key-pair mode: this node's Ed25519 key (PEM) ...
     node_cert_file: str = ""  # ... its certificate, issued by the cluster CA ...
@@ -164,6 +166,8 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         raise ConfigError("dht-ttl must be at least 10 seconds")
     if cfg.replicas < 0 or cfg.replica_check_interval <= 0:
         raise ConfigError("replicas must be >= 0 and replica-check-interval positive")
+    if cfg.challenge_interval < 0 or cfg.challenge_bytes_per_minute < 0:
+        raise ConfigError("challenge-interval and challenge-bytes-per-minute must be >= 0")
     if cfg.ingest_max_bytes < 1 or cfg.grpc_max_concurrent_streams < 1:
         raise ConfigError("ingest-max-bytes and grpc-max-concurrent-streams must be positive")
     if cfg.cache_max_bytes < -1:

@@ -132,3 +132,32 @@ async def test_blobs_are_sent_once_and_the_connection_is_kept_alive(peer, caplog
                 assert await r.read() == data
         assert len(s.connector._conns) == 1  # one kept-alive connection served every request
     assert not [r for r in caplog.records if r.name == "aiohttp.server"]
+
+
+async def test_a_proof_of_storage_is_the_hash_of_the_nonce_and_the_range_signed_in_key_pair_mode(peer):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from cs_p2p.placement.proofs import MAX_RANGE, SIG_HEADER, Challenge, signable
+
+    key = Ed25519PrivateKey.generate()
+    store, _, base = await peer(signer=key.sign)
+    data = os.urandom(1 << 20)
+    digest = await commit(store, data)
+    nonce = os.urandom(16)
+    ch = Challenge(digest, nonce, 1000, 4096)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/proofs/{digest}?{ch.query}") as r:
+            assert r.status == 200
+            result = await r.text()
+            sig = bytes.fromhex(r.headers[SIG_HEADER])
+        assert result == hashlib.sha256(nonce + data[1000:5096]).hexdigest()
+        key.public_key().verify(sig, signable(ch, result))  # raises if not the holder's signature
+        unknown = "sha256:" + "0" * 64
+        for path, status in [
+            (f"/proofs/{unknown}?{ch.query}", 404),  # not held
+            (f"/proofs/{digest}?nonce=00&offset=0&length=10", 400),  # nonce too short to be fresh
+            (f"/proofs/{digest}?nonce={nonce.hex()}&offset=0&length={MAX_RANGE + 1}", 400),  # too much work
+            (f"/proofs/{digest}?nonce={nonce.hex()}&offset={len(data) - 10}&length=20", 416),  # past the end
+        ]:
+            async with s.get(base + path) as r:
+                assert r.status == status, path

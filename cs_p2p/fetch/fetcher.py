@@ -40,6 +40,7 @@ import aiohttp
 from ..auth import HEADER, Sealer
 from ..digests import parse_digest
 from ..dht.providers import ProviderRecord
+from ..placement.proofs import SIG_HEADER, Challenge
 from ..store import LocalStore
 from ..store.blobs import sha256_of_fd
 
@@ -231,6 +232,31 @@ class Fetcher:
             ok = False
         self._answered(rec.addr, ok, digest)
         return ok
+
+    async def challenge(self, rec: ProviderRecord, ch: Challenge) -> tuple[int | None, str | None, bytes | None]:
+        """Ask `rec`'s node for a proof of storage (`placement.proofs`) over the peer transport:
+        (HTTP status or None if it did not answer, the answer, its signature)."""
+        path = f"/proofs/{ch.digest}?{ch.query}"
+        headers = {HEADER: self.sealer.request_header("GET", path)} if self.sealer else {}
+        try:
+            async with self._client().get(f"{'https' if self.tls else 'http'}://{rec.addr}{path}", headers=headers,
+                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                if resp.status != 200:
+                    return resp.status, None, None
+                result = (await resp.text()).strip()
+                sig = resp.headers.get(SIG_HEADER)
+                return 200, result, bytes.fromhex(sig) if sig else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            log.info("proof of storage not answered", extra={"digest": ch.digest, "addr": rec.addr, "error": repr(exc)})
+            return None, None, None
+
+    def failed_proof(self, addr: str, digest: str, banned: bool) -> None:
+        """A holder failed a proof of storage: banned as one that sends corrupt data is, or, if
+        it did not answer, one failed probe more."""
+        if banned:
+            self._ban(addr, "failed a proof of storage", digest)
+        else:
+            self._answered(addr, False, digest)
 
     def recently_failed(self, digest: str) -> str | None:
         """Why fetching `digest` failed a moment ago, or None: then containerd is told NOT_FOUND

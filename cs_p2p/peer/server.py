@@ -2,6 +2,9 @@
 
     GET  /blobs/sha256:<hex>    the blob (Range: one byte range, 206 / 416)
     HEAD /blobs/sha256:<hex>    its size and digest, no body
+    GET  /proofs/sha256:<hex>?nonce=&offset=&length=
+                                a proof of storage (`placement.challenger`): sha256(nonce || range),
+                                signed by the node's key in key-pair mode
 
 Committed blobs are final and read-only, so a response never changes under a reader.
 Unthrottled bodies go out with sendfile (aiohttp's FileResponse); with a rate limit they are
@@ -32,6 +35,7 @@ import logging
 import os
 import ssl
 import time
+from typing import Callable
 
 from aiohttp import web
 
@@ -40,6 +44,7 @@ from ..digests import parse_digest
 from ..errors import InvalidArgument
 from ..fetch.fetcher import PIECE, Fetch, Fetcher, FetchFailed
 from ..penalties import PeerLimits
+from ..placement.proofs import SIG_HEADER, answer, parse_challenge, signable
 from ..store import IngestWriter, LocalStore
 from ..store.progress import IngestGone
 
@@ -74,8 +79,10 @@ class TokenBucket:
 class PeerServer:
     def __init__(self, store: LocalStore, max_uploads: int = 16, rate_limit: int = 0,
                  fetcher: Fetcher | None = None, sealer: Sealer | None = None,
-                 tls: ssl.SSLContext | None = None, limits: PeerLimits | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, limits: PeerLimits | None = None,
+                 signer: Callable[[bytes], bytes] | None = None) -> None:
         self.store = store
+        self.signer = signer  # key-pair mode: signs proofs of storage
         self.tls = tls
         self.limits = limits or PeerLimits(rate=REQUESTS_PER_PEER, name="peer server")
         self.fetcher = fetcher
@@ -88,6 +95,7 @@ class PeerServer:
         self.app = web.Application(middlewares=[self._admit])
         self.app.router.add_route("GET", "/blobs/{digest}", self.get_blob)
         self.app.router.add_route("HEAD", "/blobs/{digest}", self.get_blob)
+        self.app.router.add_route("GET", "/proofs/{digest}", self.get_proof)
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -117,6 +125,25 @@ class PeerServer:
                 self.limits.strike(peer)
                 _hang_up(request)
         return await handler(request)
+
+    async def get_proof(self, request: web.Request) -> web.Response:
+        """Answer a challenge from the blob's bytes on disk (a committed or cached blob only: an
+        in-flight one is not held yet)."""
+        try:
+            ch = parse_challenge(request.match_info["digest"], request.query)
+        except (ValueError, InvalidArgument) as exc:
+            raise web.HTTPBadRequest(text=f"bad challenge: {exc}") from None
+        path = self.store.served_path(parse_digest(ch.digest))
+        if path is None:
+            raise web.HTTPNotFound(text=f"blob {ch.digest} not held")
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, answer, path, ch)
+        except FileNotFoundError:
+            raise web.HTTPNotFound(text=f"blob {ch.digest} not held") from None
+        except ValueError as exc:
+            raise web.HTTPRequestRangeNotSatisfiable(text=str(exc)) from None
+        headers = {SIG_HEADER: self.signer(signable(ch, result)).hex()} if self.signer else {}
+        return web.Response(text=result, headers=headers)
 
     async def get_blob(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]

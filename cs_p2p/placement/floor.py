@@ -68,13 +68,15 @@ def turn_to_act(place: int, deficit: int, short_for: float, interval: float) -> 
 
 class ReplicaFloor:
     def __init__(self, dht: DhtNode, store: LocalStore, replicator: Replicator, replicas: int = DEFAULT_REPLICAS,
-                 interval: float = DEFAULT_INTERVAL, on_dropped: Callable[[str], None] | None = None) -> None:
+                 interval: float = DEFAULT_INTERVAL, on_dropped: Callable[[str], None] | None = None,
+                 in_doubt: Callable[[bytes], bool] | None = None) -> None:
         self.dht = dht
         self.store = store
         self.replicator = replicator
         self.replicas = replicas
         self.interval = interval
         self.on_dropped = on_dropped  # a digest this node no longer holds: withdraw it
+        self.in_doubt = in_doubt  # key -> whether one of its holders may not hold it (`challenger`)
         self._short_since: dict[bytes, float] = {}  # key -> since when it has been below the floor
         self._replicating: dict[str, asyncio.Task] = {}
         self.replicated = 0  # blobs this node fetched for the floor
@@ -104,7 +106,7 @@ class ReplicaFloor:
 
     def _act(self, key: bytes, digest: str, records: list[ProviderRecord], now: float) -> bool:
         holders = {r.node_id for r in records}
-        deficit = self.replicas - len(holders)
+        deficit = self.replicas - len(holders) + (1 if self.in_doubt and self.in_doubt(key) else 0)
         if deficit <= 0:
             self._short_since.pop(key, None)
             return False

@@ -22,6 +22,7 @@ from ..fetch.source import PeerSource
 from ..membership import membership
 from ..mirror.server import Mirror
 from ..peer.server import PeerServer
+from ..placement.challenger import Challenger
 from ..placement.floor import ReplicaFloor
 from ..placement.preheat import PATH as PREHEAT_PATH
 from ..placement.preheat import Preheater, floor_wait
@@ -104,7 +105,7 @@ async def serve(cfg: Config) -> None:
     if cfg.peer_listen:
         host, port = parse_host_port(cfg.peer_listen, "peer-listen")
         peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit, fetcher, member.peer_sealer,
-                          member.server_tls)
+                          member.server_tls, signer=member.identity.sign if member.identity else None)
         port = await peer.start(host, port)
         log.info("peer server listening", extra={"host": host, "port": port})
     if dht:
@@ -113,8 +114,13 @@ async def serve(cfg: Config) -> None:
         log.info("dht listening", extra={"host": host, "port": port, "node_id": dht.node_id.hex()})
         held = [(info.digest, info.size) for info in store.blobs.walk()] + store.cache.digests()
         dht.join_and_announce(cfg.bootstrap, held)
+        challenger = None
+        if cfg.challenge_interval and cfg.challenge_bytes_per_minute:
+            challenger = Challenger(dht, store, fetcher, cfg.challenge_interval, cfg.challenge_bytes_per_minute)
+            background.append(asyncio.get_running_loop().create_task(challenger.run()))
         if cfg.replicas and store.cache.max_bytes > 0:  # copies go into the cache: no cache, no copies
-            floor = ReplicaFloor(dht, store, peers, cfg.replicas, cfg.replica_check_interval, dht.deleted)
+            floor = ReplicaFloor(dht, store, peers, cfg.replicas, cfg.replica_check_interval, dht.deleted,
+                                 challenger.in_doubt if challenger else None)
             background.append(asyncio.get_running_loop().create_task(floor.run()))
 
     mirror = None
