@@ -1,12 +1,16 @@
 """Proofs of storage with real daemons in one DHT: a holder whose copy went bad or went away
 behind the DHT's back is caught by a challenge, its record is dropped, and the replication
-floor puts a good copy elsewhere."""
+floor puts a good copy elsewhere.  A node with a copy judges an answer against it; one without
+sets two holders against each other, and when they disagree it fetches a verified copy (the
+liar's pieces are caught by the digest) and judges from then on."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -23,11 +27,30 @@ def failed_proofs(cs) -> list[dict]:
         return [r for r in map(json.loads, f) if r.get("msg") == "proof of storage failed: record dropped"]
 
 
-@pytest.mark.parametrize("damage, reason", [("delete", "does not hold the blob"), ("corrupt", "wrong answer")])
-def test_a_holder_that_lost_its_copy_is_caught_and_the_floor_copies_the_blob_elsewhere(damage, reason, workdir):
-    a, a_peer, a_dht = daemon(workdir, "a", extra=FAST + NO_CACHE)
-    b, _, _ = daemon(workdir, "b", a_dht, FAST)
-    c, _, _ = daemon(workdir, "c", a_dht, FAST)
+def key_pair(workdir: str, name: str) -> list[str]:
+    """Key-pair membership flags for node `name` (a CA made once per test): answers are signed."""
+    ca = os.path.join(workdir, "ca")
+    cli = [sys.executable, "-m", "cs_p2p.cli", "ca"]
+    if not os.path.exists(ca):
+        subprocess.run([*cli, "init", ca], check=True, capture_output=True, timeout=60)
+    key, cert = os.path.join(workdir, f"{name}.key"), os.path.join(workdir, f"{name}.crt")
+    subprocess.run([*cli, "issue", ca, "--key", key, "--cert", cert], check=True, capture_output=True, timeout=60)
+    return ["--node-key-file", key, "--node-cert-file", cert, "--cluster-ca-file", os.path.join(ca, "ca.crt")]
+
+
+@pytest.mark.parametrize("damage, reason, membership", [
+    ("delete", "does not hold the blob", "open"),
+    ("corrupt", "wrong answer", "open"),
+    ("corrupt", "wrong answer", "key-pair"),
+])
+def test_a_holder_that_lost_its_copy_is_caught_and_the_floor_copies_the_blob_elsewhere(damage, reason, membership,
+                                                                                    workdir):
+    def member(name: str) -> list[str]:
+        return key_pair(workdir, name) if membership == "key-pair" else []
+
+    a, a_peer, a_dht = daemon(workdir, "a", extra=FAST + NO_CACHE + member("a"))
+    b, _, _ = daemon(workdir, "b", a_dht, FAST + member("b"))
+    c, _, _ = daemon(workdir, "c", a_dht, FAST + member("c"))
     with contextlib.ExitStack() as stack:
         for cs in (a, b, c):
             stack.callback(cs.start().stop)
