@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int,
                    help="holders every blob announced in the cluster keeps; nodes close to a blob's DHT key "
                         "fetch copies into their cache when it has fewer (default 2; 0: off)")
+    s.add_argument("--replicas-max", type=int,
+                   help="holders a blob asked for often may get: one more than --replicas at 6 lookups a minute, "
+                        "one more per doubling (default 4)")
     s.add_argument("--replica-check-interval", type=float,
                    help="seconds between checks of the replication floor (default 10)")
     s.add_argument("--challenge-interval", type=float,

@@ -85,6 +85,7 @@ class Config:
     bootstrap: list = dataclasses.field(default_factory=list)  # HOST:PORT contacts, names resolved
     dht_ttl: int = 3600  # seconds a provider record lives; re-announced at half of it
     replicas: int = 2  # holders every announced blob keeps (`placement`); 0: no floor
+    replicas_max: int = 4  # holders a blob in demand may get (`placement.demand`)
     replica_check_interval: float = 10.0  # seconds between checks of the floor
     challenge_interval: float = 30.0  # seconds between rounds of proofs of storage; 0: none
     challenge_bytes_per_minute: int = 16 << 20  # challenged bytes per minute, over all holders
@@ -164,8 +165,8 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         parse_host_port(cfg.mirror_listen, "mirror-listen")
     if cfg.dht_ttl < 10:
         raise ConfigError("dht-ttl must be at least 10 seconds")
-    if cfg.replicas < 0 or cfg.replica_check_interval <= 0:
-        raise ConfigError("replicas must be >= 0 and replica-check-interval positive")
+    if cfg.replicas < 0 or cfg.replica_check_interval <= 0 or cfg.replicas_max < 0:
+        raise ConfigError("replicas and replicas-max must be >= 0 and replica-check-interval positive")
     if cfg.challenge_interval < 0 or cfg.challenge_bytes_per_minute < 0:
         raise ConfigError("challenge-interval and challenge-bytes-per-minute must be >= 0")
     if cfg.ingest_max_bytes < 1 or cfg.grpc_max_concurrent_streams < 1:

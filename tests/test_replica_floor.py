@@ -1,15 +1,20 @@
 """The replication floor with real daemons in one DHT: a blob announced in the cluster keeps
 `replicas` holders when its last copies are deleted or their node dies, the copies going into
-the cache of the nodes closest to the blob's key (never listed to containerd)."""
+the cache of the nodes closest to the blob's key (never listed to containerd); a blob in demand
+gets more, up to `replicas-max`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 
+import pytest
+
 from cs_p2p.api import content_pb2 as pb
 from cs_p2p.devcluster.processes import wait_for
+from cs_p2p.dht.node import DhtNode
 from cs_p2p.dht.providers import provider_key
 from tests.conftest import commit_via_socket, content_stub
 from tests.test_dht_daemon import daemon, locate
@@ -77,3 +82,38 @@ def test_holders_fall_below_the_floor_and_the_closest_nodes_with_room_copy_the_b
         assert open(os.path.join(last.root, "cache", "sha256", digest.split(":")[1]), "rb").read() == data
         wait_for(lambda: held_by(digest, a_dht) == 2, 30, "two live holders")
         assert digest not in full.cached_digests() | full.blob_digests()
+
+
+def test_a_blob_asked_for_often_gets_more_holders_up_to_the_cap(workdir):
+    a, _, a_dht = daemon(workdir, "a", extra=FLOOR + NO_CACHE + ["--replicas-max", "3"])
+    others = [daemon(workdir, name, a_dht, FLOOR + CACHE + ["--replicas-max", "3"])[0] for name in "bcde"]
+    with contextlib.ExitStack() as stack:
+        for cs in (a, *others):
+            stack.callback(cs.start().stop)
+        digest = commit_via_socket(a, os.urandom(1 << 20))
+        wait_for(lambda: held_by(digest, a_dht) == 2, 60, "the floor's copy")
+        assert demand(digest, a_dht) < 6  # the lookups of this test so far: not in demand
+
+        asyncio.run(look_up(digest, a_dht, times=150))  # a rollout's worth of lookups
+        assert demand(digest, a_dht) >= 6
+        wait_for(lambda: held_by(digest, a_dht) == 3, 60, "a holder more for a blob in demand")
+        asyncio.run(look_up(digest, a_dht, times=600))  # far more: still no more than the cap
+        with pytest.raises(TimeoutError):
+            wait_for(lambda: held_by(digest, a_dht) > 3, 8, "a holder over the cap")
+
+
+def demand(digest: str, via: str) -> float:
+    """The lookups a minute `cs-p2p locate` reports for `digest`."""
+    return float(locate(digest, via).rsplit("demand ", 1)[1].split()[0])
+
+
+async def look_up(digest: str, via: str, times: int) -> None:
+    """`times` lookups of `digest`, as the nodes of a rollout make them."""
+    node = DhtNode(os.urandom(20), "0.0.0.0:0", client=True)
+    await node.listen("127.0.0.1", 0)
+    try:
+        assert await node.bootstrap([via])
+        for _ in range(times):
+            assert await node.find_providers(digest)
+    finally:
+        node.stop()

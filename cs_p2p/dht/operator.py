@@ -15,6 +15,7 @@ from kademlia.node import Node
 
 from ..membership import Membership
 from .node import DhtNode
+from .providers import provider_key
 
 
 async def _joined_client(bootstrap: list[str], member: Membership | None) -> DhtNode | None:
@@ -46,6 +47,7 @@ async def locate(digest: str, bootstrap: list[str], member: Membership | None = 
         return 1
     try:
         providers = await node.find_providers(digest)
+        demand = node.protocol.demand_heard.get(provider_key(digest), 0.0)
     finally:
         node.stop()
     if not providers:
@@ -56,6 +58,9 @@ async def locate(digest: str, bootstrap: list[str], member: Membership | None = 
         state = "in-flight" if rec.inflight else "held"
         print(f"{rec.node_id.hex():<40} {rec.addr:<24} {rec.size:>12} {state:<9} "
               f"{int(rec.expires - time.time())}s")
+    held = sum(not rec.inflight for rec in providers)
+    print(f"{held} holder{'' if held == 1 else 's'}; demand {demand:.1f} lookups/min "
+          "(the most any node near the key saw)")
     return 0
 
 

@@ -39,6 +39,7 @@ from kademlia.protocol import KademliaProtocol
 from ..auth import AuthError, Sealer
 from ..identity import Identity, IdentityError, KeySealer, Member
 from ..penalties import PeerLimits
+from ..placement.demand import Demand
 from .providers import ProviderRecord, ProviderStore, provider_key
 from .tags import TagRecord, TagStore
 
@@ -69,6 +70,8 @@ class ProviderProtocol(KademliaProtocol):
         # key -> digest, for the keys whose records this node keeps: the replication floor
         # (`placement`) fetches a blob by digest, and a key alone does not name it.
         self.digests: dict[bytes, str] = {}
+        self.demand = Demand()  # lookups answered per key (`placement.demand`)
+        self.demand_heard: dict[bytes, float] = {}  # clients: key -> the highest demand a lookup was told
         self.tags = TagStore()
         self.sealer = sealer
         # Key-pair mode: who sent each datagram is known, and records carry signatures.
@@ -217,8 +220,13 @@ class ProviderProtocol(KademliaProtocol):
         return True
 
     def rpc_get_providers(self, sender, nodeid, key) -> Any:
-        return self._get(sender, nodeid, key, "providers",
-                         self.providers.get(key)[:MAX_RECORDS_PER_REPLY] if _is_key(key) else [])
+        reply = self._get(sender, nodeid, key, "providers",
+                          self.providers.get(key)[:MAX_RECORDS_PER_REPLY] if _is_key(key) else [])
+        if "providers" in reply:
+            if reply["providers"] or key in self.digests:  # a blob the cluster has: count the ask
+                self.demand.hit(key)
+            reply["demand"] = round(self.demand.per_minute(key), 2)
+        return reply
 
     def rpc_add_tag(self, sender, nodeid, key, record) -> Any:
         def keep(key: bytes, rec: TagRecord) -> bool:
@@ -276,6 +284,9 @@ class ProviderProtocol(KademliaProtocol):
         for raw in raw_nodes if isinstance(raw_nodes, list) else []:
             if isinstance(raw, (list, tuple)) and len(raw) == 3 and _is_key(raw[0]):
                 nodes.append(Node(raw[0], raw[1], raw[2]))
+        demand = reply.get("demand")
+        if self.client and isinstance(demand, (int, float)) and not isinstance(demand, bool) and 0 <= demand < 1e9:
+            self.demand_heard[key] = max(self.demand_heard.get(key, 0.0), float(demand))
         return records, nodes
 
     def _publishers(self, certs: object) -> dict[bytes, Member]:

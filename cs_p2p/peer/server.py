@@ -80,8 +80,9 @@ class PeerServer:
     def __init__(self, store: LocalStore, max_uploads: int = 16, rate_limit: int = 0,
                  fetcher: Fetcher | None = None, sealer: Sealer | None = None,
                  tls: ssl.SSLContext | None = None, limits: PeerLimits | None = None,
-                 signer: Callable[[bytes], bytes] | None = None) -> None:
+                 signer: Callable[[bytes], bytes] | None = None, on_served: Callable[[str], None] | None = None) -> None:
         self.store = store
+        self.on_served = on_served  # a GET of a held blob (its demand, `placement.demand`)
         self.signer = signer  # key-pair mode: signs proofs of storage
         self.tls = tls
         self.limits = limits or PeerLimits(rate=REQUESTS_PER_PEER, name="peer server")
@@ -163,6 +164,8 @@ class PeerServer:
             raise web.HTTPNotFound(text=f"blob {digest} not found")
         if request.method == "HEAD":
             return _head(os.path.getsize(path), digest)
+        if self.on_served and request.headers.get("Range", "bytes=0-").startswith("bytes=0-"):
+            self.on_served(digest)  # once per fetch: its first piece (a fetch takes many ranges)
         if self.active >= self.max_uploads:
             raise web.HTTPServiceUnavailable(text="upload slots full", headers={"Retry-After": "1"})
         self.active += 1

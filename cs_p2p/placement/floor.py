@@ -26,6 +26,7 @@ from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
 from ..fetch.fetcher import Fetch
 from ..store import LocalStore
+from .demand import extra_replicas
 
 log = logging.getLogger("cs_p2p.placement")
 
@@ -69,11 +70,12 @@ def turn_to_act(place: int, deficit: int, short_for: float, interval: float) -> 
 class ReplicaFloor:
     def __init__(self, dht: DhtNode, store: LocalStore, replicator: Replicator, replicas: int = DEFAULT_REPLICAS,
                  interval: float = DEFAULT_INTERVAL, on_dropped: Callable[[str], None] | None = None,
-                 in_doubt: Callable[[bytes], bool] | None = None) -> None:
+                 in_doubt: Callable[[bytes], bool] | None = None, max_replicas: int = 0) -> None:
         self.dht = dht
         self.store = store
         self.replicator = replicator
         self.replicas = replicas
+        self.max_replicas = max(max_replicas, replicas)  # the cap for blobs in demand
         self.interval = interval
         self.on_dropped = on_dropped  # a digest this node no longer holds: withdraw it
         self.in_doubt = in_doubt  # key -> whether one of its holders may not hold it (`challenger`)
@@ -106,7 +108,7 @@ class ReplicaFloor:
 
     def _act(self, key: bytes, digest: str, records: list[ProviderRecord], now: float) -> bool:
         holders = {r.node_id for r in records}
-        deficit = self.replicas - len(holders) + (1 if self.in_doubt and self.in_doubt(key) else 0)
+        deficit = self.wanted(key) - len(holders) + (1 if self.in_doubt and self.in_doubt(key) else 0)
         if deficit <= 0:
             self._short_since.pop(key, None)
             return False
@@ -120,11 +122,16 @@ class ReplicaFloor:
         if not turn_to_act(place, deficit, now - since, self.interval):
             return False
         log.info("below the replication floor: fetching a copy", extra={
-            "digest": digest, "holders": len(holders), "replicas": self.replicas, "place": place})
+            "digest": digest, "holders": len(holders), "wanted": len(holders) + deficit, "place": place})
         task = asyncio.get_running_loop().create_task(self._replicate(digest))
         self._replicating[digest] = task
         task.add_done_callback(lambda _t: self._replicating.pop(digest, None))
         return True
+
+    def wanted(self, key: bytes) -> int:
+        """The floor, plus holders for a blob in demand (`demand`), up to the cap."""
+        extra = extra_replicas(self.dht.protocol.demand.per_minute(key))
+        return min(self.replicas + extra, self.max_replicas)
 
     def _has_room(self, size: int) -> bool:
         return 0 < size <= self.store.cache.max_bytes

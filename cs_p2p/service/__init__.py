@@ -15,8 +15,9 @@ from google.protobuf.message_factory import GetMessageClass
 from ..api import content_pb2, diff_pb2_grpc
 from ..apply.pool import ApplyPool
 from ..config import Config, parse_host_port, peer_advertised, socket_gid
-from ..digests import parse_digest
+from ..digests import format_digest, parse_digest
 from ..dht.node import DhtNode, load_or_create_node_id
+from ..dht.providers import provider_key
 from ..fetch.fetcher import Fetcher
 from ..fetch.source import PeerSource
 from ..membership import membership
@@ -105,13 +106,16 @@ async def serve(cfg: Config) -> None:
     if cfg.peer_listen:
         host, port = parse_host_port(cfg.peer_listen, "peer-listen")
         peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit, fetcher, member.peer_sealer,
-                          member.server_tls, signer=member.identity.sign if member.identity else None)
+                          member.server_tls, signer=member.identity.sign if member.identity else None,
+                          on_served=(lambda digest: dht.protocol.demand.hit(provider_key(digest))) if dht else None)
         port = await peer.start(host, port)
         log.info("peer server listening", extra={"host": host, "port": port})
     if dht:
         host, port = parse_host_port(cfg.dht_listen, "dht-listen")
         port = await dht.listen(host, port)
         log.info("dht listening", extra={"host": host, "port": port, "node_id": dht.node_id.hex()})
+        # The cache keeps what the cluster asks for most (lookups answered here, pieces served).
+        store.cache.value = lambda hex_: dht.protocol.demand.per_minute(provider_key(format_digest(hex_)))
         held = [(info.digest, info.size) for info in store.blobs.walk()] + store.cache.digests()
         dht.join_and_announce(cfg.bootstrap, held)
         challenger = None
@@ -120,7 +124,7 @@ async def serve(cfg: Config) -> None:
             background.append(asyncio.get_running_loop().create_task(challenger.run()))
         if cfg.replicas and store.cache.max_bytes > 0:  # copies go into the cache: no cache, no copies
             floor = ReplicaFloor(dht, store, peers, cfg.replicas, cfg.replica_check_interval, dht.deleted,
-                                 challenger.in_doubt if challenger else None)
+                                 challenger.in_doubt if challenger else None, cfg.replicas_max)
             background.append(asyncio.get_running_loop().create_task(floor.run()))
 
     mirror = None

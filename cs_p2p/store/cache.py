@@ -9,7 +9,9 @@ never touched by the cache.
 
     cache/sha256/<hex>   the bytes (moved here by rename: same file system, no copy)
 
-The time of a blob's last use is its file's mtime, so the order survives restarts.
+Least valuable out first: the blob the cluster asks for least (`value`, the demand this node
+sees, `placement.demand`), and among equals the least recently used.  The time of a blob's last
+use is its file's mtime, so that order survives restarts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Callable
 
 from ..digests import format_digest
 
@@ -32,6 +35,7 @@ class BlobCache:
         self.dir = os.path.join(root, "cache", "sha256")
         os.makedirs(self.dir, exist_ok=True)
         self.max_bytes = max_bytes
+        self.value: Callable[[str], float] = lambda hex_: 0.0  # hex -> how much the cluster wants it
         self._lock = threading.Lock()  # keep/take run on executor threads too
         self._sizes: dict[str, int] = {}
         for name in os.listdir(self.dir):
@@ -80,12 +84,12 @@ class BlobCache:
         return True
 
     def _make_room(self, size: int) -> list[str]:
-        """Evict least recently used blobs until `size` more bytes fit."""
+        """Evict the least valuable blobs (least recently used among equals) until `size` more
+        bytes fit."""
         evicted = []
         if self.used_bytes + size <= self.max_bytes:
             return evicted
-        by_age = sorted(self._sizes, key=lambda h: self._mtime(h))
-        for hex_ in by_age:
+        for hex_ in sorted(self._sizes, key=lambda h: (self.value(h), self._mtime(h))):
             if self.used_bytes + size <= self.max_bytes:
                 break
             try:

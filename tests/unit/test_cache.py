@@ -52,3 +52,14 @@ def test_without_a_budget_nothing_is_kept_not_even_an_empty_blob(tmp_path):
     store = LocalStore(str(tmp_path))
     empty = commit(store, b"")
     assert store.delete(empty) == (False, []) and store.cache.digests() == []
+
+
+def test_the_blob_the_cluster_asks_for_most_is_evicted_last(tmp_path):
+    store = LocalStore(str(tmp_path), cache_max_bytes=250)
+    hot, cold, new = (commit(store, bytes([i]) * 100) for i in range(3))
+    store.delete(hot)
+    os.utime(store.cache.path(hot[7:]), (1, 1))  # used longest ago, but asked for often
+    store.delete(cold)
+    store.cache.value = lambda hex_: 30.0 if hex_ == hot[7:] else 0.0
+    assert store.delete(new) == (True, [cold])
+    assert store.cache.holds(hot[7:])
