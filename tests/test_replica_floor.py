@@ -26,7 +26,8 @@ NO_CACHE = ["--cache-max-bytes", "0"]
 
 
 def held_by(digest: str, via: str) -> int:
-    return sum(" held" in line for line in locate(digest, via).splitlines())
+    """Holders `cs-p2p locate` lists: containerd's copies and cached ones."""
+    return sum(" held " in line or " cached " in line for line in locate(digest, via).splitlines())
 
 
 def listed(cs) -> set[str]:
@@ -46,7 +47,7 @@ def closest_id_to(digest: str) -> bytes:
 def test_holders_fall_below_the_floor_and_the_closest_nodes_with_room_copy_the_blob(workdir):
     data = os.urandom(5 << 20)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    a, _, a_dht = daemon(workdir, "a", extra=FLOOR + NO_CACHE)  # it never holds copies
+    a, a_peer, a_dht = daemon(workdir, "a", extra=FLOOR + NO_CACHE)  # it never holds copies
     # The node closest to the key has no room either: the next ones must take over.
     full, _, _ = daemon(workdir, "full", a_dht, FLOOR + NO_CACHE)
     os.makedirs(os.path.join(full.root, "dht"))
@@ -63,6 +64,8 @@ def test_holders_fall_below_the_floor_and_the_closest_nodes_with_room_copy_the_b
         assert held_by(digest, a_dht) == 2
         assert len(first) == 1
         copy = first[0]
+        states = {line.split()[1]: line.split()[3] for line in locate(digest, a_dht).splitlines()[1:-1]}
+        assert sorted(states.values()) == ["cached", "held"] and states[a_peer] == "held"  # the copy: cached
         assert open(os.path.join(copy.root, "cache", "sha256", digest.split(":")[1]), "rb").read() == data
         assert digest not in listed(copy)  # containerd's GC must not see it
 

@@ -76,6 +76,7 @@ class DhtNode:
         self.ttl = ttl
         self.server = _KademliaServer(ksize, alpha, node_id, rpc_timeout, sealer, client)
         self.held: dict[str, int] = {}  # digest -> size, re-announced before expiry
+        self.cached: set[str] = set()  # of those, the ones in the cache (announced as such)
         self._republisher: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
 
@@ -137,8 +138,8 @@ class DhtNode:
             self.server.protocol.stop_verifying()
         self.server.stop()
 
-    def _record(self, size: int, started: float = 0.0) -> ProviderRecord:
-        return ProviderRecord(self.node_id, self.peer_addr, size, time.time() + self.ttl, started)
+    def _record(self, size: int, started: float = 0.0, cached: bool = False) -> ProviderRecord:
+        return ProviderRecord(self.node_id, self.peer_addr, size, time.time() + self.ttl, started, cached=cached)
 
     async def _closest(self, key: bytes) -> list[Node]:
         target = Node(key)
@@ -156,7 +157,7 @@ class DhtNode:
         if not started:
             self.held[digest] = size
         key = provider_key(digest)
-        rec = self.protocol.sign("provider", key, self._record(size, started))
+        rec = self.protocol.sign("provider", key, self._record(size, started, not started and digest in self.cached))
         self.protocol.providers.add(key, rec)
         self.protocol.watch(key, digest)
         nodes = await self._closest(key)
@@ -238,13 +239,22 @@ class DhtNode:
     # in the background so that no containerd call waits on the DHT.
     def committed(self, digest: str, size: int) -> None:
         self.held[digest] = size  # at once: an in-flight record's end must not withdraw it
+        self.cached.discard(digest)
         self._spawn(self.announce(digest, size), "announce", digest)
+
+    def kept(self, digest: str) -> None:
+        """A held blob moved into the cache (containerd let go of it): still announced, as cached."""
+        size = self.held.get(digest)
+        if size is not None:
+            self.cached.add(digest)
+            self._spawn(self.announce(digest, size), "announce cached", digest)
 
     def fetching(self, digest: str, size: int, started: float) -> None:
         """A fetch from peers began here: announce it in flight (its pieces are relayed)."""
         self._spawn(self.announce(digest, size, started=started), "announce in-flight", digest)
 
     def deleted(self, digest: str) -> None:
+        self.cached.discard(digest)
         self._spawn(self.withdraw(digest), "withdraw", digest)
 
     def _spawn(self, coro, what: str, digest: str) -> None:
@@ -258,10 +268,11 @@ class DhtNode:
 
         task.add_done_callback(done)
 
-    def join_and_announce(self, bootstrap: list[str], held: list[tuple[str, int]]) -> None:
+    def join_and_announce(self, bootstrap: list[str], held: list[tuple[str, int]], cached: list[str] = ()) -> None:
         """Start-up, in the background: keep joined through `bootstrap` and announce what the
         node already holds (re-announced on every (re)join and at half the record lifetime)."""
         self.held.update(held)
+        self.cached.update(cached)
         if bootstrap:
             self._spawn(self.keep_joined(bootstrap), "join", "*")
         self._spawn(self.announce_all(held), "announce held blobs", "*")

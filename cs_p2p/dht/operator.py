@@ -55,10 +55,10 @@ async def locate(digest: str, bootstrap: list[str], member: Membership | None = 
         return 1
     print(f"{'NODE':<40} {'ADDRESS':<24} {'SIZE':>12} {'STATE':<9} EXPIRES IN")
     for rec in providers:
-        state = "in-flight" if rec.inflight else "held"
+        state = "in-flight" if rec.inflight else "cached" if rec.cached else "held"
         print(f"{rec.node_id.hex():<40} {rec.addr:<24} {rec.size:>12} {state:<9} "
               f"{int(rec.expires - time.time())}s")
-    held = sum(not rec.inflight for rec in providers)
+    held = sum(not rec.inflight for rec in providers)  # containerd's copies and cached ones
     print(f"{held} holder{'' if held == 1 else 's'}; demand {demand:.1f} lookups/min "
           "(the most any node near the key saw)")
     return 0

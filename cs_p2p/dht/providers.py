@@ -34,6 +34,7 @@ class ProviderRecord:
     expires: float  # unix time
     started: float = 0.0  # > 0: still being written since then (unix time)
     sig: bytes = b""  # the publisher's signature (key-pair mode, `identity`)
+    cached: bool = False  # held in the node's cache, not by its containerd (`store.cache`)
 
     @property
     def inflight(self) -> bool:
@@ -41,16 +42,21 @@ class ProviderRecord:
 
     def to_wire(self) -> list:
         fields = [self.node_id, self.addr, self.size, self.expires, self.started]
+        if self.cached:
+            return fields + [self.sig, True]
         return fields + [self.sig] if self.sig else fields
 
     @classmethod
     def from_wire(cls, value: object) -> "ProviderRecord":
         """Parse a record from an RPC; anything malformed raises ValueError."""
-        if not isinstance(value, (list, tuple)) or len(value) not in (4, 5, 6):
-            raise ValueError("provider record must have 4 to 6 fields")
+        if not isinstance(value, (list, tuple)) or len(value) not in (4, 5, 6, 7):
+            raise ValueError("provider record must have 4 to 7 fields")
         node_id, addr, size, expires = value[:4]
         started = value[4] if len(value) >= 5 else 0.0
-        sig = value[5] if len(value) == 6 else b""
+        sig = value[5] if len(value) >= 6 else b""
+        cached = value[6] if len(value) == 7 else False
+        if not isinstance(cached, bool):
+            raise ValueError("provider cache flag must be a boolean")
         if not (isinstance(node_id, bytes) and len(node_id) == 20):
             raise ValueError("provider node id must be 20 bytes")
         if not (isinstance(addr, str) and 0 < len(addr) <= 262 and ":" in addr):
@@ -63,7 +69,7 @@ class ProviderRecord:
             raise ValueError("provider start time must be a non-negative number")
         if not (isinstance(sig, bytes) and len(sig) in (0, 64)):
             raise ValueError("provider signature must be 64 bytes")
-        return cls(node_id, addr, size, float(expires), float(started), sig)
+        return cls(node_id, addr, size, float(expires), float(started), sig, cached)
 
 
 class ProviderStore:

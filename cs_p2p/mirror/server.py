@@ -208,7 +208,11 @@ class Mirror:
     async def _local_or_peers(self, digest: str) -> str | None:
         """The path of `digest` in the local store, fetched from peers first if need be."""
         path = self.store.blobs.blob_path(parse_digest(digest))
-        if os.path.exists(path) or self.store.restore(digest):
+        if os.path.exists(path):
+            return path
+        if self.store.restore(digest):
+            if self.dht:
+                self.dht.committed(digest, os.path.getsize(path))  # containerd's again, not the cache's
             return path
         fetch = await self.peers.locate(digest) if self.peers else None
         if fetch is None or fetch.task is None:

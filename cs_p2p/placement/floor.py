@@ -18,7 +18,7 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from kademlia.node import Node
 
@@ -27,6 +27,9 @@ from ..dht.providers import ProviderRecord
 from ..fetch.fetcher import Fetch
 from ..store import LocalStore
 from .demand import extra_replicas
+
+if TYPE_CHECKING:
+    from ..service.content import ContentEvents
 
 log = logging.getLogger("cs_p2p.placement")
 
@@ -40,14 +43,16 @@ class Replicator(Protocol):
     async def replicate(self, digest: str, size: int = 0) -> Fetch | None: ...
 
 
-def keep_for_cluster(store: LocalStore, digest: str, withdraw: Callable[[str], None] | None) -> bool:
-    """A blob fetched for the cluster, not for containerd: into the cache, as a GC'd blob goes;
-    what leaves the node (no room, or evicted for room) is withdrawn."""
+def keep_for_cluster(store: LocalStore, digest: str, events: "ContentEvents | None") -> bool:
+    """A blob fetched for the cluster, not for containerd: into the cache, as a GC'd blob goes
+    (announced as cached); what leaves the node (no room, or evicted for room) is withdrawn."""
     kept, evicted = store.to_cache(digest)
     log.info("copy cached" if kept else "copy dropped: no room in the cache", extra={"digest": digest, "evicted": evicted})
-    if withdraw:
+    if events:
+        if kept:
+            events.kept(digest)
         for gone in evicted if kept else [digest, *evicted]:
-            withdraw(gone)
+            events.deleted(gone)
     return kept
 
 
@@ -69,7 +74,7 @@ def turn_to_act(place: int, deficit: int, short_for: float, interval: float) -> 
 
 class ReplicaFloor:
     def __init__(self, dht: DhtNode, store: LocalStore, replicator: Replicator, replicas: int = DEFAULT_REPLICAS,
-                 interval: float = DEFAULT_INTERVAL, on_dropped: Callable[[str], None] | None = None,
+                 interval: float = DEFAULT_INTERVAL, events: "ContentEvents | None" = None,
                  in_doubt: Callable[[bytes], bool] | None = None, max_replicas: int = 0) -> None:
         self.dht = dht
         self.store = store
@@ -77,7 +82,7 @@ class ReplicaFloor:
         self.replicas = replicas
         self.max_replicas = max(max_replicas, replicas)  # the cap for blobs in demand
         self.interval = interval
-        self.on_dropped = on_dropped  # a digest this node no longer holds: withdraw it
+        self.events = events  # told of copies cached and of blobs that left (the DHT)
         self.in_doubt = in_doubt  # key -> whether one of its holders may not hold it (`challenger`)
         self._short_since: dict[bytes, float] = {}  # key -> since when it has been below the floor
         self._replicating: dict[str, asyncio.Task] = {}
@@ -143,5 +148,5 @@ class ReplicaFloor:
         except Exception as exc:
             log.warning("replica fetch failed", extra={"digest": digest, "error": repr(exc)})
             return
-        self.replicated += keep_for_cluster(self.store, digest, self.on_dropped)
+        self.replicated += keep_for_cluster(self.store, digest, self.events)
 

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator
 
 from aiohttp import web
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ..dht.node import DhtNode
     from ..fetch.source import PeerSource
     from ..mirror.server import Mirror
+    from ..service.content import ContentEvents
     from ..store import LocalStore
 
 log = logging.getLogger("cs_p2p.placement")
@@ -100,14 +101,14 @@ def platform_matches(desc: dict, wanted: list[str]) -> bool:
 
 class Preheater:
     def __init__(self, mirror: "Mirror", peers: "PeerSource", dht: "DhtNode", store: "LocalStore", replicas: int,
-                 floor_wait: float, withdraw: Callable[[str], None] | None = None) -> None:
+                 floor_wait: float, events: "ContentEvents | None" = None) -> None:
         self.mirror = mirror
         self.peers = peers
         self.dht = dht
         self.store = store
         self.replicas = replicas
         self.floor_wait = floor_wait  # how long to wait for the floor's copies
-        self.withdraw = withdraw
+        self.events = events
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """POST {"ref": REF, "platforms": [...]}: the progress, one JSON object a line."""
@@ -211,7 +212,7 @@ class Preheater:
                 size = totals_size(self.store, blob.digest)
                 got = {"from": "held"}
             else:
-                keep_for_cluster(self.store, blob.digest, self.withdraw)
+                keep_for_cluster(self.store, blob.digest, self.events)
                 size = fetch.size
                 registry = fetch.bytes_from.get(ORIGIN, 0)
                 peers = sum(n for addr, n in fetch.bytes_from.items() if addr != ORIGIN)

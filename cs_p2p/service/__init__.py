@@ -116,14 +116,15 @@ async def serve(cfg: Config) -> None:
         log.info("dht listening", extra={"host": host, "port": port, "node_id": dht.node_id.hex()})
         # The cache keeps what the cluster asks for most (lookups answered here, pieces served).
         store.cache.value = lambda hex_: dht.protocol.demand.per_minute(provider_key(format_digest(hex_)))
-        held = [(info.digest, info.size) for info in store.blobs.walk()] + store.cache.digests()
-        dht.join_and_announce(cfg.bootstrap, held)
+        cached = store.cache.digests()
+        held = [(info.digest, info.size) for info in store.blobs.walk()] + cached
+        dht.join_and_announce(cfg.bootstrap, held, [digest for digest, _ in cached])
         challenger = None
         if cfg.challenge_interval and cfg.challenge_bytes_per_minute:
             challenger = Challenger(dht, store, fetcher, cfg.challenge_interval, cfg.challenge_bytes_per_minute)
             background.append(asyncio.get_running_loop().create_task(challenger.run()))
         if cfg.replicas and store.cache.max_bytes > 0:  # copies go into the cache: no cache, no copies
-            floor = ReplicaFloor(dht, store, peers, cfg.replicas, cfg.replica_check_interval, dht.deleted,
+            floor = ReplicaFloor(dht, store, peers, cfg.replicas, cfg.replica_check_interval, dht,
                                  challenger.in_doubt if challenger else None, cfg.replicas_max)
             background.append(asyncio.get_running_loop().create_task(floor.run()))
 
@@ -134,7 +135,7 @@ async def serve(cfg: Config) -> None:
         if fetcher and dht and peers:
             fetcher.origin = mirror.origin_for  # a fetch peers cannot finish ends at the registry
             preheater = Preheater(mirror, peers, dht, store, cfg.replicas, floor_wait(cfg.replica_check_interval),
-                                  dht.deleted)
+                                  dht)
             mirror.app.router.add_post(PREHEAT_PATH, preheater.handle)
         port = await mirror.start(host, port)
         log.info("registry mirror listening", extra={"host": host, "port": port,

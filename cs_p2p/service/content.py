@@ -72,6 +72,8 @@ class ContentEvents(Protocol):
 
     def deleted(self, digest: str) -> None: ...
 
+    def kept(self, digest: str) -> None: ...  # let go of by containerd, kept in the cache
+
 
 class ContentService(pb_grpc.ContentServicer):
     def __init__(self, store: LocalStore, events: ContentEvents | None = None,
@@ -85,8 +87,7 @@ class ContentService(pb_grpc.ContentServicer):
         try:
             return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
         except NotFound:
-            if self.store.restore(request.digest):  # let go of by GC, kept in the cache: back at once
-                log.info("blob restored from the cache", extra={"digest": request.digest})
+            if self._restore(request.digest):  # let go of by GC, kept in the cache: back at once
                 return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
             fetch = await self.peers.locate(request.digest) if self.peers else None
             if fetch is None:
@@ -95,6 +96,15 @@ class ContentService(pb_grpc.ContentServicer):
         # streams the bytes as the background fetch brings them.
         now = time.time_ns()
         return pb.InfoResponse(info=_info_pb(BlobInfo(fetch.digest, fetch.size, now, now, {})))
+
+    def _restore(self, digest: str) -> bool:
+        """Hand a cached blob back to containerd; announced as containerd's again."""
+        if not self.store.restore(digest):
+            return False
+        log.info("blob restored from the cache", extra={"digest": digest})
+        if self.events:
+            self.events.committed(digest, self.store.blobs.info(digest).size)
+        return True
 
     def _not_found(self, digest: str) -> NotFound:
         """NOT_FOUND, with the reason if peers (and the registry) just failed to deliver it:
@@ -127,6 +137,8 @@ class ContentService(pb_grpc.ContentServicer):
         cached, evicted = self.store.delete(request.digest)
         log.info("blob deleted", extra={"digest": request.digest, "cached": cached, "evicted": evicted})
         if self.events:  # a cached blob stays announced: peers may still fetch it here
+            if cached:
+                self.events.kept(request.digest)
             for digest in evicted if cached else [request.digest, *evicted]:
                 self.events.deleted(digest)
         return empty_pb2.Empty()
@@ -170,7 +182,7 @@ class ContentService(pb_grpc.ContentServicer):
         except FileNotFoundError:
             pass
         # Moved to the cache between containerd's Info and this Read (a replica): back.
-        if self.store.restore(digest):
+        if self._restore(digest):
             return os.open(path, os.O_RDONLY), None
         fetch = self.peers.inflight(digest) if self.peers else None
         if fetch is None:

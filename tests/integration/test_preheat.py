@@ -31,7 +31,7 @@ def preheat(node: MirrorNode, ref: str, *flags: str) -> subprocess.CompletedProc
 
 
 def held(digest: str, via: str) -> int:
-    return sum(" held" in line for line in providers_of(digest, via).splitlines())
+    return sum(" held " in line or " cached " in line for line in providers_of(digest, via).splitlines())
 
 
 @pytest.fixture
