@@ -19,7 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cs-p2p {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve containerd's content API on a unix socket")
+    s = sub.add_parser("serve", help="serve containerd's content API on a unix socket",
+                       description="Serve containerd's content API (and, for containerd 2.x, its layer applier) on a "
+                                   "unix socket, from a store of its own; with --peer-listen and --dht-listen, share "
+                                   "blobs with the other nodes; with --mirror-registry, be the node's registry "
+                                   "mirror. Settings come from --config (TOML, keys are the flag names) and flags.")
     s.add_argument("--config", help="TOML file; keys are the flag names, flags win")
     s.add_argument("--root", help=f"store directory (default {Config.root})")
     s.add_argument("--socket", help=f"unix socket for containerd (default {DEFAULT_SOCKET})")
@@ -61,12 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--mirror-listen", help="HOST:PORT of the registry mirror (default 127.0.0.1:5080)")
     s.add_argument("--mirror-timeout-ms", type=int, help="wait for an upstream registry (default 3000)")
 
-    prs = sub.add_parser("peers", help="print the nodes of the DHT network")
+    prs = sub.add_parser("peers", help="print the nodes of the DHT network",
+                         description="Walk the DHT network as a client (leaving no trace in any routing table) "
+                                     "and print every node that answered, with its DHT address.")
     prs.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
     _membership_flags(prs)
 
-    loc = sub.add_parser("locate", help="print the nodes that provide a digest")
-    loc.add_argument("digest")
+    loc = sub.add_parser("locate", help="print the nodes that provide a digest",
+                         description="Look a blob up in the DHT as a client and print its providers (held by "
+                                     "containerd, cached, or being downloaded right now), how many hold it, and the "
+                                     "demand the nodes near its key see.")
+    loc.add_argument("digest", help="the blob, sha256:<64 hex digits>")
     loc.add_argument("--bootstrap", action="append", required=True, help="HOST:PORT of a DHT node (repeatable)")
     _membership_flags(loc)
 
@@ -82,18 +91,29 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"HOST:PORT of the node's mirror (default {Config.mirror_listen})")
     pre.add_argument("--json", action="store_true", help="print the node's progress events as JSON lines")
 
-    ca = sub.add_parser("ca", help="key-pair membership: make a cluster CA and issue node certificates")
+    ca = sub.add_parser("ca", help="key-pair membership: make a cluster CA and issue node certificates",
+                        description="Key-pair membership: `ca init DIR` makes a cluster CA; `ca issue DIR` gives a "
+                                    "node its key and a certificate from that CA (docs/security.md).")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
-    init = ca_sub.add_parser("init", help="create DIR/ca.key and DIR/ca.crt")
-    init.add_argument("dir")
-    iss = ca_sub.add_parser("issue", help="create a node key (unless it exists) and a certificate for it")
+    init = ca_sub.add_parser("init", help="create DIR/ca.key and DIR/ca.crt",
+                             description="Create a cluster CA: DIR/ca.key (keep it off the nodes) and DIR/ca.crt "
+                                         "(every node's --cluster-ca-file). Each CA gets a name of its own, so two "
+                                         "can be trusted at once while rotating.")
+    init.add_argument("dir", help="where ca.key and ca.crt are written")
+    iss = ca_sub.add_parser("issue", help="create a node key (unless it exists) and a certificate for it",
+                            description="Create a node's Ed25519 key (unless --key exists) and write a certificate "
+                                        "for it from the CA in DIR; the node's DHT id is derived from its key.")
     iss.add_argument("dir", help="the CA's directory (ca.key, ca.crt)")
     iss.add_argument("--key", required=True, help="the node's key file (created if missing)")
     iss.add_argument("--cert", required=True, help="the certificate file to write")
     iss.add_argument("--days", type=int, default=365, help="validity (default 365)")
 
     c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment; with "
-                       "--mirror-registry, write hosts.toml files that put the mirror in front")
+                       "--mirror-registry, write hosts.toml files that put the mirror in front",
+                       description="Print the fragment of containerd's config.toml that makes cs-p2p the node's "
+                                   "content store (and, on containerd 2.x, its layer applier), for the release "
+                                   "installed or the one named; with --mirror-registry, also write the hosts.toml "
+                                   "files that put the node's mirror in front of those registries.")
     c.add_argument("--socket", default=DEFAULT_SOCKET, help="cs-p2p's unix socket")
     c.add_argument("--mirror-registry", action="append", default=[],
                    help="registry to mirror: http://HOST[:PORT] or https://HOST (repeatable)")
@@ -171,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level, cfg.log_format)
     from .auth import AuthError
     from .identity import IdentityError
-    from .service import RootBusy, serve
+    from .daemon import RootBusy, serve
 
     try:
         asyncio.run(serve(cfg))

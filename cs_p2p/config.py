@@ -163,6 +163,9 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         parse_host_port(addr, "bootstrap")
     if cfg.mirror_registry:
         parse_host_port(cfg.mirror_listen, "mirror-listen")
+    elif cfg.mirror_listen != Config.mirror_listen:
+        raise ConfigError("mirror-listen is set but no mirror-registry: the mirror serves only the registries "
+                          "it is given; add mirror-registry http://HOST[:PORT] or https://HOST (repeatable)")
     if cfg.dht_ttl < 10:
         raise ConfigError("dht-ttl must be at least 10 seconds")
     if cfg.replicas < 0 or cfg.replica_check_interval <= 0 or cfg.replicas_max < 0:

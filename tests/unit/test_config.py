@@ -153,3 +153,9 @@ def test_kubernetes_daemonset_arguments_are_accepted_by_serve(tmp_path):
     assert cfg.dht_listen == "10.0.0.7:5002" and cfg.mirror_registry[0].host == "registry.internal"
     secret = next(d for d in docs if d["kind"] == "Secret")
     assert "cluster-token" in secret["stringData"]
+
+
+def test_a_mirror_listen_address_without_registries_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="no mirror-registry"):
+        load_config(None, {"mirror_listen": "127.0.0.1:6000"})
+    assert load_config(None, {"mirror_listen": "127.0.0.1:6000", "mirror_registry": ["http://r:5000"]}).mirror_listen

@@ -1,0 +1,67 @@
+"""What the package declares matches what it is: every dependency is imported, and every
+command explains itself in its --help."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+IMPORT_NAMES = {"grpcio": "grpc", "protobuf": "google"}  # distribution -> the module it provides
+
+
+def imported_modules() -> set[str]:
+    names: set[str] = set()
+    for path in (ROOT / "cs_p2p").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_declared_dependency_is_imported():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = [re.split(r"[<>=!~ \[]", d, maxsplit=1)[0] for d in deps]
+    unused = [n for n in names if IMPORT_NAMES.get(n, n) not in imported_modules()]
+    assert unused == []
+
+
+def subcommands() -> list[list[str]]:
+    out = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "--help"], capture_output=True, text=True).stdout
+    commands = re.search(r"\{([a-z,-]+)\}", out).group(1).split(",")
+    return [[c] for c in commands] + [["ca", "init"], ["ca", "issue"]]
+
+
+@pytest.mark.parametrize("command", subcommands(), ids=" ".join)
+def test_every_command_explains_itself(command):
+    res = subprocess.run([sys.executable, "-m", "cs_p2p.cli", *command, "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    usage, description, options = parse_help(res.stdout)
+    assert usage.startswith("usage: cs-p2p " + " ".join(command))
+    assert len(description.split()) >= 8, "no description of what the command does"
+    assert options and all(text for _, text in options), [flag for flag, text in options if not text]
+
+
+def parse_help(out: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """(usage, description, [(argument, its help)]) of argparse's --help output."""
+    blocks = out.split("\n\n")
+    usage, description = blocks[0], blocks[1] if not blocks[1].endswith(":") and ":\n" not in blocks[1] else ""
+    entries: list[tuple[str, str]] = []
+    for block in blocks[1:]:
+        if not re.match(r"^(positional arguments|options):", block):
+            continue
+        for line in block.splitlines()[1:]:
+            if re.match(r"^  \S", line):  # an argument, maybe with its help after two spaces or more
+                flag, _, text = line.strip().partition("  ")
+                entries.append((flag, text.strip()))
+            elif entries and line.startswith(" " * 6):  # help on the next lines
+                entries[-1] = (entries[-1][0], (entries[-1][1] + " " + line.strip()).strip())
+    return usage, description, [(f, t) for f, t in entries if not f.startswith("{")]
