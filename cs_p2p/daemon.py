@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import ipaddress
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from .fetch.fetcher import Fetcher
 from .fetch.source import PeerSource
 from .membership import membership
 from .mirror.server import Mirror
+from .peer.ledger import Ledger
 from .peer.server import PeerServer
 from .placement.challenger import Challenger
 from .placement.floor import ReplicaFloor
@@ -41,6 +43,19 @@ def _bind_unix(server: grpc.aio.Server, path: str) -> None:
     if os.path.exists(path):
         os.unlink(path)  # stale socket of a previous run; a live daemon would hold the root lock
     server.add_insecure_port("unix:" + path)
+
+
+def _source_host(peer_listen: str) -> str:
+    """The address to fetch from peers with: the one the peer server listens on, if it is one
+    address (peers account what they give and get by it, `peer.ledger`); none for a wildcard."""
+    if not peer_listen:
+        return ""
+    host, _ = parse_host_port(peer_listen, "peer-listen")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    return "" if ip.is_unspecified else host
 
 
 class RootBusy(RuntimeError):
@@ -67,11 +82,13 @@ async def serve(cfg: Config) -> None:
     member = membership(cfg.cluster_token_file, cfg.node_key_file, cfg.node_cert_file, cfg.cluster_ca_file,
                         os.path.join(store.root, "tls"))
     dht = peers = fetcher = None
+    ledger = Ledger()  # what each peer gave and took: the fetcher and the peer server keep it
     background: list[asyncio.Task] = []
     if cfg.dht_listen:
         node_id = member.identity.node_id if member.identity else load_or_create_node_id(store.root)
         dht = DhtNode(node_id, peer_advertised(cfg), ttl=cfg.dht_ttl, sealer=member.dht_sealer)
-        fetcher = Fetcher(store, on_committed=dht.committed, sealer=member.peer_sealer, tls=member.client_tls)
+        fetcher = Fetcher(store, on_committed=dht.committed, sealer=member.peer_sealer, tls=member.client_tls,
+                          ledger=ledger, local_host=_source_host(cfg.peer_listen))
         peers = PeerSource(dht, fetcher)
     opts = [
         ("grpc.max_receive_message_length", cfg.grpc_max_message_bytes),
@@ -84,7 +101,8 @@ async def serve(cfg: Config) -> None:
         host, port = parse_host_port(cfg.peer_listen, "peer-listen")
         peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit, fetcher, member.peer_sealer,
                           member.server_tls, signer=member.identity.sign if member.identity else None,
-                          on_served=(lambda digest: dht.protocol.demand.hit(provider_key(digest))) if dht else None)
+                          on_served=(lambda digest: dht.protocol.demand.hit(provider_key(digest))) if dht else None,
+                          ledger=ledger)
         port = await peer.start(host, port)
         log.info("peer server listening", extra={"host": host, "port": port})
     if dht:

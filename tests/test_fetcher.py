@@ -231,3 +231,27 @@ async def test_info_claims_a_blob_only_from_a_provider_that_answers(fetcher, ser
     for _ in range(3):  # a provider that keeps failing the check is banned
         await fetcher.reachable(DIGEST, [dead], within=1)
     assert dead.addr in fetcher.banned
+
+
+async def test_pieces_go_to_the_provider_that_delivers_them_soonest(fetcher, tmp_path):
+    """A fast holder and a slow one (2 MiB/s): the fast one sends most of the blob, rather than
+    every other piece in turn."""
+    data = os.urandom(10 * PIECE)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    addrs, stops = [], []
+    for name, rate in (("fast", 0), ("slow", 2 << 20)):
+        store = LocalStore(str(tmp_path / name))
+        await commit(store, data)
+        srv = PeerServer(store, rate_limit=rate)
+        addrs.append(f"127.0.0.1:{await srv.start('127.0.0.1', 0)}")
+        stops.append(srv.stop)
+    try:
+        records = [ProviderRecord(os.urandom(20), a, len(data), time.time() + 600) for a in addrs]
+        fetch = fetcher.start(digest, len(data), records)
+        await fetch.task
+        assert fetch.committed
+        fast, slow = (fetch.bytes_from.get(a, 0) for a in addrs)
+        assert fast + slow == len(data) and slow <= 3 * PIECE, (fast, slow)
+    finally:
+        for stop in stops:
+            await stop()

@@ -70,7 +70,7 @@ async def test_unknown_malformed_and_uncommitted_blobs(peer):
 
 async def test_full_upload_slots_answer_503_and_rate_limit_paces(peer):
     rate = 2 << 20
-    store, srv, base = await peer(max_uploads=1, rate_limit=rate)
+    store, srv, base = await peer(max_uploads=1, rate_limit=rate, slot_wait=0.1)
     data = os.urandom(5 << 20)
     digest = await commit(store, data)
     async with aiohttp.ClientSession() as s:

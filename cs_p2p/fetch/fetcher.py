@@ -33,7 +33,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 import aiohttp
 
@@ -43,6 +43,9 @@ from ..dht.providers import ProviderRecord
 from ..placement.proofs import SIG_HEADER, Challenge
 from ..store import LocalStore
 from ..store.blobs import sha256_of_fd
+
+if TYPE_CHECKING:
+    from ..peer.ledger import Ledger
 
 log = logging.getLogger("cs_p2p.fetch")
 
@@ -133,12 +136,21 @@ class Fetch:
 
 NO_PEERS = "no peer holds it"
 
+
+def _host(addr: str) -> str:
+    """The host of a provider's `host:port` (the ledger's key)."""
+    return addr.rsplit(":", 1)[0]
+
 class Fetcher:
     def __init__(self, store: LocalStore, on_committed: Callable[[str, int], None] | None = None,
                  negative_ttl: float = 60.0, timeout: float = 10.0, sealer: Sealer | None = None,
                  tls: ssl.SSLContext | None = None, min_rate: int = MIN_RATE,
-                 origin: Callable[[str], Origin | None] | None = None) -> None:
+                 origin: Callable[[str], Origin | None] | None = None, ledger: "Ledger | None" = None,
+                 local_host: str = "") -> None:
         self.store = store
+        self.ledger = ledger  # bytes received from each peer, and its refusals (fair sharing)
+        self.local_host = local_host  # connect from the address this node announces: peers account by it
+        self.speed: dict[str, float] = {}  # provider -> bytes/s of its recent pieces
         self.sealer = sealer  # signs piece requests when the cluster has a token
         self.tls = tls  # peers talk TLS (mutual: this node presents its certificate too)
         self.on_committed = on_committed
@@ -165,7 +177,8 @@ class Fetcher:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout),
-                connector=aiohttp.TCPConnector(ssl=self.tls if self.tls else False, keepalive_timeout=60))
+                connector=aiohttp.TCPConnector(ssl=self.tls if self.tls else False, keepalive_timeout=60,
+                                               local_addr=(self.local_host, 0) if self.local_host else None))
         return self._session
 
     def _trusted(self, addr: str) -> bool:
@@ -191,6 +204,8 @@ class Fetcher:
             self._probe_failures.pop(addr, None)
             return
         self._reachable_until.pop(addr, None)
+        if self.ledger:
+            self.ledger.refused(_host(addr))
         failures = self._probe_failures.get(addr, 0) + 1
         self._remember(self._probe_failures, addr, failures)
         if failures >= PROBE_FAILURES_BEFORE_BAN:
@@ -411,6 +426,7 @@ class Fetcher:
                         relays.add(rec.addr)
         failures: dict[str, int] = {}
         busy: dict[str, int] = {}
+        load: dict[str, int] = {}  # provider -> pieces being fetched from it now
         last_error = ""
         turn = 0
 
@@ -427,8 +443,9 @@ class Fetcher:
                     add_found()
                 if not alive:
                     raise FetchFailed(f"no provider left to fetch from{last_error}")
-                addr = alive[turn % len(alive)]
+                addr = self._choose(alive, load, turn)
                 turn += 1
+                load[addr] = load.get(addr, 0) + 1
                 try:
                     n = min(fetch.size, (piece + 1) * PIECE) - piece * PIECE
                     if addr == ORIGIN:  # the registry is slow or not: there is nothing after it
@@ -440,7 +457,9 @@ class Fetcher:
                     busy.pop(addr, None)
                     if addr != ORIGIN:
                         self._answered(addr, True, fetch.digest)
+                    load[addr] -= 1
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, FetchFailed, ProviderBusy) as exc:
+                    load[addr] -= 1
                     queue.put_nowait(piece)
                     if addr != ORIGIN and addr not in relays and not isinstance(exc, ProviderBusy):
                         self._answered(addr, False, fetch.digest)
@@ -477,7 +496,26 @@ class Fetcher:
             if finding is not None:
                 finding.cancel()
 
+    def _choose(self, alive: list[str], load: dict[str, int], turn: int) -> str:
+        """The provider for the next piece: the one that would deliver it soonest by the speed
+        its recent pieces came at and the pieces it is already sending us, rather than the next
+        in turn (fair sharing: a fast, idle holder takes more).  A provider not measured yet
+        counts as fast, so that each is tried; ties go round in turn."""
+        fastest = max((self.speed.get(a, 0.0) for a in alive), default=0.0) or 1.0
+
+        def eta(i: int) -> tuple[float, int]:
+            addr = alive[i]
+            return (load.get(addr, 0) + 1) / (self.speed.get(addr) or fastest), (i - turn) % len(alive)
+
+        return alive[min(range(len(alive)), key=eta)]
+
+    def _measured(self, addr: str, n: int, seconds: float) -> None:
+        sample = n / max(seconds, 1e-3)
+        old = self.speed.get(addr)
+        self._remember(self.speed, addr, sample if old is None else 0.7 * old + 0.3 * sample)
+
     async def _piece(self, fetch: Fetch, fd: int, addr: str, piece: int, idle: float | None = None) -> None:
+        t0 = time.monotonic()
         start = piece * PIECE
         end = min(fetch.size, start + PIECE)
         if addr == ORIGIN:
@@ -506,6 +544,10 @@ class Fetcher:
                 os.pwrite(fd, chunk, offset)
                 offset += len(chunk)
         fetch.bytes_from[addr] = fetch.bytes_from.get(addr, 0) + (end - start)
+        if addr != ORIGIN:
+            self._measured(addr, end - start, time.monotonic() - t0)
+            if self.ledger:
+                self.ledger.received(_host(addr), end - start)
 
     def _verify_and_commit(self, fetch: Fetch, fd: int) -> None:
         """Hash what arrived; commit only the exact blob (fsync, read-only, atomic rename)."""

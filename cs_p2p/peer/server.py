@@ -9,8 +9,9 @@
 Committed blobs are final and read-only, so a response never changes under a reader.
 Unthrottled bodies go out with sendfile (aiohttp's FileResponse); with a rate limit they are
 streamed from pread through a token bucket instead, since sendfile cannot be paced.  A node
-that is already serving `max_uploads` blobs answers 503 at once, so a fetcher moves on to
-another provider rather than queueing here.
+serves `max_uploads` requests at once; more wait a moment for a slot, which goes to the peer
+that gave this node the most (`ledger`: tit-for-tat, with an optimistic slot for newcomers),
+and are told 503 if none comes free, so that the fetcher moves on to another provider.
 
 With a membership configured (`membership`), the server speaks TLS only, and only to clients
 presenting a member certificate (sendfile then gives way to aiohttp's copy through TLS).  With
@@ -31,6 +32,7 @@ cannot pass as the blob.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -44,6 +46,7 @@ from ..digests import parse_digest
 from ..errors import InvalidArgument
 from ..fetch.fetcher import PIECE, Fetch, Fetcher, FetchFailed
 from ..penalties import PeerLimits
+from .ledger import QUEUE_WAIT, Ledger, UploadSlots
 from ..placement.proofs import SIG_HEADER, answer, parse_challenge, signable
 from ..store import IngestWriter, LocalStore
 from ..store.progress import IngestGone
@@ -80,8 +83,10 @@ class PeerServer:
     def __init__(self, store: LocalStore, max_uploads: int = 16, rate_limit: int = 0,
                  fetcher: Fetcher | None = None, sealer: Sealer | None = None,
                  tls: ssl.SSLContext | None = None, limits: PeerLimits | None = None,
-                 signer: Callable[[bytes], bytes] | None = None, on_served: Callable[[str], None] | None = None) -> None:
+                 signer: Callable[[bytes], bytes] | None = None, on_served: Callable[[str], None] | None = None,
+                 ledger: Ledger | None = None, slot_wait: float = QUEUE_WAIT) -> None:
         self.store = store
+        self.ledger = ledger or Ledger()  # what each peer gave us: who gets a contended slot
         self.on_served = on_served  # a GET of a held blob (its demand, `placement.demand`)
         self.signer = signer  # key-pair mode: signs proofs of storage
         self.tls = tls
@@ -90,7 +95,7 @@ class PeerServer:
         self.sealer = sealer
         self.refused = 0
         self.max_uploads = max_uploads
-        self.active = 0
+        self.slots = UploadSlots(max_uploads, self.ledger.priority, wait=slot_wait)
         self.bucket = TokenBucket(rate_limit) if rate_limit > 0 else None
         self.bytes_sent = 0
         self.app = web.Application(middlewares=[self._admit])
@@ -103,6 +108,24 @@ class PeerServer:
         """Listen on host:port (port 0 picks one); returns the port."""
         self._runner, port = await start_site(self.app, host, port, self.tls)
         return port
+
+    @property
+    def active(self) -> int:
+        """Uploads under way."""
+        return self.slots.in_use
+
+    @contextlib.asynccontextmanager
+    async def _upload_slot(self, request: web.Request):
+        """Hold one of the upload slots for a response (503 if none comes free in time)."""
+        if not await self.slots.acquire(request.remote or "?"):
+            raise web.HTTPServiceUnavailable(text="upload slots full", headers={"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+    def _sent(self, request: web.Request, n: int) -> None:
+        self.ledger.sent(request.remote or "?", n)
 
     async def stop(self) -> None:
         if self._runner:
@@ -166,20 +189,16 @@ class PeerServer:
             return _head(os.path.getsize(path), digest)
         if self.on_served and request.headers.get("Range", "bytes=0-").startswith("bytes=0-"):
             self.on_served(digest)  # once per fetch: its first piece (a fetch takes many ranges)
-        if self.active >= self.max_uploads:
-            raise web.HTTPServiceUnavailable(text="upload slots full", headers={"Retry-After": "1"})
-        self.active += 1
-        try:
+        async with self._upload_slot(request):
             if self.bucket is None:
                 resp: web.StreamResponse = SentFileResponse(path, chunk_size=_CHUNK, headers={
                     "Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"})
                 # prepare() sends the body (sendfile) here, so the slot is held until it is out.
                 await resp.prepare(request)
                 self.bytes_sent += resp.content_length or 0
+                self._sent(request, resp.content_length or 0)
                 return resp
             return await self._paced(request, path, digest)
-        finally:
-            self.active -= 1
 
     async def _paced(self, request: web.Request, path: str, digest: str) -> web.StreamResponse:
         fd = os.open(path, os.O_RDONLY)
@@ -191,6 +210,7 @@ class PeerServer:
                 resp.force_close()  # short of Content-Length: the client sees it failed
                 return resp
             await resp.write_eof()
+            self._sent(request, stop - start)
             return resp
         finally:
             os.close(fd)
@@ -243,28 +263,29 @@ class PeerServer:
             if os.path.exists(blob_path):
                 return await self.get_blob(request)
             raise web.HTTPNotFound(text=f"blob {digest} not found") from None
-        if self.active >= self.max_uploads:
-            os.close(fd)
-            raise web.HTTPServiceUnavailable(text="upload slots full", headers={"Retry-After": "1"})
-        self.active += 1
         try:
-            resp = await _start_body(request, digest, start, stop, size)
-            offset = start
-            while offset < stop:
-                try:
-                    end = await available(offset, stop)
-                except (IngestGone, FetchFailed):
-                    resp.force_close()  # short of Content-Length: the client sees it failed
-                    return resp
-                if not await self._copy(resp, fd, offset, end):
-                    resp.force_close()
-                    return resp
-                offset = end
-            await resp.write_eof()
-            return resp
+            async with self._upload_slot(request):
+                return await self._send_growing(request, fd, digest, start, stop, size, available)
         finally:
-            self.active -= 1
             os.close(fd)
+
+    async def _send_growing(self, request: web.Request, fd: int, digest: str, start: int, stop: int, size: int,
+                            available) -> web.StreamResponse:
+        resp = await _start_body(request, digest, start, stop, size)
+        offset = start
+        while offset < stop:
+            try:
+                end = await available(offset, stop)
+            except (IngestGone, FetchFailed):
+                resp.force_close()  # short of Content-Length: the client sees it failed
+                return resp
+            if not await self._copy(resp, fd, offset, end):
+                resp.force_close()
+                return resp
+            offset = end
+        await resp.write_eof()
+        self._sent(request, stop - start)
+        return resp
 
 
 class SentFileResponse(web.FileResponse):
