@@ -193,31 +193,51 @@ class DhtNode:
 
     async def _walk(self, key: bytes, local: list, call, want: int, round_timeout: float, keep,
                     within: float | None = None) -> dict:
-        """Records under `key` from the nodes on the way to it, merged by publisher."""
-        deadline = None if within is None else time.monotonic() + within
+        """Records under `key` from the nodes on the way to it, merged by publisher.
+
+        `alpha` requests are in flight at once, and each reply sends the next request at once
+        (not a round at a time): one lost datagram or dead contact costs its own request's
+        `round_timeout`, after which it no longer holds back the walk, instead of stalling
+        every other request of its round (in a simulated 1,000-node cluster, p99 300 ms ->
+        docs/benchmarks.md).  Late replies still count while the walk goes on."""
+        loop = asyncio.get_running_loop()
+        deadline = None if within is None else loop.time() + within
         found = {r.node_id: r for r in local}
         target = Node(key)
         shortlist = NodeHeap(target, self.server.ksize)
         shortlist.push(self.protocol.router.find_neighbors(target, self.server.ksize))
-        while not (want and len(found.keys() - {self._self_id}) >= want):
-            batch = shortlist.get_uncontacted()[: self.server.alpha]
-            left = round_timeout if deadline is None else min(round_timeout, deadline - time.monotonic())
-            if not batch or left <= 0:
-                break
-            for n in batch:
-                shortlist.mark_contacted(n)
-            calls = {asyncio.ensure_future(call(n, key)): n for n in batch}
-            done, _late = await asyncio.wait(calls, timeout=left)
-            for c in done:
-                reply = c.result()
-                if reply is None:
-                    shortlist.remove([calls[c].id])
-                    continue
-                records, nodes = reply
-                for rec in records:
-                    if keep(rec):
-                        found[rec.node_id] = rec
-                shortlist.push([m for m in nodes if m.id != self._self_id])
+        pending: dict[asyncio.Future, tuple[Node, float]] = {}  # call -> (node, when sent)
+        try:
+            while not (want and len(found.keys() - {self._self_id}) >= want):
+                now = loop.time()
+                if deadline is not None and now >= deadline:
+                    break
+                fresh = [t for _, t in pending.values() if now - t < round_timeout]
+                for n in shortlist.get_uncontacted()[: max(0, self.server.alpha - len(fresh))]:
+                    shortlist.mark_contacted(n)
+                    pending[asyncio.ensure_future(call(n, key))] = (n, now)
+                    fresh.append(now)
+                if not fresh:
+                    break  # nobody left to ask, and what is still out has had its time
+                wait = round_timeout - (now - min(fresh))
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
+                # At least a millisecond: a wait rounded to nothing would spin without time passing.
+                done, _ = await asyncio.wait(pending, timeout=max(wait, 1e-3), return_when=asyncio.FIRST_COMPLETED)
+                for c in done:
+                    node, _ = pending.pop(c)
+                    reply = c.result()
+                    if reply is None:
+                        shortlist.remove([node.id])
+                        continue
+                    records, nodes = reply
+                    for rec in records:
+                        if keep(rec):
+                            found[rec.node_id] = rec
+                    shortlist.push([m for m in nodes if m.id != self._self_id])
+        finally:
+            for c in pending:  # late replies still update the routing table, in the background
+                c.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
         return found
 
     async def publish_tag(self, reference: str, digest: str, media_type: str, size: int) -> int:

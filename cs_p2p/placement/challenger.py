@@ -117,7 +117,7 @@ class Challenger:
         expected = None
         if own is not None:
             try:
-                expected = await asyncio.get_running_loop().run_in_executor(None, answer, own, ch)
+                expected = await self._own_answer(own, ch)
             except (OSError, ValueError):
                 return  # our copy went away meanwhile, or sizes disagree: the fetcher handles that
         answers = await asyncio.gather(*(self.fetcher.challenge(rec, ch) for rec in holders))
@@ -137,6 +137,9 @@ class Challenger:
             self._disputed[key] = time.monotonic() + 4 * self.interval
             log.warning("holders disagree on a proof of storage", extra={
                 "digest": ch.digest, "holders": [r.addr for r in holders]})
+
+    async def _own_answer(self, path: str, ch: Challenge) -> str:
+        return await asyncio.get_running_loop().run_in_executor(None, answer, path, ch)
 
     def _signed(self, rec: ProviderRecord, ch: Challenge, result: str | None, sig: bytes | None) -> bool:
         protocol = self.dht.protocol
