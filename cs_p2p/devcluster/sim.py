@@ -294,7 +294,7 @@ class Simulation:
         lookups = ok = 0
         seconds: list[float] = []
         blob_minutes = at_floor = held_minutes = 0.0
-        replaced = 0
+        replaced = reported = 0
         step = 1.0  # seconds between samples
         kill_every = 60.0 / max(self.churn * self.n, 1e-9)
         next_kill = start + kill_every
@@ -328,7 +328,8 @@ class Simulation:
                         ok += 1
                         seconds.append(loop.time() - t0)
                         break
-            if progress and int(loop.time() - start) % 60 == 0:
+            if progress and int((loop.time() - start) // 60) > reported:
+                reported = int((loop.time() - start) // 60)
                 progress(f"{(loop.time() - start) / 60:.0f}/{self.minutes:.0f} simulated minutes, "
                          f"{replaced} nodes replaced, lookups {ok}/{lookups}")
         minutes = (loop.time() - start) / 60
