@@ -41,6 +41,9 @@ log = logging.getLogger("cs_p2p.placement")
 
 DEFAULT_INTERVAL = 30.0
 DEFAULT_BYTES_PER_MINUTE = 16 << 20
+# Challenges a round sends at most, whatever the byte budget: a node watching thousands of small
+# blobs must not send thousands of requests at once (they queue behind `Info`'s probes).
+MAX_PER_ROUND = 16
 
 
 def verdict(expected: str | None, status: int | None, result: str | None, signed: bool) -> str | None:
@@ -98,7 +101,7 @@ class Challenger:
         sent = []
         for key, digest in keys:
             holders = [r for r in protocol.providers.get(key) if not r.inflight and r.node_id != self.dht.node_id]
-            if not holders or budget <= 0:
+            if not holders or budget <= 0 or len(sent) >= MAX_PER_ROUND:
                 continue
             # With a copy here, one holder's answer is checked against it; without, two holders
             # answer the same challenge and are checked against each other.
