@@ -71,6 +71,13 @@ class FetchFailed(Exception):
     pass
 
 
+class NoPeers(FetchFailed):
+    """A fetch started with no provider: one for the cluster (`placement`), straight to the registry."""
+
+    def __init__(self) -> None:
+        super().__init__("no peer holds it")
+
+
 class ProviderBusy(Exception):
     """503: all upload slots taken.  Not the provider's fault; try again a little later."""
 
@@ -132,9 +139,6 @@ class Fetch:
     async def _notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()
-
-
-NO_PEERS = "no peer holds it"
 
 
 def _host(addr: str) -> str:
@@ -235,12 +239,19 @@ class Fetcher:
                     return [p]
         return []
 
+    def _peer_request(self, method: str, addr: str, path: str, headers: dict | None = None, **kw):
+        """A request to a peer's transfer server: TLS if the cluster has a membership, and the
+        request line's MAC if it has a token."""
+        headers = dict(headers or {})
+        if self.sealer:
+            headers[HEADER] = self.sealer.request_header(method, path)
+        return self._client().request(method, f"{'https' if self.tls else 'http'}://{addr}{path}", headers=headers,
+                                      **kw)
+
     async def _probe(self, digest: str, rec: ProviderRecord, timeout: float = PROBE_TIMEOUT) -> bool:
-        path = f"/blobs/{digest}"
-        headers = {HEADER: self.sealer.request_header("HEAD", path)} if self.sealer else {}
         try:
-            async with self._client().head(f"{'https' if self.tls else 'http'}://{rec.addr}{path}", headers=headers,
-                                           timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self._peer_request("HEAD", rec.addr, f"/blobs/{digest}",
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 ok = resp.status == 200 and resp.headers.get("Content-Length") == str(rec.size)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             log.info("provider unreachable", extra={"digest": digest, "addr": rec.addr, "error": repr(exc)})
@@ -251,10 +262,8 @@ class Fetcher:
     async def challenge(self, rec: ProviderRecord, ch: Challenge) -> tuple[int | None, str | None, bytes | None]:
         """Ask `rec`'s node for a proof of storage (`placement.proofs`) over the peer transport:
         (HTTP status or None if it did not answer, the answer, its signature)."""
-        path = f"/proofs/{ch.digest}?{ch.query}"
-        headers = {HEADER: self.sealer.request_header("GET", path)} if self.sealer else {}
         try:
-            async with self._client().get(f"{'https' if self.tls else 'http'}://{rec.addr}{path}", headers=headers,
+            async with self._peer_request("GET", rec.addr, f"/proofs/{ch.digest}?{ch.query}",
                                           timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 if resp.status != 200:
                     return resp.status, None, None
@@ -319,7 +328,7 @@ class Fetcher:
             providers = list(providers)
             try:
                 if not providers and more is None:
-                    raise FetchFailed(NO_PEERS)
+                    raise NoPeers()
                 await self._download(fetch, fd, providers, range(fetch.pieces), more)
                 await self._verify_or_find_liar(fetch, fd, providers)
             except FetchFailed as exc:
@@ -355,7 +364,7 @@ class Fetcher:
         fetch.origin = origin
         extra = {"digest": fetch.digest, "registry": str(origin), "error": str(failure),
                  "pieces_from_peers": len(fetch.done_pieces), "pieces": fetch.pieces}
-        if str(failure) == NO_PEERS:  # a fetch for the cluster (`placement`): no peer was asked
+        if isinstance(failure, NoPeers):  # no peer was asked
             log.info("no peer holds it: fetching from the registry", extra=extra)
         else:
             log.warning("peers failed: finishing from the registry", extra=extra)
@@ -522,12 +531,8 @@ class Fetcher:
             assert fetch.origin is not None
             opening = fetch.origin.open_range(fetch.digest, start, end)
         else:
-            path = f"/blobs/{fetch.digest}"
-            headers = {"Range": f"bytes={start}-{end - 1}"}
-            if self.sealer:
-                headers[HEADER] = self.sealer.request_header("GET", path)
             timeout = aiohttp.ClientTimeout(total=None, sock_read=idle) if idle else None
-            opening = self._client().get(f"{'https' if self.tls else 'http'}://{addr}{path}", headers=headers,
+            opening = self._peer_request("GET", addr, f"/blobs/{fetch.digest}", {"Range": f"bytes={start}-{end - 1}"},
                                          **({"timeout": timeout} if timeout else {}))
         async with await opening as resp:
             if resp.status in (429, 503):  # over its upload slots, or over our request rate there
