@@ -16,16 +16,12 @@ from cs_p2p.devcluster.processes import wait_for
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked
 from tests.integration.test_mirror import MirrorNode, own_registry  # noqa: F401 (a fixture)
-from tests.integration.test_p2p_pull import providers_of
+from tests.integration.test_p2p_pull import holders_of, providers_of
 
 pytestmark = requires_containerd
 
 FAST = ["--replica-check-interval", "1", "--dht-ttl", "10", "--challenge-interval", "1"]
 NO_CACHE = ["--cache-max-bytes", "0"]
-
-
-def holders(digest: str, via: str) -> int:
-    return sum(" held " in line or " cached " in line for line in providers_of(digest, via).splitlines())
 
 
 def log_records(node: MirrorNode, message: str) -> list[dict]:
@@ -46,11 +42,11 @@ def test_a_dead_holder_is_replaced_and_the_image_still_pulls_with_the_registry_d
     try:
         assert n1.pull(ref).returncode == 0
         for d in img.digests:  # containerd's copy on n1 and one copy for the floor
-            wait_for(lambda: holders(d, nodes[2].dht) == 2, 60, f"two holders of {d}")
+            wait_for(lambda: holders_of(d, nodes[2].dht) == 2, 60, f"two holders of {d}")
         n1.containerd.stop()
         n1.cs.kill()  # a node dies: its records expire after dht-ttl
         for d in img.digests:
-            wait_for(lambda: holders(d, nodes[2].dht) == 2 and n1.peer not in providers_of(d, nodes[2].dht),
+            wait_for(lambda: holders_of(d, nodes[2].dht) == 2 and n1.peer not in providers_of(d, nodes[2].dht),
                      60, f"the floor restored for {d}")
         own_registry.stop()
         for n in nodes[1:]:
@@ -71,7 +67,7 @@ def test_a_holder_whose_copy_went_bad_is_caught_and_pulls_get_the_right_bytes(wo
     nodes = [n1] + [MirrorNode(os.path.join(workdir, f"n{i}"), own_registry, n1.dht, FAST) for i in (2, 3)]
     try:
         assert n1.pull(ref).returncode == 0
-        wait_for(lambda: holders(layer, n1.dht) == 2, 60, "the floor's copy")
+        wait_for(lambda: holders_of(layer, n1.dht) == 2, 60, "the floor's copy")
         with open(n1.cs.blob_path(layer), "r+b") as f:  # overwritten behind the DHT's back
             f.write(os.urandom(len(img.blob_bytes(layer))))
         wait_for(lambda: [r for n in nodes[1:] for r in log_records(n, "proof of storage failed: record dropped")

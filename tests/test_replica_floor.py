@@ -17,17 +17,13 @@ from cs_p2p.devcluster.processes import wait_for
 from cs_p2p.dht.node import DhtNode
 from cs_p2p.dht.providers import provider_key
 from tests.conftest import commit_via_socket, content_stub
+from tests.integration.test_p2p_pull import holders_of
 from tests.test_dht_daemon import daemon, locate
 
 # Short record lifetime and checks, so that a dead holder is noticed within the test.
 FLOOR = ["--replicas", "2", "--replica-check-interval", "1", "--dht-ttl", "10"]
 CACHE = ["--cache-max-bytes", str(64 << 20)]
 NO_CACHE = ["--cache-max-bytes", "0"]
-
-
-def held_by(digest: str, via: str) -> int:
-    """Holders `cs-p2p locate` lists: containerd's copies and cached ones."""
-    return sum(" held " in line or " cached " in line for line in locate(digest, via).splitlines())
 
 
 def listed(cs) -> set[str]:
@@ -61,7 +57,7 @@ def test_holders_fall_below_the_floor_and_the_closest_nodes_with_room_copy_the_b
 
         # One copy more than containerd's makes two.
         first = wait_for(lambda: [n for n in others if digest in n.cached_digests()], 60, "a first copy")
-        assert held_by(digest, a_dht) == 2
+        assert holders_of(digest, a_dht) == 2
         assert len(first) == 1
         copy = first[0]
         states = {line.split()[1]: line.split()[3] for line in locate(digest, a_dht).splitlines()[1:-1]}
@@ -76,14 +72,14 @@ def test_holders_fall_below_the_floor_and_the_closest_nodes_with_room_copy_the_b
         second = wait_for(lambda: [n for n in others if n is not copy and digest in n.cached_digests()], 60,
                           "a second copy after the GC")
         assert len(second) == 1
-        wait_for(lambda: held_by(digest, a_dht) == 2, 30, "two holders")
+        wait_for(lambda: holders_of(digest, a_dht) == 2, 30, "two holders")
 
         # The node with the first copy dies: once its record expires, the last node copies it.
         copy.kill()
         last = next(n for n in others if n is not copy and n is not second[0])
         wait_for(lambda: digest in last.cached_digests(), 60, "a copy on the last node")
         assert open(os.path.join(last.root, "cache", "sha256", digest.split(":")[1]), "rb").read() == data
-        wait_for(lambda: held_by(digest, a_dht) == 2, 30, "two live holders")
+        wait_for(lambda: holders_of(digest, a_dht) == 2, 30, "two live holders")
         assert digest not in full.cached_digests() | full.blob_digests()
 
 
@@ -94,15 +90,15 @@ def test_a_blob_asked_for_often_gets_more_holders_up_to_the_cap(workdir):
         for cs in (a, *others):
             stack.callback(cs.start().stop)
         digest = commit_via_socket(a, os.urandom(1 << 20))
-        wait_for(lambda: held_by(digest, a_dht) == 2, 60, "the floor's copy")
+        wait_for(lambda: holders_of(digest, a_dht) == 2, 60, "the floor's copy")
         assert demand(digest, a_dht) < 6  # the lookups of this test so far: not in demand
 
         asyncio.run(look_up(digest, a_dht, times=150))  # a rollout's worth of lookups
         assert demand(digest, a_dht) >= 6
-        wait_for(lambda: held_by(digest, a_dht) == 3, 60, "a holder more for a blob in demand")
+        wait_for(lambda: holders_of(digest, a_dht) == 3, 60, "a holder more for a blob in demand")
         asyncio.run(look_up(digest, a_dht, times=600))  # far more: still no more than the cap
         with pytest.raises(TimeoutError):
-            wait_for(lambda: held_by(digest, a_dht) > 3, 8, "a holder over the cap")
+            wait_for(lambda: holders_of(digest, a_dht) > 3, 8, "a holder over the cap")
 
 
 def demand(digest: str, via: str) -> float:

@@ -55,6 +55,11 @@ def providers_of(digest: str, via: str) -> str:
     return _locate(digest, via).stdout
 
 
+def holders_of(digest: str, via: str) -> int:
+    """Holders `cs-p2p locate` lists: containerd's copies and cached ones (not in-flight)."""
+    return sum(" held " in line or " cached " in line for line in providers_of(digest, via).splitlines())
+
+
 def located(digest: str, via: str) -> bool:
     return _locate(digest, via).returncode == 0
 

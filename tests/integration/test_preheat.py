@@ -13,12 +13,11 @@ import urllib.request
 
 import pytest
 
-from cs_p2p.devcluster.images import ARCH
-from cs_p2p.devcluster.images import build_multiarch_image, push_image
+from cs_p2p.devcluster.images import ARCH, build_multiarch_image, push_image
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked
 from tests.integration.test_mirror import MirrorNode, own_registry  # noqa: F401 (a fixture)
-from tests.integration.test_p2p_pull import providers_of
+from tests.integration.test_p2p_pull import holders_of
 
 pytestmark = requires_containerd
 
@@ -28,10 +27,6 @@ FLOOR = ["--replica-check-interval", "1"]
 def preheat(node: MirrorNode, ref: str, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cs_p2p.cli", "preheat", ref, "--mirror", node.mirror, *flags],
                           capture_output=True, text=True, timeout=300)
-
-
-def held(digest: str, via: str) -> int:
-    return sum(" held " in line or " cached " in line for line in providers_of(digest, via).splitlines())
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ def test_preheat_then_a_rollout_takes_no_layer_byte_from_the_registry(cluster, o
     assert sum(" layer " in line and "registry" in line for line in lines) == 2  # progress, blob by blob
     assert lines[-1].startswith("preheated: 5 blobs") and "every blob has 2 holders" in lines[-1]
     for d in [index, *img.digests]:
-        assert held(d, cluster[2].dht) >= 2, d
+        assert holders_of(d, cluster[2].dht) >= 2, d
     # The other platform's manifest and layers were not asked for.
     other = [json.loads(ln) for ln in preheat(n1, ref, "--json").stdout.splitlines()]
     assert [e["from"] for e in other if e["event"] == "blob" and e["digest"] in img.digests] == ["held"] * 4
