@@ -32,13 +32,16 @@ class P2PNode(Node):
 @pytest.fixture
 def cluster(workdir, registry):
     """Three nodes; node 1 uploads at 8 MiB/s, so a transfer from it lasts long enough to cut,
-    and keeps no cache, so that containerd's GC there withdraws what it deletes."""
+    and keeps no cache, so that containerd's GC there withdraws what it deletes.  Node 3, the
+    puller the tests watch, keeps no cache either: with one, the replication floor may pick it
+    to copy a blob held once, and its pull would then find the blob already there."""
     nodes: list[P2PNode] = []
+    no_cache = ["--cache-max-bytes", "0"]
     try:
-        first = P2PNode(workdir, "n1", registry, None, ["--peer-rate-limit", str(8 << 20), "--cache-max-bytes", "0"])
+        first = P2PNode(workdir, "n1", registry, None, ["--peer-rate-limit", str(8 << 20), *no_cache])
         nodes.append(first)
-        for i in (2, 3):
-            nodes.append(P2PNode(workdir, f"n{i}", registry, first.dht))
+        nodes.append(P2PNode(workdir, "n2", registry, first.dht))
+        nodes.append(P2PNode(workdir, "n3", registry, first.dht, no_cache))
         yield nodes
     finally:
         for n in nodes:
