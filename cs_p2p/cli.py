@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="serve a registry mirror for http://HOST[:PORT] or https://HOST (repeatable)")
     s.add_argument("--mirror-listen", help="HOST:PORT of the registry mirror (default 127.0.0.1:5080)")
     s.add_argument("--mirror-timeout-ms", type=int, help="wait for an upstream registry (default 3000)")
+    s.add_argument("--metrics-listen",
+                   help="HOST:PORT serving Prometheus metrics at /metrics (default: off; they are always on the "
+                        "admin socket, ROOT/admin.sock, with what `cs-p2p status` prints)")
 
     prs = sub.add_parser("peers", help="print the nodes of the DHT network",
                          description="Walk the DHT network as a client (leaving no trace in any routing table) "
@@ -90,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--mirror", default=Config.mirror_listen,
                      help=f"HOST:PORT of the node's mirror (default {Config.mirror_listen})")
     pre.add_argument("--json", action="store_true", help="print the node's progress events as JSON lines")
+
+    st = sub.add_parser("status", help="print what the local daemon is doing: peers, blobs, fetches, bans",
+                        description="Ask the local daemon (through its admin socket, ROOT/admin.sock) for its node "
+                                    "id, membership mode, peers, blobs and cache, the fetches under way with their "
+                                    "progress and sources, recent fetches with where their bytes came from, and "
+                                    "recent bans; printed as tables, or as JSON with --json.")
+    st.add_argument("--config", help="the daemon's TOML file, to find its root")
+    st.add_argument("--root", help=f"the daemon's store directory (default {Config.root})")
+    st.add_argument("--admin-socket", help="the admin socket itself (default ROOT/admin.sock)")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
 
     ca = sub.add_parser("ca", help="key-pair membership: make a cluster CA and issue node certificates",
                         description="Key-pair membership: `ca init DIR` makes a cluster CA; `ca issue DIR` gives a "
@@ -164,6 +177,18 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(containerd_config(args.socket, release, args.hosts_dir if registries else None,
                                            args.max_concurrent_unpacks))
         return 0
+    if args.command == "status":
+        from .admin import admin_socket
+        from .status_client import status
+
+        path = args.admin_socket
+        if not path:
+            try:
+                path = admin_socket(load_config(args.config, {"root": args.root}).root)
+            except (ConfigError, ValueError) as exc:
+                print(f"cs-p2p: {exc}", file=sys.stderr)
+                return 2
+        return status(path, args.json)
     if args.command == "preheat":
         from .placement.preheat_client import preheat
 

@@ -96,6 +96,7 @@ class Config:
     mirror_listen: str = "127.0.0.1:5080"  # the registry mirror for the local containerd
     mirror_timeout_ms: int = 3000  # default wait for an upstream registry
     mirror_registry: list = dataclasses.field(default_factory=list)  # MirrorRegistry; empty: no mirror
+    metrics_listen: str = ""  # HOST:PORT serving /metrics (Prometheus); empty: only on the admin socket
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -161,6 +162,8 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         peer_advertised(cfg)
     for addr in cfg.bootstrap:
         parse_host_port(addr, "bootstrap")
+    if cfg.metrics_listen:
+        parse_host_port(cfg.metrics_listen, "metrics-listen")
     if cfg.mirror_registry:
         parse_host_port(cfg.mirror_listen, "mirror-listen")
     elif cfg.mirror_listen != Config.mirror_listen:

@@ -1,5 +1,6 @@
-"""The daemon: one store, the peer server, the DHT node, the mirror, the placement loops and
-the gRPC server on containerd's socket, started in that order and stopped in reverse.
+"""The daemon: one store, the peer server, the DHT node, the mirror, the placement loops, the
+admin endpoint (status, metrics) and the gRPC server on containerd's socket, started in that
+order and stopped in reverse.
 `cs-p2p serve` runs `serve`; everything it starts lives in its own package."""
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import signal
 
 import grpc
 
+from . import metrics
+from .admin import AdminServer, NodeView, admin_socket
 from .api import diff_pb2_grpc
 from .apply.pool import ApplyPool
 from .config import Config, parse_host_port, peer_advertised, socket_gid
@@ -136,6 +139,20 @@ async def serve(cfg: Config) -> None:
         log.info("registry mirror listening", extra={"host": host, "port": port,
                                                      "registries": [r.host for r in cfg.mirror_registry]})
 
+    listeners = {"socket": cfg.socket, "peer": cfg.peer_listen, "dht": cfg.dht_listen,
+                 "mirror": cfg.mirror_listen if mirror else "", "metrics": cfg.metrics_listen}
+    admin = AdminServer(NodeView(store, member, dht, fetcher, {k: v for k, v in listeners.items() if v}))
+    collector = metrics.register_node(store, dht, lambda: len(fetcher.inflight) if fetcher else 0)
+    try:
+        await admin.start_socket(admin_socket(store.root))
+    except OSError as exc:  # e.g. a root whose path is too long for a unix socket: serve without
+        log.warning("admin socket not started: `cs-p2p status` will not reach this node",
+                    extra={"path": admin_socket(store.root), "error": str(exc)})
+    if cfg.metrics_listen:
+        host, port = parse_host_port(cfg.metrics_listen, "metrics-listen")
+        port = await admin.start_metrics(host, port)
+        log.info("metrics listening", extra={"host": host, "port": port, "path": "/metrics"})
+
     server = grpc.aio.server(options=opts)
     server.add_generic_rpc_handlers((content_handler(ContentService(store, dht, peers)),))
     # The layer applier (containerd 2.x proxy plugin of type "diff") shares the socket.
@@ -161,6 +178,8 @@ async def serve(cfg: Config) -> None:
     log.info("stopping")
     for task in background:
         task.cancel()
+    await admin.stop()
+    metrics.REGISTRY.unregister(collector)
     if mirror:
         await mirror.stop()
     if fetcher:

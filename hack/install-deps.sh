@@ -24,7 +24,7 @@ fi
 # instances on private sockets and ports, so the system ones are not needed.
 
 PY="${PYTHON:-python3}"
-if ! "$PY" -c 'import cs_p2p, aiohttp, grpc_tools, pytest_asyncio, pytest_timeout, zstandard' 2>/dev/null; then
+if ! "$PY" -c 'import cs_p2p, aiohttp, grpc_tools, pytest_asyncio, pytest_timeout, zstandard, prometheus_client, msgpack' 2>/dev/null; then
   echo "install-deps: pip install -e .[dev]"
   "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]'
 fi

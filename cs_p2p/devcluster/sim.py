@@ -342,19 +342,49 @@ class Simulation:
                        (self.network.datagrams - datagrams0) / self.n / (minutes * 60))
 
 
+class _FastCodec:
+    """msgpack's C codec in place of rpcudp's pure-Python one: the same bytes on the wire
+    (str as str, bytes as bin, tuples as arrays), a fraction of the CPU.  In a simulation
+    of a thousand nodes every datagram is encoded and decoded in one process, and the pure-
+    Python codec was half of the run time."""
+
+    def __init__(self, msgpack) -> None:
+        self._msgpack = msgpack
+
+    def packb(self, obj) -> bytes:
+        return self._msgpack.packb(obj, use_bin_type=True)
+
+    def unpackb(self, data: bytes):
+        return self._msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def _fast_codec():
+    try:
+        import msgpack
+    except ImportError:  # the simulation runs without it, slower
+        return None
+    return _FastCodec(msgpack)
+
+
 def simulate(**kw) -> Results:
-    """Run a `Simulation` on its own simulated clock (real time and logging restored after)."""
+    """Run a `Simulation` on its own simulated clock (real time, logging and rpcudp's codec
+    restored after)."""
+    import rpcudp.protocol
+
     clock = VirtualClock()
     loop = SimLoop(clock)
     real_time, real_monotonic = time.time, time.monotonic
+    real_codec = rpcudp.protocol.umsgpack
     time.time = lambda: EPOCH + clock.now
     time.monotonic = lambda: clock.now
+    rpcudp.protocol.umsgpack = _fast_codec() or real_codec
     logging.disable(logging.CRITICAL)
     progress = kw.pop("progress", None)
     try:
         return loop.run_until_complete(Simulation(**kw).run(progress))
     finally:
         time.time, time.monotonic = real_time, real_monotonic
+        rpcudp.protocol.umsgpack = real_codec
         logging.disable(logging.NOTSET)
         loop.close()
 

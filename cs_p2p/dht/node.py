@@ -17,6 +17,7 @@ from kademlia.crawling import NodeSpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node, NodeHeap
 
+from .. import metrics
 from ..auth import Sealer
 from ..config import parse_host_port
 from ..identity import KeySealer
@@ -186,9 +187,12 @@ class DhtNode:
         """
         key = provider_key(digest)
         local = self.protocol.providers.get(key)
-        found = await self._walk(key, local, self.protocol.call_get_providers, want, round_timeout,
-                                 keep=lambda rec: rec.expires > time.time(), within=within)
-        found.pop(self._self_id, None)
+        with metrics.Timer(metrics.DHT_LOOKUPS, "found") as timed:
+            found = await self._walk(key, local, self.protocol.call_get_providers, want, round_timeout,
+                                     keep=lambda rec: rec.expires > time.time(), within=within)
+            found.pop(self._self_id, None)
+            if not found:
+                timed.result = "not_found"
         return sorted(found.values(), key=lambda r: -r.expires)
 
     async def _walk(self, key: bytes, local: list, call, want: int, round_timeout: float, keep,

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 import aiohttp
 
+from .. import metrics
 from ..auth import HEADER, Sealer
 from ..digests import parse_digest
 from ..dht.providers import ProviderRecord
@@ -65,6 +66,7 @@ PROBE_TIMEOUT = 0.5  # seconds for a HEAD of a blob at a provider, at least
 HEALTH_TTL = 10.0  # seconds a provider that answered counts as reachable without a new HEAD
 PROBE_FAILURES_BEFORE_BAN = 3
 MAX_REMEMBERED = 4096  # providers remembered as proven, reachable or failing
+RECENT = 20  # fetches and bans `cs-p2p status` shows
 
 
 class FetchFailed(Exception):
@@ -167,6 +169,8 @@ class Fetcher:
         self.inflight: dict[str, Fetch] = {}
         self.failed: dict[str, tuple[float, str]] = {}  # digest -> until when it is not retried, why
         self.banned: dict[str, float] = {}  # provider addr -> until when it is not used
+        self.recent: collections.deque[dict] = collections.deque(maxlen=RECENT)  # fetches ended (`cs-p2p status`)
+        self.recent_bans: collections.deque[dict] = collections.deque(maxlen=RECENT)
         self.ban_seconds = 600.0
         self.min_rate = min_rate
         self.origin = origin  # digest -> the registry it came from, if known (the mirror knows)
@@ -196,6 +200,9 @@ class Fetcher:
 
     def _ban(self, addr: str, why: str, digest: str) -> None:
         self.banned[addr] = time.monotonic() + self.ban_seconds
+        metrics.PROVIDERS_BANNED.labels(reason=metrics.ban_reason(why)).inc()
+        self.recent_bans.append({"addr": addr, "reason": why, "digest": digest, "at": time.time(),
+                                 "seconds": self.ban_seconds})
         self.proven.pop(addr, None)
         self._reachable_until.pop(addr, None)
         log.warning(f"provider {why}: banned", extra={"digest": digest, "addr": addr, "seconds": self.ban_seconds})
@@ -309,6 +316,7 @@ class Fetcher:
         fetch = Fetch(digest, size, os.path.join(self.dir, hex_ + ".partial"), max(1, -(-size // PIECE)),
                       trusted=self._trusted)
         self.inflight[digest] = fetch
+        metrics.FETCHES_STARTED.inc()
         fetch.task = asyncio.get_running_loop().create_task(self._run(fetch, providers, more))
         return fetch
 
@@ -339,13 +347,21 @@ class Fetcher:
             log.info("fetched from peers" if ORIGIN not in fetch.bytes_from else "fetched from peers and the registry",
                      extra={"digest": fetch.digest, "size": fetch.size, "seconds": round(time.monotonic() - t0, 3),
                             "sources": fetch.bytes_from})
+            metrics.FETCHES.labels(result="completed").inc()
+            self.recent.append({"digest": fetch.digest, "size": fetch.size, "result": "completed",
+                                "seconds": round(time.monotonic() - t0, 3), "sources": dict(fetch.bytes_from),
+                                "at": time.time()})
             if self.on_committed:
                 self.on_committed(fetch.digest, fetch.size)
         except asyncio.CancelledError:
             fetch.error = "fetch cancelled"
+            metrics.FETCHES.labels(result="cancelled").inc()
             raise
         except Exception as exc:
             fetch.error = str(exc) or repr(exc)
+            metrics.FETCHES.labels(result="failed").inc()
+            self.recent.append({"digest": fetch.digest, "size": fetch.size, "result": "failed",
+                                "error": fetch.error, "sources": dict(fetch.bytes_from), "at": time.time()})
             self.failed[fetch.digest] = (time.monotonic() + self.negative_ttl, fetch.error)
             log.warning("fetch from peers failed", extra={"digest": fetch.digest, "error": fetch.error})
         finally:
@@ -460,7 +476,7 @@ class Fetcher:
                     if addr == ORIGIN:  # the registry is slow or not: there is nothing after it
                         await self._piece(fetch, fd, addr, piece)
                     elif addr in relays:
-                        await self._piece(fetch, fd, addr, piece, idle=RELAY_IDLE)
+                        await self._piece(fetch, fd, addr, piece, idle=RELAY_IDLE, relay=True)
                     else:
                         await asyncio.wait_for(self._piece(fetch, fd, addr, piece), STALL_GRACE + n / self.min_rate)
                     busy.pop(addr, None)
@@ -470,6 +486,7 @@ class Fetcher:
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, FetchFailed, ProviderBusy) as exc:
                     load[addr] -= 1
                     queue.put_nowait(piece)
+                    metrics.PIECE_RETRIES.inc()
                     if addr != ORIGIN and addr not in relays and not isinstance(exc, ProviderBusy):
                         self._answered(addr, False, fetch.digest)
                     if isinstance(exc, ProviderBusy):
@@ -523,7 +540,8 @@ class Fetcher:
         old = self.speed.get(addr)
         self._remember(self.speed, addr, sample if old is None else 0.7 * old + 0.3 * sample)
 
-    async def _piece(self, fetch: Fetch, fd: int, addr: str, piece: int, idle: float | None = None) -> None:
+    async def _piece(self, fetch: Fetch, fd: int, addr: str, piece: int, idle: float | None = None,
+                     relay: bool = False) -> None:
         t0 = time.monotonic()
         start = piece * PIECE
         end = min(fetch.size, start + PIECE)
@@ -549,6 +567,8 @@ class Fetcher:
                 os.pwrite(fd, chunk, offset)
                 offset += len(chunk)
         fetch.bytes_from[addr] = fetch.bytes_from.get(addr, 0) + (end - start)
+        metrics.FETCHED_BYTES.labels(source="registry" if addr == ORIGIN else "inflight_peer" if relay
+                                     else "peer").inc(end - start)
         if addr != ORIGIN:
             self._measured(addr, end - start, time.monotonic() - t0)
             if self.ledger:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from .. import metrics
 from .. import __version__
 from ..config import MirrorRegistry
 from ..digests import parse_digest
@@ -55,6 +56,31 @@ DEFAULT_ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ])
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "served"
+    return {404: "not_found", 401: "unauthorized", 403: "unauthorized"}.get(
+        status, "bad_request" if status < 500 else "error")
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler) -> web.StreamResponse:
+    """`cs_p2p_mirror_requests_total{kind, outcome}`: 404s are how containerd is sent on to
+    the registry, so their rate is the share of pulls the cluster could not serve."""
+    parts = request.path.rstrip("/").split("/")
+    kind = parts[-2] if len(parts) >= 4 and parts[-2] in ("manifests", "blobs") else "other"
+    try:
+        resp = await handler(request)
+    except web.HTTPException as exc:
+        metrics.MIRROR_REQUESTS.labels(kind=kind, outcome=_outcome(exc.status)).inc()
+        raise
+    except Exception:
+        metrics.MIRROR_REQUESTS.labels(kind=kind, outcome="error").inc()
+        raise
+    metrics.MIRROR_REQUESTS.labels(kind=kind, outcome=_outcome(resp.status)).inc()
+    return resp
 
 
 def oci_error(status: type[web.HTTPException], code: str, message: str) -> web.HTTPException:
@@ -94,7 +120,7 @@ class Mirror:
         os.makedirs(self.tmp, exist_ok=True)
         for name in os.listdir(self.tmp):  # left by a crash
             os.unlink(os.path.join(self.tmp, name))
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[_count_requests])
         self.app.router.add_get("/v2/", self.base)
         self.app.router.add_route("*", "/v2/{name:.+}/manifests/{reference}", self.manifests)
         self.app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", self.blobs)
@@ -211,6 +237,7 @@ class Mirror:
         if os.path.exists(path):
             return path
         if self.store.restore(digest):
+            metrics.CACHE_RETURNED_BYTES.inc(os.path.getsize(path))
             if self.dht:
                 self.dht.committed(digest, os.path.getsize(path))  # containerd's again, not the cache's
             return path
@@ -236,6 +263,8 @@ class Mirror:
         path = await self._local_or_peers(digest)
         if path is not None:
             log.info("blob served", extra={"digest": digest, "from": "peers or local store", "method": request.method})
+            if request.method == "GET":
+                metrics.MIRROR_BYTES.labels(source="local").inc(os.path.getsize(path))
             return web.FileResponse(path, headers=headers)
         try:
             upstream_resp = await upstream.open_blob(name, digest)
@@ -256,6 +285,7 @@ class Mirror:
         try:
             async for chunk in upstream.chunks(upstream_resp, digest):
                 await out.write(chunk)
+                metrics.MIRROR_BYTES.labels(source="registry").inc(len(chunk))
         except UpstreamUnavailable as exc:
             log.warning("upstream blob failed", extra={"digest": digest, "error": str(exc)})
             out.force_close()  # short of the length: containerd sees the download fail
@@ -279,6 +309,7 @@ class Mirror:
                 raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN", f"blob {digest}: {exc}") from None
             resp = SentFileResponse(tmp, headers=headers)
             await resp.prepare(request)  # sends the body: the file can go afterwards
+            metrics.MIRROR_BYTES.labels(source="registry").inc(resp.content_length or 0)
             log.info("blob served", extra={"digest": digest, "from": "registry", "registry": upstream.registry.host,
                                            "range": request.headers.get("Range")})
             return resp

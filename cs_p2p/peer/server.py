@@ -41,6 +41,7 @@ from typing import Callable
 
 from aiohttp import web
 
+from .. import metrics
 from ..auth import HEADER, AuthError, Sealer
 from ..digests import parse_digest
 from ..errors import InvalidArgument
@@ -126,6 +127,7 @@ class PeerServer:
 
     def _sent(self, request: web.Request, n: int) -> None:
         self.ledger.sent(request.remote or "?", n)
+        metrics.UPLOADED_BYTES.inc(n)
 
     async def stop(self) -> None:
         if self._runner:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
+from .. import metrics
 from ..api import content_pb2 as pb
 from ..api import content_pb2_grpc as pb_grpc
 from ..digests import parse_digest
@@ -84,14 +85,18 @@ class ContentService(pb_grpc.ContentServicer):
 
     @grpc_errors
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        try:
-            return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
-        except NotFound:
-            if self._restore(request.digest):  # let go of by GC, kept in the cache: back at once
+        with metrics.Timer(metrics.INFO_LATENCY, "local") as timed:
+            try:
                 return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
-            fetch = await self.peers.locate(request.digest) if self.peers else None
-            if fetch is None:
-                raise self._not_found(request.digest) from None
+            except NotFound:
+                timed.result = "cache"
+                if self._restore(request.digest):  # let go of by GC, kept in the cache: back at once
+                    return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
+                timed.result = "peers"
+                fetch = await self.peers.locate(request.digest) if self.peers else None
+                if fetch is None:
+                    timed.result = "not_found"
+                    raise self._not_found(request.digest) from None
         # Held by peers: containerd records it as present and reads it through Read, which
         # streams the bytes as the background fetch brings them.
         now = time.time_ns()
@@ -102,8 +107,10 @@ class ContentService(pb_grpc.ContentServicer):
         if not self.store.restore(digest):
             return False
         log.info("blob restored from the cache", extra={"digest": digest})
+        size = self.store.blobs.info(digest).size
+        metrics.CACHE_RETURNED_BYTES.inc(size)
         if self.events:
-            self.events.committed(digest, self.store.blobs.info(digest).size)
+            self.events.committed(digest, size)
         return True
 
     def _not_found(self, digest: str) -> NotFound:
@@ -169,6 +176,7 @@ class ContentService(pb_grpc.ContentServicer):
                     data = await loop.run_in_executor(None, os.pread, fd, n, offset)
                 if not data:
                     raise OutOfRange(f"blob {request.digest} shrank while reading at {offset}")
+                metrics.READ_BYTES.inc(len(data))
                 yield pb.ReadContentResponse(offset=offset, data=data)
                 offset += len(data)
         finally:
@@ -320,6 +328,7 @@ class ContentService(pb_grpc.ContentServicer):
                 None, writer.commit_sync, req.total or writer.total, expected, labels)
             log.info("blob committed", extra={"digest": digest, "size": writer.offset, "ref": writer.ref,
                                               "messages": writer.messages})
+            metrics.WRITTEN_BYTES.inc(writer.offset)
             if self.events:
                 self.events.committed(digest, writer.offset)
         return pb.WriteContentResponse(

@@ -6,6 +6,7 @@ into the status code containerd's `errdefs.ToGRPC` would give, with the message 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import inspect
@@ -14,6 +15,7 @@ from typing import Any, Callable
 
 import grpc
 
+from .. import metrics
 from ..errors import ContentError, InvalidArgument
 from .wire import Malformed
 
@@ -34,31 +36,56 @@ def check_request(request: Any) -> None:
         raise InvalidArgument(request.reason)
 
 
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"  # containerd went away, or stopped reading
+    return "UNKNOWN"  # grpc's own abort, or a bug (grpc logs it)
+
+
 def grpc_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a servicer method (coroutine or async generator) to map errors to statuses.
+    """Wrap a servicer method (coroutine or async generator) to map errors to statuses, and
+    count each call by its status (`cs_p2p_grpc_calls_total`).
 
     Unary requests that could not be decoded are refused here; stream handlers call
     `check_request` on each message they read.
     """
+    calls = metrics.GRPC_CALLS
+    method = fn.__name__
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def gen(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            code = "OK"
             try:
                 check_request(request)
                 async for item in fn(self, request, context):
                     yield item
             except (ContentError, OSError) as exc:
-                await context.abort(*_status_for(exc))
+                status, message = _status_for(exc)
+                code = status.name
+                await context.abort(status, message)
+            except BaseException as exc:
+                code = _code_of(exc)
+                raise
+            finally:
+                calls.labels(method=method, code=code).inc()
 
         return gen
 
     @functools.wraps(fn)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        code = "OK"
         try:
             check_request(request)
             return await fn(self, request, context)
         except (ContentError, OSError) as exc:
-            await context.abort(*_status_for(exc))
+            status, message = _status_for(exc)
+            code = status.name
+            await context.abort(status, message)
+        except BaseException as exc:
+            code = _code_of(exc)
+            raise
+        finally:
+            calls.labels(method=method, code=code).inc()
 
     return unary

@@ -13,7 +13,7 @@ import tomllib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-IMPORT_NAMES = {"grpcio": "grpc", "protobuf": "google"}  # distribution -> the module it provides
+IMPORT_NAMES = {"grpcio": "grpc", "protobuf": "google", "prometheus-client": "prometheus_client"}  # distribution -> the module it provides
 
 
 def imported_modules() -> set[str]:

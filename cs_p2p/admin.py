@@ -1,0 +1,119 @@
+"""The daemon's admin endpoint: `/status` (what `cs-p2p status` prints) and `/metrics`
+(Prometheus), on a unix socket in the root that only root (or the root's owner) can open —
+status names peers and blobs, which is nobody else's business.  `--metrics-listen` serves
+`/metrics` alone on TCP for Prometheus to scrape.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from . import __version__, metrics
+from .membership import Membership
+
+if TYPE_CHECKING:
+    from .dht.node import DhtNode
+    from .fetch.fetcher import Fetcher
+    from .store import LocalStore
+
+SOCKET_NAME = "admin.sock"
+STATUS_PATH = "/status"
+METRICS_PATH = "/metrics"
+
+
+def admin_socket(root: str) -> str:
+    return os.path.join(os.path.abspath(root), SOCKET_NAME)
+
+
+def membership_mode(member: Membership) -> str:
+    if member.identity is not None:
+        return "key-pair"
+    return "token" if member.peer_sealer is not None else "open"
+
+
+@dataclass
+class NodeView:
+    """What the admin endpoint reads from the running daemon."""
+
+    store: "LocalStore"
+    member: Membership
+    dht: "DhtNode | None" = None
+    fetcher: "Fetcher | None" = None
+    listeners: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def status(self) -> dict:
+        blobs = [(info.digest, info.size) for info in self.store.blobs.walk()]
+        cached = self.store.cache.digests()
+        fetcher = self.fetcher
+        now = time.monotonic()
+        return {
+            "version": __version__,
+            "node_id": self.dht.node_id.hex() if self.dht else None,
+            "membership": membership_mode(self.member),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "listeners": self.listeners,
+            "peers": self._peers(),
+            "blobs": {"count": len(blobs), "bytes": sum(size for _, size in blobs)},
+            "cache": {"count": len(cached), "bytes": sum(size for _, size in cached),
+                      "budget_bytes": self.store.cache.max_bytes},
+            "ingests_open": sum(1 for _ in self.store.ingests.walk()),
+            "fetches": [{"digest": f.digest, "size": f.size, "done_bytes": sum(f.bytes_from.values()),
+                         "pieces": [len(f.done_pieces), f.pieces], "sources": dict(f.bytes_from)}
+                        for f in (fetcher.inflight.values() if fetcher else [])],
+            "recent_fetches": list(reversed(fetcher.recent)) if fetcher else [],
+            "recent_bans": list(reversed(fetcher.recent_bans)) if fetcher else [],
+            "banned_now": sorted(a for a, until in fetcher.banned.items() if until > now) if fetcher else [],
+        }
+
+    def _peers(self) -> list[str]:
+        if not self.dht:
+            return []
+        return sorted(f"{n.ip}:{n.port}" for b in self.dht.protocol.router.buckets for n in b.get_nodes())
+
+
+async def _metrics(_request: web.Request) -> web.Response:
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+class AdminServer:
+    def __init__(self, view: NodeView) -> None:
+        self.view = view
+        self._runners: list[web.AppRunner] = []
+
+    async def _status(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.view.status())
+
+    async def start_socket(self, path: str) -> None:
+        app = web.Application()
+        app.router.add_get(STATUS_PATH, self._status)
+        app.router.add_get(METRICS_PATH, _metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        if os.path.exists(path):
+            os.unlink(path)  # a previous run's; the root lock says none is running
+        umask = os.umask(0o077)
+        try:
+            await web.UnixSite(runner, path).start()
+        finally:
+            os.umask(umask)
+        self._runners.append(runner)
+
+    async def start_metrics(self, host: str, port: int) -> int:
+        app = web.Application()
+        app.router.add_get(METRICS_PATH, _metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runners.append(runner)
+        return site._server.sockets[0].getsockname()[1]  # the port, when 0 was asked
+
+    async def stop(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()

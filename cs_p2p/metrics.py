@@ -1,0 +1,164 @@
+"""Prometheus metrics: what an operator asks first — is it working, how much did it save the
+registry, which peer is slow, why did a pull go to the registry.
+
+Counters are bumped where the work happens (fetcher, peer server, mirror, content service);
+what is a state rather than an event (disk used, open ingests, peers known) is read when
+`/metrics` is scraped (`NodeCollector`), so there is nothing to keep in step.  One registry
+per process: a daemon is one process.
+
+Names follow Prometheus conventions: `cs_p2p_…_total` for counters, `_bytes` and `_seconds`
+in the unit's name, labels with a small fixed set of values (never a digest or an address
+that grows without bound).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .dht.node import DhtNode
+    from .store import LocalStore
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Lookups on a LAN take milliseconds; a registry fallback takes seconds.
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+FETCHED_BYTES = Counter(
+    "cs_p2p_fetched_bytes_total",
+    "Blob bytes this node fetched, by source: peer (a holder), inflight_peer (a node still "
+    "downloading it), registry (the registry finishing a fetch peers could not).",
+    ["source"], registry=REGISTRY)
+WRITTEN_BYTES = Counter(
+    "cs_p2p_written_bytes_total",
+    "Blob bytes containerd wrote and committed itself (it downloaded them from a registry).",
+    registry=REGISTRY)
+CACHE_RETURNED_BYTES = Counter(
+    "cs_p2p_cache_returned_bytes_total",
+    "Blob bytes handed back to containerd from this node's cache (no network).", registry=REGISTRY)
+READ_BYTES = Counter(
+    "cs_p2p_read_bytes_total", "Bytes served to containerd by the content API's Read.", registry=REGISTRY)
+MIRROR_BYTES = Counter(
+    "cs_p2p_mirror_bytes_total",
+    "Blob bytes the registry mirror served to containerd, by source: local (held here, or "
+    "fetched from peers first) or registry (passed through from upstream).",
+    ["source"], registry=REGISTRY)
+MIRROR_REQUESTS = Counter(
+    "cs_p2p_mirror_requests_total", "Registry mirror requests, by kind and outcome.",
+    ["kind", "outcome"], registry=REGISTRY)
+UPLOADED_BYTES = Counter(
+    "cs_p2p_uploaded_bytes_total", "Blob bytes this node's peer server sent to peers.", registry=REGISTRY)
+FETCHES_STARTED = Counter(
+    "cs_p2p_fetches_started_total", "Fetches of a blob from peers started.", registry=REGISTRY)
+FETCHES = Counter(
+    "cs_p2p_fetches_total", "Fetches of a blob from peers that ended, by result.", ["result"], registry=REGISTRY)
+PIECE_RETRIES = Counter(
+    "cs_p2p_piece_retries_total", "Pieces asked for again after a provider failed or was busy.", registry=REGISTRY)
+PROVIDERS_BANNED = Counter(
+    "cs_p2p_providers_banned_total", "Providers banned, by reason.", ["reason"], registry=REGISTRY)
+DHT_LOOKUPS = Histogram(
+    "cs_p2p_dht_lookup_seconds", "DHT provider lookups and their latency, by result.", ["result"],
+    buckets=_LATENCY, registry=REGISTRY)
+INFO_LATENCY = Histogram(
+    "cs_p2p_info_seconds",
+    "The content API's Info (it runs inside containerd's metadata transaction), by result.",
+    ["result"], buckets=_LATENCY, registry=REGISTRY)
+GRPC_CALLS = Counter(
+    "cs_p2p_grpc_calls_total", "gRPC calls from containerd, by method and status code.",
+    ["method", "code"], registry=REGISTRY)
+
+BAN_REASONS = ("sent corrupt data", "unreachable", "failed a proof of storage")
+
+
+def ban_reason(why: str) -> str:
+    """The label for a ban: one of a few fixed reasons (the log line has the details)."""
+    return why.replace(" ", "_") if why in BAN_REASONS else "other"
+
+
+class Timer:
+    """`with Timer(hist, result="found") as t: …; t.result = "not_found"` observes once."""
+
+    def __init__(self, hist: Histogram, result: str = "ok") -> None:
+        self.hist = hist
+        self.result = result
+
+    def __enter__(self) -> "Timer":
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.hist.labels(result="error" if exc_type and self.result == "ok" else self.result).observe(
+            time.monotonic() - self.t0)
+
+
+def _dir_bytes(path: str, suffix: str = "") -> tuple[int, int]:
+    """(files, bytes) directly in `path` whose names end with `suffix`; (0, 0) if absent."""
+    files = total = 0
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                if entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
+                    files += 1
+                    total += entry.stat(follow_symlinks=False).st_size
+    except FileNotFoundError:
+        pass
+    return files, total
+
+
+def _tree_bytes(path: str) -> tuple[int, int]:
+    files = total = 0
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+                files += 1
+            except FileNotFoundError:
+                pass
+    return files, total
+
+
+class NodeCollector(Collector):
+    """States read at scrape time: disk used, open ingests, peers known, fetches under way."""
+
+    def __init__(self, store: "LocalStore", dht: "DhtNode | None", inflight: Callable[[], int]) -> None:
+        self.store = store
+        self.dht = dht
+        self.inflight = inflight
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        disk = GaugeMetricFamily("cs_p2p_disk_bytes", "Bytes on disk, by what they are.", labels=["kind"])
+        blobs = _dir_bytes(self.store.blobs.blob_dir)
+        cache = _dir_bytes(self.store.cache.dir)
+        ingests = _tree_bytes(self.store.ingests.dir)
+        disk.add_metric(["blobs"], blobs[1])
+        disk.add_metric(["cache"], cache[1])
+        disk.add_metric(["ingests"], ingests[1])
+        yield disk
+        count = GaugeMetricFamily("cs_p2p_blobs", "Blobs held, by where.", labels=["where"])
+        count.add_metric(["containerd"], blobs[0])
+        count.add_metric(["cache"], cache[0])
+        yield count
+        yield GaugeMetricFamily("cs_p2p_cache_budget_bytes", "The cache's budget (cache-max-bytes).",
+                                value=self.store.cache.max_bytes)
+        yield GaugeMetricFamily("cs_p2p_ingests_open", "containerd's ingests (writes) open on this node.",
+                                value=sum(1 for _ in self.store.ingests.walk()))
+        yield GaugeMetricFamily("cs_p2p_fetches_inflight", "Fetches from peers under way.", value=self.inflight())
+        peers = sum(len(b) for b in self.dht.protocol.router.buckets) if self.dht else 0
+        yield GaugeMetricFamily("cs_p2p_peers_known", "Nodes in this node's DHT routing table.", value=peers)
+
+
+def exposition() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+def register_node(store: "LocalStore", dht: "DhtNode | None", inflight: Callable[[], int]) -> NodeCollector:
+    collector = NodeCollector(store, dht, inflight)
+    REGISTRY.register(collector)
+    return collector
