@@ -2,7 +2,8 @@
 # Installs everything cs-p2p's demo, tests and benchmarks need on a fresh Debian machine:
 # containerd + runc, the distribution registry, skopeo, containerd's .proto files (for the
 # wire-compatibility test), iproute2 (network namespaces for benchmarks), busybox-static (a
-# binary for the containers the tests run), and the package
+# binary for the containers the tests run), kubectl (renders the Kubernetes manifests),
+# htpasswd (a registry with basic auth for the private-registry tests), and the package
 # itself with its dev extras.  Idempotent; needs root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,10 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-PKGS=(containerd runc docker-registry skopeo golang-github-containerd-containerd-dev iproute2 busybox-static)
+PKGS=(containerd runc docker-registry skopeo golang-github-containerd-containerd-dev iproute2 busybox-static
+      apache2-utils)
+# kubectl renders the Kubernetes manifests (`kubectl kustomize`, offline); any kubectl will do.
+command -v kubectl >/dev/null || PKGS+=(kubernetes-client)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

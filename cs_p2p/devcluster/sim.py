@@ -281,10 +281,14 @@ class Simulation:
             await node.dht.server.bootstrap([self._bootstrap_addr()])
         if progress:
             progress(f"{self.n} nodes joined")
+        announcing = []
         for digest in self.digests:
             for node in self.rng.sample(self.live(), self.replicas):
                 node.held.add(digest)
-                await node.dht.announce(digest, self.blob_size)
+                announcing.append(node.dht.announce(digest, self.blob_size))
+        await asyncio.gather(*announcing)  # at once, as nodes that pulled an image do
+        if progress:
+            progress(f"{len(self.digests)} blobs announced by {self.replicas} nodes each")
         return await self._measure(progress)
 
     async def _measure(self, progress) -> Results:

@@ -135,26 +135,6 @@ def test_containerd_config_writes_hosts_toml_for_the_mirror(tmp_path):
     assert bad.returncode == 2 and "mirror registry" in bad.stderr
 
 
-def test_kubernetes_daemonset_arguments_are_accepted_by_serve(tmp_path):
-    """The shipped DaemonSet's flags parse into a valid config (with the env vars filled in)."""
-    import yaml
-
-    from cs_p2p.cli import _parser
-
-    docs = list(yaml.safe_load_all(open("packaging/kubernetes/cs-p2p.yaml")))
-    ds = next(d for d in docs if d["kind"] == "DaemonSet")
-    args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
-    args = [a.replace("$(NODE_IP)", "10.0.0.7") for a in args]
-    parsed = vars(_parser().parse_args(args))
-    token = tmp_path / "token"
-    token.write_text("x" * 32)
-    parsed["cluster_token_file"] = str(token)
-    cfg = load_config(None, {k: v for k, v in parsed.items() if k not in ("command", "config")})
-    assert cfg.dht_listen == "10.0.0.7:5002" and cfg.mirror_registry[0].host == "registry.internal"
-    secret = next(d for d in docs if d["kind"] == "Secret")
-    assert "cluster-token" in secret["stringData"]
-
-
 def test_a_mirror_listen_address_without_registries_is_refused_not_ignored():
     with pytest.raises(ConfigError, match="no mirror-registry"):
         load_config(None, {"mirror_listen": "127.0.0.1:6000"})
