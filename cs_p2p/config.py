@@ -27,6 +27,10 @@ class MirrorRegistry:
     plain_http: bool = False
     timeout: float = 3.0  # seconds to wait for it before answering from peers
     ca_file: str = ""  # CA certificate(s) its TLS certificate is checked against; empty: the system's
+    # A file holding USER:PASSWORD for a private registry (Basic, or a Bearer realm's token
+    # service); read at start, never logged, never published.  Empty: anonymous, or what
+    # containerd sends with each request.
+    credentials_file: str = ""
 
     @property
     def base_url(self) -> str:
@@ -37,19 +41,23 @@ class MirrorRegistry:
     @classmethod
     def parse(cls, value: object, default_timeout_ms: int, source: str) -> "MirrorRegistry":
         """`http://host:port` or `https://host` (a bare host means https), or a table
-        `{url = ..., timeout-ms = ..., ca-file = ...}`."""
-        timeout_ms, ca_file = default_timeout_ms, ""
+        `{url = ..., timeout-ms = ..., ca-file = ..., credentials-file = ...}`."""
+        timeout_ms, ca_file, credentials_file = default_timeout_ms, "", ""
         if isinstance(value, dict):
-            unknown = set(value) - {"url", "timeout-ms", "timeout_ms", "ca-file", "ca_file"}
+            unknown = set(value) - {"url", "timeout-ms", "timeout_ms", "ca-file", "ca_file", "credentials-file",
+                                    "credentials_file"}
             if unknown or "url" not in value:
-                raise ConfigError(f"{source}: a mirror registry needs url (and optional timeout-ms, ca-file), "
-                                  f"got {value!r}")
+                raise ConfigError(f"{source}: a mirror registry needs url (and optional timeout-ms, ca-file, "
+                                  f"credentials-file), got {value!r}")
             timeout_ms = value.get("timeout-ms", value.get("timeout_ms", timeout_ms))
             ca_file = value.get("ca-file", value.get("ca_file", ""))
+            credentials_file = value.get("credentials-file", value.get("credentials_file", ""))
             value = value["url"]
         if not isinstance(value, str) or not isinstance(timeout_ms, int) or timeout_ms <= 0 \
-                or not isinstance(ca_file, str):
+                or not isinstance(ca_file, str) or not isinstance(credentials_file, str):
             raise ConfigError(f"{source}: bad mirror registry {value!r}")
+        if credentials_file:
+            read_credentials(credentials_file)  # a missing or malformed file is refused at start
         scheme, sep, host = value.partition("://")
         if not sep:
             scheme, host = "https", value
@@ -59,7 +67,20 @@ class MirrorRegistry:
                               f"got {value!r}")
         if ca_file and scheme == "http":
             raise ConfigError(f"{source}: ca-file is for https registries, got {value!r}")
-        return cls(host, scheme == "http", timeout_ms / 1000, ca_file)
+        return cls(host, scheme == "http", timeout_ms / 1000, ca_file, credentials_file)
+
+
+def read_credentials(path: str) -> tuple[str, str]:
+    """USER:PASSWORD from the first line of `path` (the password may contain ':')."""
+    try:
+        with open(path) as f:
+            line = f.readline().strip()
+    except OSError as exc:
+        raise ConfigError(f"credentials-file {path}: {exc.strerror or exc}") from None
+    user, sep, password = line.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"credentials-file {path}: the first line must be USER:PASSWORD")
+    return user, password
 
 
 @dataclass

@@ -205,12 +205,13 @@ def build_multiarch_image(layout: str, layer_sizes: list[int], tag: str = "v1") 
     return native, index_digest
 
 
-def push_image(image: BuiltImage, registry_addr: str, name: str) -> str:
-    """Push with skopeo over plain HTTP (an index with all its platforms); returns `addr/name:tag`."""
+def push_image(image: BuiltImage, registry_addr: str, name: str, creds: str = "") -> str:
+    """Push with skopeo over plain HTTP (an index with all its platforms); returns `addr/name:tag`.
+    `creds`: USER:PASSWORD for a registry that wants them."""
     ref = f"{registry_addr}/{name}:{image.tag}"
     subprocess.run(
         ["skopeo", "copy", "--all", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
-         f"oci:{image.layout}:{image.tag}", f"docker://{ref}"],
+         *([f"--dest-creds={creds}"] if creds else []), f"oci:{image.layout}:{image.tag}", f"docker://{ref}"],
         check=True, capture_output=True, timeout=600,
     )
     return ref

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable
@@ -118,12 +119,22 @@ class Registry:
     """Debian's docker-registry (distribution v2) on 127.0.0.1 with its own storage."""
 
     def __init__(self, workdir: str, port: int | None = None, host: str = "127.0.0.1",
-                 netns: str | None = None, tls: tuple[str, str] | None = None) -> None:
+                 netns: str | None = None, tls: tuple[str, str] | None = None,
+                 users: dict[str, str] | None = None) -> None:
+        """`users`: name -> password; pulls and pushes then need one of them (Basic auth)."""
         self.dir = workdir
         self.tls = tls  # (certificate, key) files: serve https
         self.port = port or free_port()
         self.addr = f"{host}:{self.port}"
         os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+        auth = ""
+        if users:
+            htpasswd = os.path.join(workdir, "htpasswd")
+            with open(htpasswd, "w") as f:
+                for user, password in users.items():
+                    f.write(subprocess.run(["htpasswd", "-nbB", user, password], check=True, capture_output=True,
+                                           text=True).stdout.strip() + "\n")
+            auth = f"auth:\n  htpasswd:\n    realm: cs-p2p-test\n    path: {htpasswd}\n"
         self.config = os.path.join(workdir, "config.yml")
         with open(self.config, "w") as f:
             f.write(
@@ -132,6 +143,7 @@ class Registry:
                 f"storage:\n  filesystem:\n    rootdirectory: {workdir}/data\n  delete:\n    enabled: true\n"
                 f"http:\n  addr: {self.addr}\n"
                 + (f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n" if tls else "")
+                + auth
             )
         self.proc = Proc("registry", [shutil.which("docker-registry") or "docker-registry", "serve", self.config],
                          os.path.join(workdir, "registry.log"), netns=netns)
@@ -147,6 +159,8 @@ class Registry:
                 url, kw = f"http://{self.addr}/v2/", {}
             with urllib.request.urlopen(url, timeout=1, **kw) as r:
                 return r.status == 200
+        except urllib.error.HTTPError as exc:
+            return exc.code == 401  # answering, and asking for credentials
         except OSError:
             return False
 

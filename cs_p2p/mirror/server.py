@@ -40,7 +40,7 @@ from ..fetch.fetcher import FetchFailed
 from ..fetch.origin import Origins
 from ..peer.server import SentFileResponse, start_site
 from ..store import LocalStore
-from .upstream import MAX_MANIFEST, Manifest, Upstream, UpstreamNotFound, UpstreamUnavailable
+from .upstream import MAX_MANIFEST, Manifest, Upstream, UpstreamNotFound, UpstreamUnauthorized, UpstreamUnavailable
 
 if TYPE_CHECKING:
     from ..dht.node import DhtNode
@@ -56,6 +56,17 @@ DEFAULT_ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ])
+
+
+def _unauthorized(exc: UpstreamUnauthorized) -> web.HTTPException:
+    """401 to containerd with the registry's challenge: containerd answers it with the
+    credentials it has for the image (a pull secret, `ctr --user`), which this mirror then
+    passes upstream; without any, containerd tries the registry itself and reports the 401."""
+    log.warning("upstream registry wants credentials", extra={"error": str(exc)})
+    err = oci_error(web.HTTPUnauthorized, "UNAUTHORIZED", str(exc))
+    if exc.challenge:
+        err.headers["WWW-Authenticate"] = exc.challenge
+    return err
 
 
 def _outcome(status: int) -> str:
@@ -164,7 +175,8 @@ class Mirror:
         upstream, name = self._route(request)
         head = request.method == "HEAD"
         manifest = await self.resolve(upstream, name, request.match_info["reference"],
-                                      request.headers.get("Accept") or DEFAULT_ACCEPT, head)
+                                      request.headers.get("Accept") or DEFAULT_ACCEPT, head,
+                                      request.headers.get("Authorization"))
         headers = {"Docker-Content-Digest": manifest.digest, "Content-Type": manifest.media_type,
                    "Content-Length": str(manifest.size)}
         if head:
@@ -172,15 +184,20 @@ class Mirror:
         return web.Response(body=manifest.body, headers=headers)
 
     async def resolve(self, upstream: Upstream, name: str, reference: str, accept: str = DEFAULT_ACCEPT,
-                      head: bool = False) -> Manifest:
+                      head: bool = False, authorization: str | None = None) -> Manifest:
         """A manifest by tag or digest, as containerd gets it through this mirror; where it came
-        from is remembered (`origins`).  Failures raise OCI errors (HTTP exceptions)."""
-        if reference.startswith("sha256:"):
-            manifest = await self._manifest_by_digest(upstream, name, reference, accept, media_type="")
-        elif _TAG.match(reference):
-            manifest = await self._manifest_by_tag(upstream, name, reference, accept, head)
-        else:
-            raise oci_error(web.HTTPBadRequest, "MANIFEST_INVALID", f"invalid reference {reference!r}")
+        from is remembered (`origins`).  Failures raise OCI errors (HTTP exceptions).
+        `authorization`: what containerd sent, passed upstream for this request only."""
+        try:
+            if reference.startswith("sha256:"):
+                manifest = await self._manifest_by_digest(upstream, name, reference, accept, media_type="",
+                                                          authorization=authorization)
+            elif _TAG.match(reference):
+                manifest = await self._manifest_by_tag(upstream, name, reference, accept, head, authorization)
+            else:
+                raise oci_error(web.HTTPBadRequest, "MANIFEST_INVALID", f"invalid reference {reference!r}")
+        except UpstreamUnauthorized as exc:
+            raise _unauthorized(exc) from None
         self.origins.manifest_seen(upstream.registry.host, name, manifest.digest)
         return manifest
 
@@ -193,10 +210,11 @@ class Mirror:
             raise oci_error(web.HTTPNotFound, "NAME_UNKNOWN", f"registry {host!r} is not mirrored here")
         return upstream
 
-    async def _manifest_by_tag(self, upstream: Upstream, name: str, tag: str, accept: str, head: bool) -> Manifest:
+    async def _manifest_by_tag(self, upstream: Upstream, name: str, tag: str, accept: str, head: bool,
+                               authorization: str | None) -> Manifest:
         reference = f"{upstream.registry.host}/{name}:{tag}"
         try:
-            manifest = await upstream.manifest(name, tag, accept, head)
+            manifest = await upstream.manifest(name, tag, accept, head, authorization)
         except UpstreamNotFound:
             raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN", f"{reference} does not exist upstream") from None
         except UpstreamUnavailable as exc:
@@ -213,7 +231,7 @@ class Mirror:
         return manifest
 
     async def _manifest_by_digest(self, upstream: Upstream, name: str, digest: str, accept: str, media_type: str,
-                                  allow_upstream: bool = True) -> Manifest:
+                                  allow_upstream: bool = True, authorization: str | None = None) -> Manifest:
         self._check_digest(digest)
         path = await self._local_or_peers(digest)
         if path is not None and os.path.getsize(path) <= MAX_MANIFEST:
@@ -224,7 +242,7 @@ class Mirror:
         if not allow_upstream:
             raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN", f"manifest {digest} not held by any peer")
         try:
-            return await upstream.manifest(name, digest, accept, head=False)
+            return await upstream.manifest(name, digest, accept, head=False, authorization=authorization)
         except UpstreamNotFound:
             raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN", f"manifest {digest} unknown") from None
         except UpstreamUnavailable as exc:
@@ -267,7 +285,9 @@ class Mirror:
                 metrics.MIRROR_BYTES.labels(source="local").inc(os.path.getsize(path))
             return web.FileResponse(path, headers=headers)
         try:
-            upstream_resp = await upstream.open_blob(name, digest)
+            upstream_resp = await upstream.open_blob(name, digest, request.headers.get("Authorization"))
+        except UpstreamUnauthorized as exc:
+            raise _unauthorized(exc) from None
         except UpstreamNotFound:
             raise oci_error(web.HTTPNotFound, "BLOB_UNKNOWN", f"blob {digest} unknown") from None
         except UpstreamUnavailable as exc:
@@ -337,7 +357,7 @@ class RegistryOrigin:
     async def open_range(self, digest: str, start: int, end: int) -> aiohttp.ClientResponse:
         try:
             return await self.upstream.open_range(self.repo, digest, start, end, self.manifest, DEFAULT_ACCEPT)
-        except (UpstreamUnavailable, UpstreamNotFound) as exc:
+        except (UpstreamUnavailable, UpstreamNotFound, UpstreamUnauthorized) as exc:
             raise FetchFailed(str(exc)) from None
 
 

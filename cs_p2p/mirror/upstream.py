@@ -1,9 +1,15 @@
 """Client of one upstream registry (OCI distribution API), as the mirror uses it.
 
 Each call is bounded by the registry's timeout: the mirror answers from peers when the
-registry is slow or down, so waiting long for it would only delay that.  Anonymous bearer
-tokens (the `WWW-Authenticate: Bearer realm=…` challenge of Docker Hub-style registries)
-are fetched and cached per repository; nothing from here is ever published to the DHT.
+registry is slow or down, so waiting long for it would only delay that.
+
+Authentication answers the registry's challenge: `Basic` with the registry's configured
+credentials (`credentials-file`), `Bearer realm=…` (Docker Hub-style) with a token from
+that realm, asked for anonymously or with those credentials and cached per repository.
+The `Authorization` containerd sent the mirror, if any, goes upstream for that request only
+and is neither cached nor reused.  A 401 that cannot be answered is `UpstreamUnauthorized`,
+carrying the registry's challenge so that the mirror can pass it on to containerd.
+Nothing from here is ever logged with its secret or published to the DHT.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from ..config import MirrorRegistry
+from ..config import MirrorRegistry, read_credentials
 
 MAX_MANIFEST = 4 << 20  # containerd refuses bigger manifests too
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
@@ -28,6 +34,14 @@ class UpstreamUnavailable(Exception):
 
 class UpstreamNotFound(Exception):
     """The registry answered that it has no such manifest or blob."""
+
+
+class UpstreamUnauthorized(Exception):
+    """The registry wants credentials this request does not have (401)."""
+
+    def __init__(self, message: str, challenge: str) -> None:
+        super().__init__(message)
+        self.challenge = challenge  # its WWW-Authenticate, for containerd to answer
 
 
 @dataclass(frozen=True)
@@ -46,22 +60,41 @@ class Upstream:
         self._tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=registry.ca_file) \
             if registry.ca_file else True
         self._tokens: dict[str, str] = {}  # repository -> bearer token
+        self._credentials = read_credentials(registry.credentials_file) if registry.credentials_file else None
+        self._basic: str | None = None  # set once the registry asked for Basic and we have credentials
 
-    async def _request(self, method: str, repo: str, path: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    def _auth_header(self, repo: str) -> str | None:
+        if repo in self._tokens:
+            return f"Bearer {self._tokens[repo]}"
+        return self._basic
+
+    async def _request(self, method: str, repo: str, path: str, headers: dict[str, str],
+                       authorization: str | None = None) -> aiohttp.ClientResponse:
+        """`authorization`: what containerd sent the mirror; used for this request alone."""
         url = f"{self.registry.base_url}/v2/{repo}/{path}"
         timeout = aiohttp.ClientTimeout(total=None, connect=self.registry.timeout, sock_read=self.registry.timeout)
         for attempt in (0, 1):
             hdrs = dict(headers)
-            if repo in self._tokens:
-                hdrs["Authorization"] = f"Bearer {self._tokens[repo]}"
+            auth = authorization or self._auth_header(repo)
+            if auth:
+                hdrs["Authorization"] = auth
             try:
+                # Redirects (blob storage) must not carry the registry's credentials elsewhere:
+                # aiohttp drops Authorization when a redirect changes the host.
                 resp = await self.session.request(method, url, headers=hdrs, timeout=timeout, allow_redirects=True,
                                                   ssl=self._tls)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 raise UpstreamUnavailable(f"{self.registry.host}: {exc!r}") from None
-            if resp.status == 401 and attempt == 0 and await self._authorize(repo, resp):
+            if resp.status == 401:
+                challenge = resp.headers.get("WWW-Authenticate", "")
                 resp.release()
-                continue
+                if attempt == 0 and not authorization and await self._authorize(repo, challenge):
+                    continue
+                who = ("the credentials containerd sent" if authorization else
+                       f"the credentials in {self.registry.credentials_file}" if self._credentials else
+                       "no credentials (set credentials-file for this registry, or pull with credentials)")
+                raise UpstreamUnauthorized(f"{self.registry.host}: {method} {repo}/{path} answered 401 "
+                                           f"Unauthorized with {who}", challenge)
             if resp.status == 404:
                 resp.release()
                 raise UpstreamNotFound(f"{self.registry.host}: {repo}/{path} not found")
@@ -71,9 +104,14 @@ class Upstream:
             return resp
         raise AssertionError("unreachable")
 
-    async def _authorize(self, repo: str, resp: aiohttp.ClientResponse) -> bool:
-        """Get an anonymous pull token from the realm the registry's challenge names."""
-        challenge = resp.headers.get("WWW-Authenticate", "")
+    async def _authorize(self, repo: str, challenge: str) -> bool:
+        """Answer the registry's challenge: Basic with the configured credentials, Bearer with
+        a pull token from the realm it names (asked for with the credentials, if any)."""
+        if challenge.lower().startswith("basic"):
+            if self._credentials is None or self._basic is not None:
+                return False
+            self._basic = aiohttp.BasicAuth(*self._credentials).encode()
+            return True
         if not challenge.lower().startswith("bearer "):
             return False
         params = dict(_CHALLENGE.findall(challenge))
@@ -82,8 +120,9 @@ class Upstream:
             return False
         params.setdefault("scope", f"repository:{repo}:pull")
         timeout = aiohttp.ClientTimeout(total=self.registry.timeout)
+        auth = aiohttp.BasicAuth(*self._credentials) if self._credentials else None
         try:
-            async with self.session.get(realm, params=params, timeout=timeout) as tr:
+            async with self.session.get(realm, params=params, timeout=timeout, auth=auth, ssl=self._tls) as tr:
                 if tr.status != 200:
                     return False
                 body = await tr.json(content_type=None)
@@ -95,16 +134,18 @@ class Upstream:
         self._tokens[repo] = token
         return True
 
-    async def manifest(self, repo: str, reference: str, accept: str, head: bool) -> Manifest:
+    async def manifest(self, repo: str, reference: str, accept: str, head: bool,
+                       authorization: str | None = None) -> Manifest:
         """Resolve `reference` (tag or digest).  A GET's body is checked against the digest."""
-        resp = await self._request("HEAD" if head else "GET", repo, f"manifests/{reference}", {"Accept": accept})
+        resp = await self._request("HEAD" if head else "GET", repo, f"manifests/{reference}", {"Accept": accept},
+                                   authorization)
         try:
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             digest = resp.headers.get("Docker-Content-Digest", "")
             if head:
                 size = int(resp.headers.get("Content-Length", "-1"))
                 if not digest or size < 0:  # not enough to describe it: GET it instead
-                    return await self.manifest(repo, reference, accept, head=False)
+                    return await self.manifest(repo, reference, accept, head=False, authorization=authorization)
                 return Manifest(digest, media_type, size)
             body = await resp.content.read(MAX_MANIFEST + 1)
             if len(body) > MAX_MANIFEST:
@@ -119,9 +160,9 @@ class Upstream:
             raise UpstreamUnavailable(f"{self.registry.host}: manifest {reference} does not match {expected}")
         return Manifest(actual, media_type, len(body), body)
 
-    async def open_blob(self, repo: str, digest: str) -> aiohttp.ClientResponse:
+    async def open_blob(self, repo: str, digest: str, authorization: str | None = None) -> aiohttp.ClientResponse:
         """The registry's response for blob `digest` (the caller reads and releases it)."""
-        return await self._request("GET", repo, f"blobs/{digest}", {})
+        return await self._request("GET", repo, f"blobs/{digest}", {}, authorization)
 
     async def open_range(self, repo: str, digest: str, start: int, end: int, manifest: bool = False,
                          accept: str = "") -> aiohttp.ClientResponse:

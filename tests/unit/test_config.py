@@ -139,3 +139,21 @@ def test_a_mirror_listen_address_without_registries_is_refused_not_ignored():
     with pytest.raises(ConfigError, match="no mirror-registry"):
         load_config(None, {"mirror_listen": "127.0.0.1:6000"})
     assert load_config(None, {"mirror_listen": "127.0.0.1:6000", "mirror_registry": ["http://r:5000"]}).mirror_listen
+
+
+def test_registry_credentials_come_from_a_file_that_is_checked_at_start_and_never_echoed(tmp_path):
+    cred = tmp_path / "registry.cred"
+    cred.write_text("puller:pa:ss\n")
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[mirror]\nregistries = [{{url = "https://r.example", credentials-file = "{cred}"}}]\n')
+    reg = load_config(str(toml), {}).mirror_registry[0]
+    assert reg.credentials_file == str(cred) and "pa:ss" not in repr(reg)
+    from cs_p2p.config import read_credentials
+    assert read_credentials(str(cred)) == ("puller", "pa:ss")  # the password may hold ':'
+    cred.write_text("no-colon-secret\n")
+    with pytest.raises(ConfigError, match="USER:PASSWORD") as bad:
+        load_config(str(toml), {})
+    assert "no-colon-secret" not in str(bad.value)
+    cred.unlink()
+    with pytest.raises(ConfigError, match="credentials-file"):
+        load_config(str(toml), {})
