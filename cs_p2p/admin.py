@@ -63,6 +63,7 @@ class NodeView:
             "cache": {"count": len(cached), "bytes": sum(size for _, size in cached),
                       "budget_bytes": self.store.cache.max_bytes},
             "ingests_open": sum(1 for _ in self.store.ingests.walk()),
+            "ingests_bytes": self.store.ingests.used,  # containerd's downloads under way
             "fetches": [{"digest": f.digest, "size": f.size, "done_bytes": sum(f.bytes_from.values()),
                          "pieces": [len(f.done_pieces), f.pieces], "sources": dict(f.bytes_from)}
                         for f in (fetcher.inflight.values() if fetcher else [])],

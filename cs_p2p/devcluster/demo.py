@@ -20,10 +20,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from ..admin import admin_socket
 from ..config import MirrorRegistry
 from ..containerd_config import write_hosts_dir
 from .images import build_image, push_image
+from ..status_client import fetch_status
 from .processes import Containerd, CsP2P, Registry, free_port, wait_for
+from .progress import Progress
 from .releases import release
 
 
@@ -90,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
                  " (cs-p2p is its content store; this release takes no layer applier plugin)"))
         reg = Registry(os.path.join(work, "registry")).start()
         procs.append(reg)
+        step = Progress(f"building and pushing a {args.layers}-layer image")
         img = build_image(os.path.join(work, "image"), [args.layer_mib << 20] * args.layers)
         ref = push_image(img, reg.addr, "demo/app")
+        step.done()
         print(f"registry: http://{reg.addr}   image: {ref} ({args.layers} layers, {_mib(img.total_size)})")
 
+        step = Progress(f"starting {args.nodes} nodes (containerd + cs-p2p)")
         nodes = start_nodes(work, args.nodes, reg, procs)
+        step.done()
         first_dht = nodes[0].dht
         for n in nodes:
             print(f"{n.name}:    containerd -> cs-p2p {n.cs.socket} (peer {n.peer}, dht {n.dht}, mirror {n.mirror})")
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             name, cs, ctd = node.name, node.cs, node.containerd
             before = sum(reg.blob_bytes_served().values())
             t0 = time.monotonic()
-            ctd.ctr(*ctd.pull_args(ref))
+            pull_with_progress(node, ref, img.total_size)
             took = time.monotonic() - t0
             from_registry = sum(reg.blob_bytes_served().values()) - before
             applied = cs.applied_layers()
@@ -135,6 +142,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def pull_with_progress(node: Node, ref: str, total: int) -> None:
+    """`ctr image pull`, with the bytes the node has so far (held, downloading, fetching from
+    peers, as its `cs-p2p status` says) on one progress line."""
+    ctd = node.containerd
+    proc = subprocess.Popen(ctd.ctr_argv(*ctd.pull_args(ref)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = Progress(f"{node.name}: pulling {ref}", total, "MiB")
+    admin = admin_socket(node.cs.root)
+    try:
+        while proc.poll() is None:
+            try:
+                st = fetch_status(admin, timeout=2)
+            except (OSError, ValueError):
+                st = None
+            if st:
+                have = st["blobs"]["bytes"] + st["ingests_bytes"] + sum(f["done_bytes"] for f in st["fetches"])
+                peers = {a for f in st["fetches"] for a in f["sources"]}
+                progress.update(have, f"fetching from {len(peers)} peer(s)" if peers else "")
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        proc.wait()
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, stderr=err)
+    progress.done()
 
 
 def _wait_announced(dht: str, digests: list[str], timeout: float = 30) -> None:

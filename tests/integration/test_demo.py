@@ -19,5 +19,9 @@ def test_demo_pulls_from_the_registry_once_then_from_peers_with_the_registry_dow
     assert rows["node2"][2:4] == ["0.0", "MiB"]  # nothing from the registry
     assert "(1.00x the image)" in res.stdout
     assert res.stdout.rstrip().endswith("demo: OK")
+    # Its long steps are not silent: progress on stderr, each step with how it ended.
+    assert "building and pushing a 2-layer image: done in" in res.stderr
+    assert all(f"node{i}: pulling {ref}: done in" in res.stderr for i in (1, 2)
+               for ref in [res.stdout.split("image: ", 1)[1].split()[0]]), res.stderr
     if release().applies_layers:  # containerd 2.x: every node's layers were applied by its cs-p2p
         assert all(" ".join(row).count("2 by cs-p2p") == 1 for row in rows.values()), res.stdout
