@@ -281,12 +281,10 @@ class Simulation:
             await node.dht.server.bootstrap([self._bootstrap_addr()])
         if progress:
             progress(f"{self.n} nodes joined")
-        announcing = []
         for digest in self.digests:
             for node in self.rng.sample(self.live(), self.replicas):
                 node.held.add(digest)
-                announcing.append(node.dht.announce(digest, self.blob_size))
-        await asyncio.gather(*announcing)  # at once, as nodes that pulled an image do
+                await node.dht.announce(digest, self.blob_size)
         if progress:
             progress(f"{len(self.digests)} blobs announced by {self.replicas} nodes each")
         return await self._measure(progress)

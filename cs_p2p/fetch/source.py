@@ -28,6 +28,7 @@ import time
 from typing import Callable
 
 from ..dht.node import DhtNode
+from ..errors import NotFound
 from ..dht.providers import ProviderRecord
 from .fetcher import Fetch, Fetcher
 
@@ -74,6 +75,13 @@ class PeerSource:
     def failure(self, digest: str) -> str | None:
         """Why peers (and the registry after them) could not deliver `digest` a moment ago."""
         return self.fetcher.recently_failed(digest)
+
+    def not_found(self, digest: str) -> NotFound:
+        """NOT_FOUND, with the reason if peers (and the registry) just failed to deliver it:
+        containerd's error then says what went wrong, whether it asked `Info`, `Read` or
+        `Apply` after the fetch ended."""
+        why = self.failure(digest)
+        return NotFound(f"content {digest}: not found" + (f" (fetching it from peers failed: {why})" if why else ""))
 
     async def locate(self, digest: str) -> Fetch | None:
         """The fetch of `digest` from peers, started if peers have it; None if none do.

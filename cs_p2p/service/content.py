@@ -114,10 +114,7 @@ class ContentService(pb_grpc.ContentServicer):
         return True
 
     def _not_found(self, digest: str) -> NotFound:
-        """NOT_FOUND, with the reason if peers (and the registry) just failed to deliver it:
-        containerd's error then says what went wrong."""
-        why = self.peers.failure(digest) if self.peers else None
-        return NotFound(f"content {digest}: not found" + (f" (fetching it from peers failed: {why})" if why else ""))
+        return self.peers.not_found(digest) if self.peers else NotFound(f"content {digest}: not found")
 
     @grpc_errors
     async def Update(self, request: pb.UpdateRequest, context: grpc.aio.ServicerContext) -> pb.UpdateResponse:

@@ -80,8 +80,8 @@ class DiffService(pb_grpc.DiffServicer):
         elif os.path.exists(path):  # held, or committed by a fetch that just ended
             source = "local"
             diff_id, size = await self.pool.apply_file(path, target, request.sync_fs)
-        else:
-            raise NotFound(f"content {desc.digest}: not found")
+        else:  # a fetch that failed before containerd asked: say why, as Info and Read do
+            raise self.peers.not_found(desc.digest) if self.peers else NotFound(f"content {desc.digest}: not found")
         log.info("layer applied", extra={"digest": desc.digest, "diff_id": diff_id, "size": size, "from": source,
                                          "target": target.kind, "seconds": round(time.monotonic() - t0, 3)})
         return pb.ApplyResponse(applied=types_pb2.Descriptor(media_type=MT_LAYER, digest=diff_id, size=size))
