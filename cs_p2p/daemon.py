@@ -124,6 +124,8 @@ async def serve(cfg: Config) -> None:
         if cfg.replicas and store.cache.max_bytes > 0:  # copies go into the cache: no cache, no copies
             floor = ReplicaFloor(dht, store, peers, cfg.replicas, cfg.replica_check_interval, dht,
                                  challenger.in_doubt if challenger else None, cfg.replicas_max)
+            if challenger:
+                challenger.on_record_dropped = floor.recheck
             background.append(asyncio.get_running_loop().create_task(floor.run()))
 
     mirror = None

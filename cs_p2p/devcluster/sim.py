@@ -21,6 +21,7 @@ import selectors
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable, TypeVar
 
 from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
@@ -29,6 +30,7 @@ from ..placement.floor import ReplicaFloor
 from ..placement.proofs import Challenge
 
 EPOCH = 1.8e9  # simulated unix time at the start
+T = TypeVar("T")
 
 
 class _NoSelector(selectors.DefaultSelector):
@@ -255,6 +257,7 @@ class Simulation:
         challenger = SimChallenger(dht, store, peers, self.challenge_interval)
         floor = ReplicaFloor(dht, store, peers, self.replicas, self.floor_interval, dht,
                              challenger.in_doubt, self.replicas)
+        challenger.on_record_dropped = floor.recheck
         loop = asyncio.get_running_loop()
         node.tasks = [loop.create_task(dht._republish_loop()), loop.create_task(floor.run()),
                       loop.create_task(challenger.run())]
@@ -274,6 +277,11 @@ class Simulation:
         return node.dht.server.transport.addr
 
     async def run(self, progress=None) -> Results:
+        await self.start(progress)
+        return await self._measure(progress)
+
+    async def start(self, progress=None) -> None:
+        """The cluster joined, and every blob announced by `replicas` random nodes."""
         first = await self._start_node(None)
         for i in range(self.n - 1):
             await self._start_node(first.dht.server.transport.addr if i < 8 else self._bootstrap_addr())
@@ -287,7 +295,9 @@ class Simulation:
                 await node.dht.announce(digest, self.blob_size)
         if progress:
             progress(f"{len(self.digests)} blobs announced by {self.replicas} nodes each")
-        return await self._measure(progress)
+
+    def holders(self, digest: str) -> int:
+        return sum(digest in n.held for n in self.live())
 
     async def _measure(self, progress) -> Results:
         loop = asyncio.get_running_loop()
@@ -369,8 +379,13 @@ def _fast_codec():
 
 
 def simulate(**kw) -> Results:
-    """Run a `Simulation` on its own simulated clock (real time, logging and rpcudp's codec
-    restored after)."""
+    """Run a `Simulation` and measure it (`in_simulated_time`)."""
+    progress = kw.pop("progress", None)
+    return in_simulated_time(lambda: Simulation(**kw).run(progress))
+
+
+def in_simulated_time(main: Callable[[], Awaitable[T]]) -> T:
+    """Run `main()` on a simulated clock (real time, logging and rpcudp's codec restored after)."""
     import rpcudp.protocol
 
     clock = VirtualClock()
@@ -381,9 +396,8 @@ def simulate(**kw) -> Results:
     time.monotonic = lambda: clock.now
     rpcudp.protocol.umsgpack = _fast_codec() or real_codec
     logging.disable(logging.CRITICAL)
-    progress = kw.pop("progress", None)
     try:
-        return loop.run_until_complete(Simulation(**kw).run(progress))
+        return loop.run_until_complete(main())
     finally:
         time.time, time.monotonic = real_time, real_monotonic
         rpcudp.protocol.umsgpack = real_codec

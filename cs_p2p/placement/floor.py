@@ -111,6 +111,18 @@ class ReplicaFloor:
                 started.append(digest)
         return started
 
+    def recheck(self, key: bytes) -> bool:
+        """Check one key now, out of turn: a proof of storage just dropped one of its holders."""
+        digest = self.dht.protocol.digests.get(key)
+        records = self.dht.protocol.providers.get(key)
+        if digest is None or not records:
+            return False
+        try:
+            return self._act(key, digest, records, time.monotonic())
+        except Exception:  # as in `run`: one bad check must not end the proofs either
+            log.exception("replication check failed")
+            return False
+
     def _act(self, key: bytes, digest: str, records: list[ProviderRecord], now: float) -> bool:
         holders = {r.node_id for r in records}
         deficit = self.wanted(key) - len(holders) + (1 if self.in_doubt and self.in_doubt(key) else 0)

@@ -19,3 +19,25 @@ def test_a_small_cluster_with_churn_finds_its_blobs_and_repairs_the_floor():
     assert r.copies > 0  # holders that died were replaced
     assert r.blob_available == 1.0 and r.floor_held >= 0.95
     assert 0 < r.challenge_bytes_per_node_minute <= 16 << 20  # within the proof budget
+
+
+def test_a_dead_holder_found_by_a_proof_is_replaced_before_the_next_floor_check():
+    """The proof that finds a holder gone hands the key to the floor at once: a copy is made
+    within a proof round, not a floor interval (here ten minutes)."""
+    import asyncio
+
+    from cs_p2p.devcluster.sim import Simulation, in_simulated_time
+
+    async def scenario() -> float:
+        sim = Simulation(nodes=30, blobs=4, replicas=2, loss=0.0, floor_interval=600, challenge_interval=10, seed=3)
+        await sim.start()
+        loop = asyncio.get_running_loop()
+        digest = sim.digests[0]
+        sim._kill(next(n for n in sim.live() if digest in n.held))
+        t0 = loop.time()
+        while sim.holders(digest) < 2 and loop.time() - t0 < 300:
+            await asyncio.sleep(1)
+        return loop.time() - t0
+
+    took = in_simulated_time(scenario)
+    assert took < 60, f"the floor held again after {took:.0f} simulated seconds"
