@@ -7,11 +7,12 @@ into the status code containerd's `errdefs.ToGRPC` would give, with the message 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import inspect
 import logging
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -42,6 +43,23 @@ def _code_of(exc: BaseException) -> str:
     return "UNKNOWN"  # grpc's own abort, or a bug (grpc logs it)
 
 
+@contextlib.asynccontextmanager
+async def _mapped(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Errors of the body become statuses; the call is counted by the status containerd sees."""
+    code = "OK"
+    try:
+        yield
+    except (ContentError, OSError) as exc:
+        status, message = _status_for(exc)
+        code = status.name
+        await context.abort(status, message)
+    except BaseException as exc:
+        code = _code_of(exc)
+        raise
+    finally:
+        metrics.GRPC_CALLS.labels(method=method, code=code).inc()
+
+
 def grpc_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a servicer method (coroutine or async generator) to map errors to statuses, and
     count each call by its status (`cs_p2p_grpc_calls_total`).
@@ -49,43 +67,22 @@ def grpc_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     Unary requests that could not be decoded are refused here; stream handlers call
     `check_request` on each message they read.
     """
-    calls = metrics.GRPC_CALLS
     method = fn.__name__
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def gen(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            code = "OK"
-            try:
+            async with _mapped(method, context):
                 check_request(request)
                 async for item in fn(self, request, context):
                     yield item
-            except (ContentError, OSError) as exc:
-                status, message = _status_for(exc)
-                code = status.name
-                await context.abort(status, message)
-            except BaseException as exc:
-                code = _code_of(exc)
-                raise
-            finally:
-                calls.labels(method=method, code=code).inc()
 
         return gen
 
     @functools.wraps(fn)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        code = "OK"
-        try:
+        async with _mapped(method, context):
             check_request(request)
             return await fn(self, request, context)
-        except (ContentError, OSError) as exc:
-            status, message = _status_for(exc)
-            code = status.name
-            await context.abort(status, message)
-        except BaseException as exc:
-            code = _code_of(exc)
-            raise
-        finally:
-            calls.labels(method=method, code=code).inc()
 
     return unary

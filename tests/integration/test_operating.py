@@ -11,11 +11,13 @@ import subprocess
 import sys
 import urllib.request
 
+import grpc
 import pytest
 
+from cs_p2p.api import content_pb2 as cpb
 from cs_p2p.devcluster.images import build_image, push_image
 from cs_p2p.devcluster.processes import free_port, wait_for
-from tests.conftest import requires_containerd
+from tests.conftest import content_stub, requires_containerd
 from tests.integration.test_p2p_pull import P2PNode, located
 
 pytestmark = requires_containerd
@@ -106,6 +108,16 @@ def test_metrics_account_a_peer_to_peer_pull_byte_for_byte(pair, registry, tmp_p
     assert value(m2, "cs_p2p_info_seconds_count", result="peers") >= 1 + len(img.layer_digests)
     assert total(m2, "cs_p2p_dht_lookup_seconds_count", result="found") >= 1
     assert value(m2, "cs_p2p_grpc_calls_total", method="Info", code="OK") >= len(img.digests)
+    # A call that fails is counted under the status containerd got.
+    ch, stub = content_stub(n2.cs)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Info(cpb.InfoRequest(digest="sha256:" + "0" * 64), timeout=30)
+    finally:
+        ch.close()
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert value(scrape(n2.metrics), "cs_p2p_grpc_calls_total", method="Info", code="NOT_FOUND") == \
+        value(m2, "cs_p2p_grpc_calls_total", method="Info", code="NOT_FOUND") + 1
     assert value(m2, "cs_p2p_disk_bytes", kind="blobs") == sum(held.values())
     assert value(m2, "cs_p2p_blobs", where="containerd") == len(held)
     assert value(m2, "cs_p2p_peers_known") == 1
