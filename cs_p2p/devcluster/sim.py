@@ -166,6 +166,7 @@ class SimNode:
     dht: DhtNode
     held: set[str] = field(default_factory=set)
     alive: bool = True
+    joined: bool = False  # its join is done
     tasks: list = field(default_factory=list)
     challenge_bytes: int = 0
     failed_proofs: int = 0
@@ -262,8 +263,20 @@ class Simulation:
         node.tasks = [loop.create_task(dht._republish_loop()), loop.create_task(floor.run()),
                       loop.create_task(challenger.run())]
         if bootstrap:
-            await server.bootstrap([bootstrap])
+            await self._join(node, bootstrap)
+        node.joined = True
         return node
+
+    async def _join(self, node: SimNode, bootstrap: tuple[str, int]) -> None:
+        """As `DhtNode.keep_joined` does with a headless Service's addresses: bootstrap until
+        the table has someone (the contact may have died meanwhile), then refresh every bucket."""
+        for _ in range(10):
+            await node.dht.server.bootstrap([bootstrap])
+            if any(len(b) for b in node.dht.protocol.router.buckets):
+                await node.dht.refresh_buckets()
+                return
+            await asyncio.sleep(5)
+            bootstrap = self._bootstrap_addr()
 
     def _kill(self, node: SimNode) -> None:
         node.alive = False
@@ -283,8 +296,11 @@ class Simulation:
     async def start(self, progress=None) -> None:
         """The cluster joined, and every blob announced by `replicas` random nodes."""
         first = await self._start_node(None)
-        for i in range(self.n - 1):
-            await self._start_node(first.dht.server.transport.addr if i < 8 else self._bootstrap_addr())
+        for _ in range(min(8, self.n - 1)):
+            await self._start_node(first.dht.server.transport.addr)
+        # The rest join ten at a time, each through a random node that has joined.
+        for i in range(len(self.nodes), self.n, 10):
+            await asyncio.gather(*(self._start_node(self._bootstrap_addr()) for _ in range(min(10, self.n - i))))
         for node in self.live():  # a refresh, as joined nodes do: every table fills
             await node.dht.server.bootstrap([self._bootstrap_addr()])
         if progress:
@@ -310,13 +326,18 @@ class Simulation:
         step = 1.0  # seconds between samples
         kill_every = 60.0 / max(self.churn * self.n, 1e-9)
         next_kill = start + kill_every
+        joining: set[asyncio.Task] = set()
         datagrams0 = self.network.datagrams
         challenge0 = sum(n.challenge_bytes for n in self.nodes.values())
         while loop.time() < end:
             await asyncio.sleep(step)
             while loop.time() >= next_kill:  # churn: a node dies and a new one joins
                 self._kill(self.rng.choice(self.live()))
-                await self._start_node(self._bootstrap_addr())
+                # Joining takes a while (lookups, lost datagrams): in the background, as nodes
+                # join on their own; awaited here, a join slower than the churn interval kept
+                # this loop replacing nodes while simulated time ran away.
+                joining.add(loop.create_task(self._start_node(self._bootstrap_addr())))
+                joining = {t for t in joining if not t.done()}
                 replaced += 1
                 next_kill += kill_every
             holders = {d: 0 for d in self.digests}
@@ -330,7 +351,9 @@ class Simulation:
             # Lookups from random nodes for blobs some live node holds.
             for _ in range(5):
                 d = self.rng.choice([d for d, c in holders.items() if c] or self.digests)
-                asker = self.rng.choice(self.live())
+                # Asked by a node that has joined: one still joining has no routing table yet
+                # (its pull would go to the registry, as it does before the DHT answers).
+                asker = self.rng.choice([n for n in self.live() if n.joined])
                 t0 = loop.time()
                 lookups += 1
                 # As `Info` looks (`fetch.source`): the first provider met, then all if it is gone.
@@ -348,6 +371,8 @@ class Simulation:
         challenge = sum(n.challenge_bytes for n in self.nodes.values()) - challenge0
         for node in self.live():
             self._kill(node)
+        for task in joining:
+            task.cancel()
         await asyncio.sleep(5)  # what was under way ends
         return Results(self.n, minutes, replaced / minutes, lookups, ok, seconds, blob_minutes, at_floor,
                        held_minutes, challenge / self.n / minutes, self.copies,

@@ -8,6 +8,7 @@ instead of stopping at the first answer (kademlia's `get` returns the first valu
 from __future__ import annotations
 
 import asyncio
+import random
 import logging
 import os
 import socket
@@ -124,11 +125,21 @@ class DhtNode:
             if not joined or len(contacts) < self.server.ksize:
                 met = await self.server.bootstrap(sorted(resolved)) if resolved else []
                 if met and not joined:
+                    await self.refresh_buckets()
                     log.info("dht joined", extra={"peers": len(met)})
                     for digest, size in list(self.held.items()):
                         await self.announce(digest, size)
                     joined = True
             await asyncio.sleep(sparse_interval if joined else interval)
+
+    async def refresh_buckets(self) -> int:
+        """After joining: a node lookup for a random id in every bucket's range, as Kademlia's
+        join prescribes, so that the table knows nodes all over the id space and not only
+        near this node's id.  Without it, a node that joined through a newcomer looked up far
+        keys among newcomers only, and found nothing (`hack/bench-sim`, under churn)."""
+        ids = [random.randint(*bucket.range).to_bytes(20, "big") for bucket in self.protocol.router.buckets]
+        found = await asyncio.gather(*(self._closest(node_id) for node_id in ids))
+        return sum(len(nodes) for nodes in found)
 
     def stop(self) -> None:
         if self._republisher:
