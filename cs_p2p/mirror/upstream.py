@@ -15,9 +15,11 @@ Nothing from here is ever logged with its secret or published to the DHT.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import re
 import ssl
+import urllib.parse
 from dataclasses import dataclass
 
 import aiohttp
@@ -26,6 +28,10 @@ from ..config import MirrorRegistry, read_credentials
 
 MAX_MANIFEST = 4 << 20  # containerd refuses bigger manifests too
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _basic_header(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 class UpstreamUnavailable(Exception):
@@ -110,7 +116,7 @@ class Upstream:
         if challenge.lower().startswith("basic"):
             if self._credentials is None or self._basic is not None:
                 return False
-            self._basic = aiohttp.BasicAuth(*self._credentials).encode()
+            self._basic = _basic_header(*self._credentials)
             return True
         if not challenge.lower().startswith("bearer "):
             return False
@@ -120,9 +126,11 @@ class Upstream:
             return False
         params.setdefault("scope", f"repository:{repo}:pull")
         timeout = aiohttp.ClientTimeout(total=self.registry.timeout)
-        auth = aiohttp.BasicAuth(*self._credentials) if self._credentials else None
+        headers = {"Authorization": _basic_header(*self._credentials)} if self._credentials else {}
         try:
-            async with self.session.get(realm, params=params, timeout=timeout, auth=auth, ssl=self._tls) as tr:
+            # The registry's own CA for a realm it serves itself; the system's for a token service elsewhere.
+            tls = self._tls if urllib.parse.urlsplit(realm).netloc == self.registry.host else True
+            async with self.session.get(realm, params=params, timeout=timeout, headers=headers, ssl=tls) as tr:
                 if tr.status != 200:
                     return False
                 body = await tr.json(content_type=None)
