@@ -48,8 +48,7 @@ class NodeView:
     started: float = field(default_factory=time.time)
 
     def status(self) -> dict:
-        blobs = [(info.digest, info.size) for info in self.store.blobs.walk()]
-        cached = self.store.cache.digests()
+        usage = self.store.usage()
         fetcher = self.fetcher
         now = time.monotonic()
         return {
@@ -58,12 +57,11 @@ class NodeView:
             "membership": membership_mode(self.member),
             "uptime_seconds": round(time.time() - self.started, 1),
             "listeners": self.listeners,
-            "peers": self._peers(),
-            "blobs": {"count": len(blobs), "bytes": sum(size for _, size in blobs)},
-            "cache": {"count": len(cached), "bytes": sum(size for _, size in cached),
-                      "budget_bytes": self.store.cache.max_bytes},
-            "ingests_open": sum(1 for _ in self.store.ingests.walk()),
-            "ingests_bytes": self.store.ingests.used,  # containerd's downloads under way
+            "peers": sorted(f"{n.ip}:{n.port}" for n in self.dht.contacts()) if self.dht else [],
+            "blobs": {"count": usage.blobs, "bytes": usage.blob_bytes},
+            "cache": {"count": usage.cached, "bytes": usage.cached_bytes, "budget_bytes": self.store.cache.max_bytes},
+            "ingests_open": usage.ingests,
+            "ingests_bytes": usage.ingest_bytes,  # containerd's downloads under way
             "fetches": [{"digest": f.digest, "size": f.size, "done_bytes": sum(f.bytes_from.values()),
                          "pieces": [len(f.done_pieces), f.pieces], "sources": dict(f.bytes_from)}
                         for f in (fetcher.inflight.values() if fetcher else [])],
@@ -71,11 +69,6 @@ class NodeView:
             "recent_bans": list(reversed(fetcher.recent_bans)) if fetcher else [],
             "banned_now": sorted(a for a, until in fetcher.banned.items() if until > now) if fetcher else [],
         }
-
-    def _peers(self) -> list[str]:
-        if not self.dht:
-            return []
-        return sorted(f"{n.ip}:{n.port}" for b in self.dht.protocol.router.buckets for n in b.get_nodes())
 
 
 async def _metrics(_request: web.Request) -> web.Response:

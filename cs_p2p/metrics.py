@@ -13,7 +13,6 @@ that grows without bound).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -98,32 +97,6 @@ class Timer:
             time.monotonic() - self.t0)
 
 
-def _dir_bytes(path: str, suffix: str = "") -> tuple[int, int]:
-    """(files, bytes) directly in `path` whose names end with `suffix`; (0, 0) if absent."""
-    files = total = 0
-    try:
-        with os.scandir(path) as it:
-            for entry in it:
-                if entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
-                    files += 1
-                    total += entry.stat(follow_symlinks=False).st_size
-    except FileNotFoundError:
-        pass
-    return files, total
-
-
-def _tree_bytes(path: str) -> tuple[int, int]:
-    files = total = 0
-    for root, _dirs, names in os.walk(path):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-                files += 1
-            except FileNotFoundError:
-                pass
-    return files, total
-
-
 class NodeCollector(Collector):
     """States read at scrape time: disk used, open ingests, peers known, fetches under way."""
 
@@ -133,25 +106,23 @@ class NodeCollector(Collector):
         self.inflight = inflight
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        usage = self.store.usage()
         disk = GaugeMetricFamily("cs_p2p_disk_bytes", "Bytes on disk, by what they are.", labels=["kind"])
-        blobs = _dir_bytes(self.store.blobs.blob_dir)
-        cache = _dir_bytes(self.store.cache.dir)
-        ingests = _tree_bytes(self.store.ingests.dir)
-        disk.add_metric(["blobs"], blobs[1])
-        disk.add_metric(["cache"], cache[1])
-        disk.add_metric(["ingests"], ingests[1])
+        disk.add_metric(["blobs"], usage.blob_bytes)
+        disk.add_metric(["cache"], usage.cached_bytes)
+        disk.add_metric(["ingests"], usage.ingest_bytes)
         yield disk
         count = GaugeMetricFamily("cs_p2p_blobs", "Blobs held, by where.", labels=["where"])
-        count.add_metric(["containerd"], blobs[0])
-        count.add_metric(["cache"], cache[0])
+        count.add_metric(["containerd"], usage.blobs)
+        count.add_metric(["cache"], usage.cached)
         yield count
         yield GaugeMetricFamily("cs_p2p_cache_budget_bytes", "The cache's budget (cache-max-bytes).",
                                 value=self.store.cache.max_bytes)
         yield GaugeMetricFamily("cs_p2p_ingests_open", "containerd's ingests (writes) open on this node.",
-                                value=sum(1 for _ in self.store.ingests.walk()))
+                                value=usage.ingests)
         yield GaugeMetricFamily("cs_p2p_fetches_inflight", "Fetches from peers under way.", value=self.inflight())
-        peers = sum(len(b) for b in self.dht.protocol.router.buckets) if self.dht else 0
-        yield GaugeMetricFamily("cs_p2p_peers_known", "Nodes in this node's DHT routing table.", value=peers)
+        yield GaugeMetricFamily("cs_p2p_peers_known", "Nodes in this node's DHT routing table.",
+                                value=len(self.dht.contacts()) if self.dht else 0)
 
 
 def exposition() -> bytes:

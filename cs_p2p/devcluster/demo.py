@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from ..admin import admin_socket
 from ..config import MirrorRegistry
 from ..containerd_config import write_hosts_dir
-from .images import build_image, push_image
 from ..status_client import fetch_status
+from .images import build_image, push_image
 from .processes import Containerd, CsP2P, Registry, free_port, wait_for
 from .progress import Progress
 from .releases import release

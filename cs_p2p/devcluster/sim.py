@@ -272,7 +272,7 @@ class Simulation:
         the table has someone (the contact may have died meanwhile), then refresh every bucket."""
         for _ in range(10):
             await node.dht.server.bootstrap([bootstrap])
-            if any(len(b) for b in node.dht.protocol.router.buckets):
+            if node.dht.contacts():
                 await node.dht.refresh_buckets()
                 return
             await asyncio.sleep(5)

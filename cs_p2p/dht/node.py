@@ -8,9 +8,9 @@ instead of stopping at the first answer (kademlia's `get` returns the first valu
 from __future__ import annotations
 
 import asyncio
-import random
 import logging
 import os
+import random
 import socket
 import time
 
@@ -131,6 +131,10 @@ class DhtNode:
                         await self.announce(digest, size)
                     joined = True
             await asyncio.sleep(sparse_interval if joined else interval)
+
+    def contacts(self) -> list[Node]:
+        """Every node in the routing table."""
+        return [n for bucket in self.protocol.router.buckets for n in bucket.get_nodes()]
 
     async def refresh_buckets(self) -> int:
         """After joining: a node lookup for a random id in every bucket's range, as Kademlia's

@@ -28,8 +28,8 @@ import time
 from typing import Callable
 
 from ..dht.node import DhtNode
-from ..errors import NotFound
 from ..dht.providers import ProviderRecord
+from ..errors import NotFound
 from .fetcher import Fetch, Fetcher
 
 log = logging.getLogger("cs_p2p.fetch")

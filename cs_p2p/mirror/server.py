@@ -255,7 +255,6 @@ class Mirror:
         if os.path.exists(path):
             return path
         if self.store.restore(digest):
-            metrics.CACHE_RETURNED_BYTES.inc(os.path.getsize(path))
             if self.dht:
                 self.dht.committed(digest, os.path.getsize(path))  # containerd's again, not the cache's
             return path

@@ -107,10 +107,8 @@ class ContentService(pb_grpc.ContentServicer):
         if not self.store.restore(digest):
             return False
         log.info("blob restored from the cache", extra={"digest": digest})
-        size = self.store.blobs.info(digest).size
-        metrics.CACHE_RETURNED_BYTES.inc(size)
         if self.events:
-            self.events.committed(digest, size)
+            self.events.committed(digest, self.store.blobs.info(digest).size)
         return True
 
     def _not_found(self, digest: str) -> NotFound:

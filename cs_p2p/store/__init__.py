@@ -4,14 +4,28 @@ containerd let go of."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
+from .. import metrics
 from ..digests import parse_digest
 from ..errors import NotFound
 from .blobs import BlobInfo, BlobStore
 from .cache import BlobCache
 from .ingest import MAX_INGEST_BYTES, IngestStatus, Ingests, IngestWriter
 
-__all__ = ["BlobInfo", "IngestStatus", "IngestWriter", "LocalStore"]
+__all__ = ["BlobInfo", "IngestStatus", "IngestWriter", "LocalStore", "Usage"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the store holds, as `cs-p2p status` and the metrics report it."""
+
+    blobs: int  # committed, containerd's
+    blob_bytes: int
+    cached: int
+    cached_bytes: int
+    ingests: int  # open
+    ingest_bytes: int
 
 
 class LocalStore:
@@ -47,10 +61,25 @@ class LocalStore:
     def restore(self, digest: str) -> bool:
         """Hand a cached blob back to containerd's store; False if the cache does not hold it."""
         hex_ = parse_digest(digest)
-        if not self.cache.take(hex_, self.blobs.blob_path(hex_)):
+        path = self.blobs.blob_path(hex_)
+        if not self.cache.take(hex_, path):
             return False
         self.blobs.record_commit(digest, {})
+        metrics.CACHE_RETURNED_BYTES.inc(os.path.getsize(path))
         return True
+
+    def usage(self) -> Usage:
+        """A scan of the committed blobs (sizes only, no metadata read), and the cache's and
+        the ingests' own accounting."""
+        blobs = blob_bytes = 0
+        with os.scandir(self.blobs.blob_dir) as it:
+            for entry in it:
+                if len(entry.name) == 64 and entry.is_file(follow_symlinks=False):
+                    blobs += 1
+                    blob_bytes += entry.stat(follow_symlinks=False).st_size
+        cached = self.cache.digests()
+        return Usage(blobs, blob_bytes, len(cached), sum(size for _, size in cached),
+                     sum(1 for _ in self.ingests.walk()), self.ingests.used)
 
     def served_path(self, hex_: str) -> str | None:
         """Where a blob this node holds for peers is: the store or the cache."""
