@@ -126,6 +126,8 @@ async def serve(cfg: Config) -> None:
                                  challenger.in_doubt if challenger else None, cfg.replicas_max)
             if challenger:
                 challenger.on_record_dropped = floor.recheck
+                floor.prove = challenger.check_now
+            dht.protocol.on_check = floor.asked
             background.append(asyncio.get_running_loop().create_task(floor.run()))
 
     mirror = None

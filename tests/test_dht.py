@@ -203,3 +203,46 @@ async def test_hundreds_of_operator_lookups_leave_no_dead_contact_behind(network
         client.stop()
     assert {r.addr for r in found} == {"127.0.0.1:20001", "127.0.0.1:20002"}
     assert asked and all(asked), "the lookup waited on contacts that never answer"
+
+
+def _next_to(key: bytes) -> bytes:
+    """A node id as close to `key` as ids get: only the last bit differs."""
+    return key[:-1] + bytes([key[-1] ^ 1])
+
+
+async def test_a_node_that_joins_next_to_a_key_is_handed_its_records(network):
+    """Kademlia's join: records reach the nodes closest to a key when announced; a node that
+    joins closer later gets them from those nodes, or lookups and the replication floor meet an
+    empty node where the records should be."""
+    nodes = await network(8)
+    await nodes[1].announce(D1, 11)
+    await nodes[2].announce(D1, 11)
+    key = provider_key(D1)
+    joiner = DhtNode(_next_to(key), "127.0.0.1:29999")
+    await joiner.listen("127.0.0.1", 0)
+    try:
+        await joiner.bootstrap([nodes[0].dht_addr])
+        await joiner.refresh_buckets()
+        deadline = time.monotonic() + 10
+        while {r.node_id for r in joiner.protocol.providers.get(key)} != {nodes[1].node_id, nodes[2].node_id}:
+            assert time.monotonic() < deadline, "the records were never handed over"
+            await asyncio.sleep(0.05)
+        assert joiner.protocol.digests[key] == D1  # it watches the blob for the floor too
+        assert joiner.held == {}  # it keeps the records, it does not claim to hold the blob
+    finally:
+        joiner.stop()
+
+
+async def test_a_lookup_gives_providers_as_it_meets_them_and_goes_on_when_asked(network):
+    nodes = await network(8)
+    await nodes[1].announce(D1, 5)
+    await nodes[2].announce(D1, 5)
+    batches = []
+    async for batch in nodes[6].providers_as_found(D1):
+        batches.append(batch)
+    found = [r.node_id for batch in batches for r in batch]
+    assert sorted(found) == sorted([nodes[1].node_id, nodes[2].node_id])  # each publisher once
+    # A caller that is content with the first batch stops the walk there.
+    async for batch in nodes[6].providers_as_found(D1):
+        assert batch
+        break

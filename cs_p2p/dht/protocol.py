@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Any
+import time
+from typing import Any, Callable
 
 import umsgpack
 
@@ -41,6 +42,7 @@ from ..identity import Identity, IdentityError, KeySealer, Member
 from ..penalties import PeerLimits
 from ..placement.demand import Demand
 from .providers import ProviderRecord, ProviderStore, provider_key
+from .rtt import RoundTrip
 from .tags import TagRecord, TagStore
 
 log = logging.getLogger("cs_p2p.dht")
@@ -52,6 +54,7 @@ MAX_SIGNED_RECORDS_PER_REPLY = 12
 MAX_CERTS = 100_000
 MAX_WATCHED = 100_000  # digests of the keys whose records this node keeps
 DATAGRAMS_PER_PEER = 2000.0  # per second from one ip:port; a node announcing what it holds sends bursts
+HANDOVER_PLACES = 3  # a newcomer gets a key's records from the nodes this close to it (`_hand_over`)
 MAX_VERIFYING = 256  # new contacts being pinged at once; more are ignored until they call again
 
 
@@ -82,6 +85,10 @@ class ProviderProtocol(KademliaProtocol):
         self.dropped = 0  # datagrams refused (unauthenticated, replayed, malformed, over the rate)
         self.limits = PeerLimits(rate=DATAGRAMS_PER_PEER, name="dht")
         self.forged = 0  # records refused: not signed by the node they name
+        # Told of a key another watcher asked this node to check now (`ReplicaFloor.asked`).
+        self.on_check: Callable[[bytes], None] | None = None
+        self.refuted: dict[tuple[bytes, bytes], float] = {}  # (key, holder) -> until when (`refute`)
+        self.round_trip = RoundTrip()  # of the replies to our requests: how long walks wait (`rtt`)
 
     def connection_made(self, transport) -> None:
         super().connection_made(_SealingTransport(transport, self.sealer) if self.sealer else transport)
@@ -135,20 +142,56 @@ class ProviderProtocol(KademliaProtocol):
         try:
             ok, answer = await self.ping((node.ip, node.port), self.source_node.id)
             if ok and answer == node.id:
-                KademliaProtocol.welcome_if_new(self, node)
+                self._welcome(node)
         finally:
             self._verifying.pop(node.id, None)
+
+    def _welcome(self, node: Node) -> None:
+        """Into the routing table; a node never met before is first handed the records it
+        should keep."""
+        if self.router.is_new_node(node) and not self.client:
+            self._hand_over(node)
+        KademliaProtocol.welcome_if_new(self, node)
+
+    def _hand_over(self, node: Node) -> None:
+        """Kademlia's join (section 2.5 of the paper): a new node that is among the k closest
+        to a key gets the key's records from the nodes closest to it.  Records otherwise reach
+        only the nodes that were closest when they were announced; under churn those die and
+        newcomers take their places knowing nothing, so lookups met empty nodes first and the
+        replication floor, whose watchers are the nodes that keep a blob's records, ranked
+        newcomers that never acted first (`hack/bench-sim`: copies twice what was lost, and
+        blobs short for 20 s a place).  Only this node's `HANDOVER_PLACES` closest of what it
+        knows hand over, so a join costs a few datagrams per key."""
+        for key in self.providers.keys():
+            target = Node(key)
+            known = self.router.find_neighbors(target)
+            if len(known) >= self.router.ksize and node.distance_to(target) >= known[-1].distance_to(target):
+                continue  # not among the k closest
+            mine = self.source_node.distance_to(target)
+            if sum(n.distance_to(target) < mine for n in known) >= HANDOVER_PLACES:
+                continue  # closer nodes hand over
+            records = self.providers.get(key)
+            if records:
+                asyncio.ensure_future(self.call_hand_over(node, key, records, self.digests.get(key)))
 
     def stop_verifying(self) -> None:
         for task in list(self._verifying.values()):
             task.cancel()
+
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node):
+        """As kademlia's, timed: joins and announces teach `round_trip` before any lookup."""
+        t0 = asyncio.get_running_loop().time()
+        result = await super().call_find_node(node_to_ask, node_to_find)
+        if result[0]:
+            self.round_trip.observe(asyncio.get_running_loop().time() - t0)
+        return result
 
     def handle_call_response(self, result, node: Node):
         """A node that answered us is alive: into the table at once; one that did not, out."""
         if not result[0]:
             self.router.remove_contact(node)
         elif self.client or node.id != self.source_node.id:  # a client may speak with its node's id
-            KademliaProtocol.welcome_if_new(self, node)
+            self._welcome(node)
         return result
 
     def _sender_node(self, sender: tuple[str, int], nodeid: object) -> Node | None:
@@ -206,6 +249,78 @@ class ProviderProtocol(KademliaProtocol):
         if result is True:
             self.watch(key, digest)
         return result
+
+    def rpc_hand_over(self, sender, nodeid, key, records, certs=None, digest=None, check=False) -> Any:
+        """Records of other publishers, from a node that kept them (`_hand_over`, and the
+        replication floor's `_nudge`, which with `check` asks this node to look at the key
+        now: `on_check`).  In key-pair mode each must carry its publisher's signature, as in a
+        lookup's reply; with a cluster token a member could as well put them in such a reply."""
+        if self._sender_node(sender, nodeid) is None or not _is_key(key) or not isinstance(records, list):
+            return {"error": "bad node id, key or records"}
+        publishers = self._publishers(certs) if self.identity is not None else {}
+        parsed = []
+        for raw in records[:MAX_RECORDS_PER_REPLY]:
+            try:
+                rec = ProviderRecord.from_wire(raw)
+            except ValueError:
+                continue
+            if self.identity is not None:
+                member = publishers.get(rec.node_id)
+                if not self._signed_by("provider", key, rec, member):
+                    self.forged += 1
+                    continue
+                if len(self.certs) < MAX_CERTS or rec.node_id in self.certs:
+                    self.certs[rec.node_id] = member.cert_der
+            parsed.append(rec)
+        if self.keep_records(key, parsed):
+            self.watch(key, digest)
+        if check is not True:
+            return True
+        if self.on_check is not None and key in self.digests:
+            self.on_check(key)
+        # The asker learns what this node knows of the key in return (a record that reached
+        # only the nodes closest to the key when it was announced, say).
+        return self._get(sender, nodeid, key, "providers", self.providers.get(key)[:MAX_RECORDS_PER_REPLY])
+
+    def keep_records(self, key: bytes, records: list[ProviderRecord]) -> int:
+        """Records of other publishers, handed over or synced (not this node's own, not ones a
+        proof of storage refuted here a moment ago); returns how many were kept."""
+        now = time.monotonic()
+        kept = 0
+        for rec in records:
+            if (rec.node_id != self.source_node.id and self.refuted.get((key, rec.node_id), 0.0) <= now
+                    and self.providers.add(key, rec)):
+                kept += 1
+        return kept
+
+    def refute(self, key: bytes, node_id: bytes, for_seconds: float) -> None:
+        """A proof of storage failed: drop the record, and take it from no other node for a while
+        (the node that handed it here may not have caught the holder yet)."""
+        self.providers.remove(key, node_id)
+        now = time.monotonic()
+        if len(self.refuted) >= MAX_WATCHED:
+            self.refuted = {k: t for k, t in self.refuted.items() if t > now}
+        if len(self.refuted) < MAX_WATCHED:
+            self.refuted[(key, node_id)] = now + for_seconds
+
+    async def call_hand_over(self, node: Node, key: bytes, records: list[ProviderRecord], digest: str | None,
+                             check: bool = False) -> bool:
+        """True if `node` answered."""
+        certs = None
+        if self.identity is not None:
+            records = [r for r in records if r.node_id in self.certs][:MAX_SIGNED_RECORDS_PER_REPLY]
+            certs = list({self.certs[r.node_id] for r in records})
+        else:
+            records = records[:MAX_RECORDS_PER_REPLY]
+        result = await self.hand_over((node.ip, node.port), self.source_node.id, key, [r.to_wire() for r in records],
+                                      certs, digest, check)
+        if check:  # the reply is what `node` knows of the key
+            synced = self._records_and_nodes(result, node, key, "provider", ProviderRecord.from_wire)
+            if synced is not None:
+                self.keep_records(key, synced[0])
+        else:
+            self.handle_call_response(result, node)
+        return bool(result[0])
 
     def watch(self, key: bytes, digest: object) -> None:
         """Remember which digest `key` is for; the sender says, `provider_key` checks it."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -135,25 +136,30 @@ class PeerSource:
 
         The blob is claimed only if a provider can deliver it: a provider the DHT names may be
         dead, or fail TLS or membership checks, and a claim containerd believed becomes a
-        failed pull if nothing can be delivered.  The first provider the lookup meets is
-        checked at once (the common case costs one lookup and one HEAD on a warm connection);
-        only if it fails are the others looked for.
+        failed pull if nothing can be delivered.  Providers are checked as the lookup meets
+        them (the common case costs one lookup and one HEAD on a warm connection); only if
+        they fail does the same walk go on for others.
         """
         t0 = time.monotonic()
         providers: list[ProviderRecord] = []
-        for want in (1, 0):
-            left = self.lookup_timeout - (time.monotonic() - t0)
-            found = await self.dht.find_providers(digest, want=want, within=max(left, MIN_PROBE_TIME))
-            new = [p for p in found if p not in providers and eligible(p)]
-            if not new:
-                break
-            providers += new
-            # Providers that disagree on the size cannot all be right: follow the majority.
-            size = collections.Counter(p.size for p in providers).most_common(1)[0][0]
-            left = max(MIN_PROBE_TIME, self.lookup_timeout - (time.monotonic() - t0))
-            reachable = await self.fetcher.reachable(digest, [p for p in new if p.size == size], within=left)
-            if reachable:
-                return providers, reachable
+        # The first providers' check may take the lookup's whole time (a dead host does not
+        # refuse, it times out): the walk then gets a moment more for others.
+        limit = self.lookup_timeout + MIN_PROBE_TIME
+        lookup = self.dht.providers_as_found(digest, within=limit)
+        async with contextlib.aclosing(lookup) as batches:
+            async for batch in batches:
+                new = [p for p in batch if p not in providers and eligible(p)]
+                if not new:
+                    continue
+                providers += new
+                # Providers that disagree on the size cannot all be right: follow the majority.
+                size = collections.Counter(p.size for p in providers).most_common(1)[0][0]
+                left = max(MIN_PROBE_TIME, self.lookup_timeout - (time.monotonic() - t0))
+                reachable = await self.fetcher.reachable(digest, [p for p in new if p.size == size], within=left)
+                if reachable:
+                    return providers, reachable
+                if time.monotonic() - t0 >= limit:
+                    break
         if providers:
             log.info("no provider reachable", extra={"digest": digest, "providers": [p.addr for p in providers]})
         return providers, []

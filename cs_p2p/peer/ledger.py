@@ -22,7 +22,8 @@ import time
 from typing import Callable
 
 HALF_LIFE = 1800.0  # seconds after which a byte given counts half
-QUEUE_WAIT = 2.0  # seconds a request waits for an upload slot before it is told 503
+QUEUE_WAIT = 2.0  # seconds a request waits for an upload slot before it is told 503, at least
+MAX_QUEUE_WAIT = 8.0  # seconds at most: a fetcher takes 10 s without a byte for a stall
 REFUSAL_COST = 4 << 20  # bytes a refusal takes off a peer's standing: a piece it did not send
 
 
@@ -67,6 +68,16 @@ class Ledger:
     def snapshot(self) -> dict[str, dict[str, float]]:
         now = self.clock()
         return {h: dict(zip(("received", "sent", "refused"), self._entry(h, now)[:3])) for h in list(self._peers)}
+
+
+def queue_wait(rate: int, slots: int, piece: int) -> float:
+    """Seconds a request waits for a slot: long enough for a slot to turn over.  With a rate
+    limit, `slots` uploads share `rate`, so a piece takes `piece * slots / rate`; a fixed 2 s
+    at a low rate told every waiter 503 before any slot came free, and the waiters lost their
+    places in the queue, the contributors' priority with them."""
+    if rate <= 0:
+        return QUEUE_WAIT
+    return min(MAX_QUEUE_WAIT, max(QUEUE_WAIT, 2 * piece * slots / rate))
 
 
 class UploadSlots:

@@ -47,7 +47,7 @@ from ..digests import parse_digest
 from ..errors import InvalidArgument
 from ..fetch.fetcher import PIECE, Fetch, Fetcher, FetchFailed
 from ..penalties import PeerLimits
-from .ledger import QUEUE_WAIT, Ledger, UploadSlots
+from .ledger import Ledger, UploadSlots, queue_wait
 from ..placement.proofs import SIG_HEADER, answer, parse_challenge, signable
 from ..store import IngestWriter, LocalStore
 from ..store.progress import IngestGone
@@ -85,7 +85,7 @@ class PeerServer:
                  fetcher: Fetcher | None = None, sealer: Sealer | None = None,
                  tls: ssl.SSLContext | None = None, limits: PeerLimits | None = None,
                  signer: Callable[[bytes], bytes] | None = None, on_served: Callable[[str], None] | None = None,
-                 ledger: Ledger | None = None, slot_wait: float = QUEUE_WAIT) -> None:
+                 ledger: Ledger | None = None, slot_wait: float | None = None) -> None:
         self.store = store
         self.ledger = ledger or Ledger()  # what each peer gave us: who gets a contended slot
         self.on_served = on_served  # a GET of a held blob (its demand, `placement.demand`)
@@ -96,6 +96,8 @@ class PeerServer:
         self.sealer = sealer
         self.refused = 0
         self.max_uploads = max_uploads
+        if slot_wait is None:
+            slot_wait = queue_wait(rate_limit, max_uploads, PIECE)
         self.slots = UploadSlots(max_uploads, self.ledger.priority, wait=slot_wait)
         self.bucket = TokenBucket(rate_limit) if rate_limit > 0 else None
         self.bytes_sent = 0

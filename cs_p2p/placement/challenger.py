@@ -45,6 +45,7 @@ DEFAULT_BYTES_PER_MINUTE = 16 << 20
 # Challenges a round sends at most, whatever the byte budget: a node watching thousands of small
 # blobs must not send thousands of requests at once (they queue behind `Info`'s probes).
 MAX_PER_ROUND = 16
+MAX_ASKED = 10_000  # keys remembered as checked out of turn
 
 
 def verdict(expected: str | None, status: int | None, result: str | None, signed: bool) -> str | None:
@@ -75,6 +76,8 @@ class Challenger:
         # Told of each key that lost a record here (`ReplicaFloor.recheck`): the floor then
         # acts at once instead of at its next check, which halves how long a blob stays short.
         self.on_record_dropped: Callable[[bytes], None] | None = None
+        self._asked: dict[bytes, float] = {}  # key -> until when another out-of-turn check waits
+        self._spent_out_of_turn = 0  # bytes challenged by `check_now` since the last round
 
     def in_doubt(self, key: bytes) -> bool:
         """Two holders of the blob gave different answers to one challenge, and this node has
@@ -98,7 +101,9 @@ class Challenger:
     async def round(self) -> int:
         """Challenge holders of watched blobs within this round's share of the budget; returns
         how many challenges were sent."""
-        budget = int(self.bytes_per_minute * self.interval / 60)
+        # What checks out of turn spent since the last round comes off this one's share.
+        share = int(self.bytes_per_minute * self.interval / 60)
+        budget, self._spent_out_of_turn = share - self._spent_out_of_turn, max(0, self._spent_out_of_turn - share)
         protocol = self.dht.protocol
         keys = list(protocol.digests.items())
         random.shuffle(keys)
@@ -119,6 +124,35 @@ class Challenger:
         await asyncio.gather(*sent)
         return len(sent)
 
+    async def check_now(self, key: bytes) -> bool:
+        """Challenge every holder of one key now, out of turn: another watcher found the blob
+        short and this node is ahead of it in the floor's ranking (`ReplicaFloor.asked`), so
+        this node must see the dead holder before the floor can act here.  At most once per
+        key per round; what it challenges counts against the proof budget (the next round
+        sends less), and past a round's worth it waits for the rounds."""
+        now = time.monotonic()
+        if self._asked.get(key, 0.0) > now:
+            return False
+        if len(self._asked) >= MAX_ASKED:
+            self._asked = {k: t for k, t in self._asked.items() if t > now}
+            if len(self._asked) >= MAX_ASKED:
+                return False
+        self._asked[key] = now + self.interval
+        digest = self.dht.protocol.digests.get(key)
+        holders = [r for r in self.dht.protocol.providers.get(key) if not r.inflight and r.node_id != self.dht.node_id]
+        if digest is None or not holders:
+            return False
+        holders = [r for r in holders if r.size == holders[0].size][:MAX_PER_ROUND]
+        share = int(self.bytes_per_minute * self.interval / 60)
+        if self._spent_out_of_turn >= share:  # a round's worth already: wait for the rounds
+            return False
+        ch = pick(digest, holders[0].size, max(1, share // MAX_PER_ROUND // len(holders)))
+        if ch is None:
+            return False
+        self._spent_out_of_turn += ch.length * len(holders)
+        await self._check(key, holders, ch)
+        return True
+
     async def _check(self, key: bytes, holders: list[ProviderRecord], ch: Challenge) -> None:
         own = self.store.served_path(parse_digest(ch.digest))
         expected = None
@@ -136,7 +170,7 @@ class Challenger:
                     passed.append(result)
                 continue
             self.failed += 1
-            self.dht.protocol.providers.remove(key, rec.node_id)
+            self.dht.protocol.refute(key, rec.node_id, 2 * self.interval)
             log.warning("proof of storage failed: record dropped", extra={
                 "digest": ch.digest, "addr": rec.addr, "node_id": rec.node_id.hex(), "reason": why})
             self.fetcher.failed_proof(rec.addr, ch.digest, banned=why != "no answer")

@@ -18,7 +18,7 @@ import asyncio
 import collections
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 from kademlia.node import Node
 
@@ -35,6 +35,7 @@ log = logging.getLogger("cs_p2p.placement")
 
 DEFAULT_REPLICAS = 2
 DEFAULT_INTERVAL = 10.0  # seconds between checks of the watched keys
+NUDGE_SPARE = 2  # nodes asked besides the `deficit` ranked first, in case one of those cannot act
 
 
 class Replicator(Protocol):
@@ -85,6 +86,10 @@ class ReplicaFloor:
         self.events = events  # told of copies cached and of blobs that left (the DHT)
         self.in_doubt = in_doubt  # key -> whether one of its holders may not hold it (`challenger`)
         self._short_since: dict[bytes, float] = {}  # key -> since when it has been below the floor
+        self._nudged: dict[bytes, float] = {}  # key -> when the nodes ahead were last asked to check it
+        self._tasks: set[asyncio.Task] = set()  # nudges sent and asks answered
+        # key -> proofs of its holders now (`Challenger.check_now`), for `asked`
+        self.prove: Callable[[bytes], Awaitable[object]] | None = None
         self._replicating: dict[str, asyncio.Task] = {}
         self.replicated = 0  # blobs this node fetched for the floor
 
@@ -106,6 +111,7 @@ class ReplicaFloor:
             if not records:  # nobody holds it any more: nothing to copy it from
                 del protocol.digests[key]
                 self._short_since.pop(key, None)
+                self._nudged.pop(key, None)
                 continue
             if self._act(key, digest, records, now):
                 started.append(digest)
@@ -128,15 +134,24 @@ class ReplicaFloor:
         deficit = self.wanted(key) - len(holders) + (1 if self.in_doubt and self.in_doubt(key) else 0)
         if deficit <= 0:
             self._short_since.pop(key, None)
+            self._nudged.pop(key, None)
             return False
         since = self._short_since.setdefault(key, now)
         size = collections.Counter(r.size for r in records).most_common(1)[0][0]
         if (self.dht.node_id in holders or digest in self._replicating or not self._has_room(size)
                 or self.store.served_path(digest.split(":", 1)[1])):
             return False
-        known = self.dht.protocol.router.find_neighbors(Node(key), self.dht.server.ksize)
-        place = rank(self.dht.node_id, key, [n.id for n in known if n.id not in holders])
+        target = Node(key)
+        nearest = self.dht.protocol.router.find_neighbors(target, self.dht.server.ksize)
+        if (len(nearest) >= self.dht.server.ksize
+                and nearest[-1].distance_to(target) < target.distance_to(Node(self.dht.node_id))):
+            # k nodes closer to the key than this one: announces go to them now, so what this
+            # node keeps of the key is stale, and it is not one of the key's watchers any more.
+            return False
+        known = [n for n in nearest if n.id not in holders]
+        place = rank(self.dht.node_id, key, [n.id for n in known])
         if not turn_to_act(place, deficit, now - since, self.interval):
+            self._nudge(key, digest, records, known, deficit, now)
             return False
         log.info("below the replication floor: fetching a copy", extra={
             "digest": digest, "holders": len(holders), "wanted": len(holders) + deficit, "place": place})
@@ -144,6 +159,46 @@ class ReplicaFloor:
         self._replicating[digest] = task
         task.add_done_callback(lambda _t: self._replicating.pop(digest, None))
         return True
+
+    def _nudge(self, key: bytes, digest: str, records: list[ProviderRecord], known: list[Node], deficit: int,
+               now: float) -> None:
+        """Not this node's turn: hand the `deficit` nodes ranked first the records it has and ask
+        them to check the key now (`asked`), at most once per interval per key.  They may not have
+        seen the holder that died (this node's proof did), or not keep the key's records at all
+        (they joined after its announces); without a word they acted only when their own proof
+        round caught it, or never, and each place down the ranking waited two intervals more
+        (`hack/bench-sim`: a blob short for 42 s in the median).  One that does not answer
+        leaves the routing table, and the ranking is taken again without it, so the next
+        node is asked in turn."""
+        if self._nudged.get(key, -1e18) + self.interval > now:
+            return
+        self._nudged[key] = now
+        target = Node(key)
+        ahead = sorted(known, key=lambda n: target.distance_to(n))[:deficit + NUDGE_SPARE]
+        protocol = self.dht.protocol
+
+        async def nudge() -> None:
+            answered = await asyncio.gather(*(protocol.call_hand_over(n, key, records, digest, check=True)
+                                              for n in ahead))
+            if not all(answered):
+                self.recheck(key)
+
+        self._spawn(nudge())
+
+    def asked(self, key: bytes) -> None:
+        """A watcher ranked after this node found the blob short (`_nudge`): prove its holders
+        now, then check the floor (`dht.protocol.on_check`)."""
+        async def prove_and_check() -> None:
+            if self.prove is not None:
+                await self.prove(key)
+            self.recheck(key)
+
+        self._spawn(prove_and_check())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def wanted(self, key: bytes) -> int:
         """The floor, plus holders for a blob in demand (`demand`), up to the cap."""

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cs_p2p.peer.ledger import REFUSAL_COST, Ledger, UploadSlots
+from cs_p2p.peer.ledger import MAX_QUEUE_WAIT, QUEUE_WAIT, REFUSAL_COST, Ledger, UploadSlots, queue_wait
 
 
 def test_standing_is_what_a_peer_gave_less_its_refusals_and_it_fades():
@@ -85,3 +85,13 @@ async def test_no_slot_in_time_is_a_refusal_and_leaves_nothing_behind():
     assert not await slots.acquire("b")
     slots.release()
     assert slots.in_use == 0 and await slots.acquire("c")
+
+
+def test_a_request_waits_for_a_slot_as_long_as_a_piece_takes_under_the_rate_limit():
+    piece = 4 << 20
+    assert queue_wait(0, 16, piece) == QUEUE_WAIT  # no rate limit: slots turn over fast
+    # One slot at 4 MiB/s: a piece takes 1 s, a waiter gets two.
+    assert queue_wait(4 << 20, 1, piece) == pytest.approx(2.0)
+    # Four slots sharing 2 MiB/s: a piece takes 8 s; a waiter waits what a fetcher tolerates.
+    assert queue_wait(2 << 20, 4, piece) == MAX_QUEUE_WAIT
+    assert queue_wait(8 << 20, 3, piece) == pytest.approx(3.0)
