@@ -17,6 +17,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from kademlia.node import Node
+
 from cs_p2p.auth import AuthError
 from cs_p2p.dht.node import provider_key
 from cs_p2p.dht.providers import ProviderRecord
@@ -242,3 +244,22 @@ def test_members_fetch_over_mutual_tls_and_outsiders_get_nothing(key_cluster, wo
     # A daemon whose certificate another CA issued neither joins nor finds a's blob.
     outsider, _, _, _, _ = start("y", a_dht, ca=os.path.join(workdir, "other-ca"))
     assert_outsider_gets_nothing(outsider, digest)
+
+
+async def test_records_handed_over_keep_their_publishers_signatures(key_nodes):
+    """A node handing a key's records to a newcomer (Kademlia's join, `ProviderProtocol._hand_over`)
+    cannot slip in a record it altered: the newcomer keeps only records their publishers signed."""
+    first = await key_nodes(member())
+    honest = await key_nodes(member(), first)
+    await honest.announce(D1, 7)
+    key = provider_key(D1)
+    stored = first.protocol.providers.get(key)[0]
+    altered = ProviderRecord(stored.node_id, "6.6.6.6:1", stored.size, stored.expires, stored.started, stored.sig)
+    newcomer = await key_nodes(member(), first)
+    to = Node(newcomer.node_id, "127.0.0.1", newcomer.server.transport.get_extra_info("sockname")[1])
+    assert await first.protocol.call_hand_over(to, key, [altered], D1)
+    assert newcomer.protocol.providers.get(key) in ([], [stored])  # never the altered one
+    assert newcomer.protocol.forged >= 1
+    assert await first.protocol.call_hand_over(to, key, [stored], D1)
+    assert newcomer.protocol.providers.get(key) == [stored]
+    assert newcomer.protocol.digests[key] == D1

@@ -27,6 +27,7 @@ a ping of ours, and a client (`client=True`) answers no request at all, so it ne
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -55,6 +56,7 @@ MAX_CERTS = 100_000
 MAX_WATCHED = 100_000  # digests of the keys whose records this node keeps
 DATAGRAMS_PER_PEER = 2000.0  # per second from one ip:port; a node announcing what it holds sends bursts
 HANDOVER_PLACES = 3  # a newcomer gets a key's records from the nodes this close to it (`_hand_over`)
+MAX_HANDED_OVER = 10_000  # node ids remembered as handed their records
 MAX_VERIFYING = 256  # new contacts being pinged at once; more are ignored until they call again
 
 
@@ -89,6 +91,7 @@ class ProviderProtocol(KademliaProtocol):
         self.on_check: Callable[[bytes], None] | None = None
         self.refuted: dict[tuple[bytes, bytes], float] = {}  # (key, holder) -> until when (`refute`)
         self.round_trip = RoundTrip()  # of the replies to our requests: how long walks wait (`rtt`)
+        self._handed_over: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # node ids (`_welcome`)
 
     def connection_made(self, transport) -> None:
         super().connection_made(_SealingTransport(transport, self.sealer) if self.sealer else transport)
@@ -149,7 +152,12 @@ class ProviderProtocol(KademliaProtocol):
     def _welcome(self, node: Node) -> None:
         """Into the routing table; a node never met before is first handed the records it
         should keep."""
-        if self.router.is_new_node(node) and not self.client:
+        if self.router.is_new_node(node) and not self.client and node.id not in self._handed_over:
+            # Once per node: one whose bucket is full stays "new" (kademlia keeps it among the
+            # bucket's replacements), and every reply from it handed the records over again.
+            self._handed_over[node.id] = None
+            if len(self._handed_over) > MAX_HANDED_OVER:
+                self._handed_over.popitem(last=False)
             self._hand_over(node)
         KademliaProtocol.welcome_if_new(self, node)
 
@@ -318,8 +326,8 @@ class ProviderProtocol(KademliaProtocol):
             synced = self._records_and_nodes(result, node, key, "provider", ProviderRecord.from_wire)
             if synced is not None:
                 self.keep_records(key, synced[0])
-        else:
-            self.handle_call_response(result, node)
+        elif not result[0]:
+            self.router.remove_contact(node)
         return bool(result[0])
 
     def watch(self, key: bytes, digest: object) -> None:

@@ -26,6 +26,7 @@ from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
 from ..fetch.fetcher import Fetch
 from ..store import LocalStore
+from .challenger import jittered
 from .demand import extra_replicas
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class ReplicaFloor:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(jittered(self.interval))
             try:
                 self.check()
             except Exception:  # one bad round must not end the floor
@@ -143,12 +144,14 @@ class ReplicaFloor:
             return False
         target = Node(key)
         nearest = self.dht.protocol.router.find_neighbors(target, self.dht.server.ksize)
+        known = [n for n in nearest if n.id not in holders]
         if (len(nearest) >= self.dht.server.ksize
                 and nearest[-1].distance_to(target) < target.distance_to(Node(self.dht.node_id))):
             # k nodes closer to the key than this one: announces go to them now, so what this
-            # node keeps of the key is stale, and it is not one of the key's watchers any more.
+            # node keeps of the key is stale and it does not copy on it; but its proofs still
+            # find dead holders, and the nodes whose turn it is hear of it.
+            self._nudge(key, digest, records, known, deficit, now)
             return False
-        known = [n for n in nearest if n.id not in holders]
         place = rank(self.dht.node_id, key, [n.id for n in known])
         if not turn_to_act(place, deficit, now - since, self.interval):
             self._nudge(key, digest, records, known, deficit, now)

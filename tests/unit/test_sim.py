@@ -46,7 +46,7 @@ def test_a_dead_holder_found_by_a_proof_is_replaced_before_the_next_floor_check(
 def test_lookups_do_not_wait_out_the_dead_contacts_churn_leaves_in_routing_tables():
     """Three nodes in five die at once and nobody has noticed yet: every routing table is
     full of dead contacts.  A walk that waited its whole round timeout (0.3 s) for each took
-    hundreds of ms; one that waits as long as replies take moves on in a few ms."""
+    hundreds of ms; one that waits as long as replies take moves on in tens."""
     import asyncio
     import random
 
@@ -71,7 +71,9 @@ def test_lookups_do_not_wait_out_the_dead_contacts_churn_leaves_in_routing_table
     found = sorted(t for t in results if t is not None)
     assert len(found) >= 0.99 * len(results)
     p99 = found[int(0.99 * len(found)) - 1]
-    assert p99 < 0.05, f"lookup p99 {p99 * 1000:.0f} ms with dead contacts about"
+    # Three dead contacts in a row cost a wait each (60 ms at 20 ms); a walk waiting 0.3 s for
+    # each dead contact had a p99 of 600 ms here.
+    assert p99 < 0.15, f"lookup p99 {p99 * 1000:.0f} ms with dead contacts about"
 
 
 def test_the_floor_holds_under_churn_without_copying_more_than_churn_took():
