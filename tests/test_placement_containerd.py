@@ -1,7 +1,8 @@
 """Placement (issue 11) with real containerd nodes pulling through their mirrors: a holder that
 dies is replaced by the replication floor and the image still pulls with the registry down; a
 holder whose copy went bad behind the DHT's back is caught by a proof of storage and pulls get
-the right bytes; the cache stays within its budget and never touches what containerd uses.
+the right bytes; the cache stays within its budget and never touches what containerd uses; a
+contended holder serves the node that gave it bytes before a free rider.
 
 These run once, on the default containerd: what they show happens between cs-p2p nodes, the
 same whatever the containerd release (its content API is the same on all three)."""
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 from cs_p2p.devcluster.images import build_image, push_image
 from cs_p2p.devcluster.processes import wait_for
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked
-from tests.integration.test_mirror import MirrorNode, own_registry  # noqa: F401 (a fixture)
+from tests.integration.test_mirror import MirrorNode, own_registry, wait_shared  # noqa: F401 (a fixture)
 from tests.integration.test_p2p_pull import holders_of, providers_of
 
 pytestmark = requires_containerd
@@ -107,3 +110,54 @@ def test_the_cache_stays_within_its_budget_and_never_takes_what_containerd_uses(
         assert all(n.peer in providers_of(d, n.dht) for d in list(kept)[:2])
     finally:
         n.stop()
+
+
+def test_a_contended_holder_serves_the_node_that_gave_before_the_free_rider(workdir, own_registry,
+                                                                            tmp_path):  # noqa: F811
+    """Fair sharing with containerd pulls: the only holder of an image has one upload slot at
+    8 MiB/s.  The free rider (it takes, and the address it announces serves nothing) starts its
+    pull first; the node that once gave the holder a blob starts its own a moment later, and its
+    pull ends first; the rider's pull still succeeds."""
+    gift = build_image(str(tmp_path / "gift"), [4 << 20])
+    img = build_image(str(tmp_path / "app"), [24 << 20, 24 << 20])
+    gift_ref = push_image(gift, own_registry.addr, "fair/gift")
+    ref = push_image(img, own_registry.addr, "fair/app")
+    keep_nothing = ["--replicas", "0", "--cache-max-bytes", "0"]
+    holder = MirrorNode(os.path.join(workdir, "holder"), own_registry, None,
+                        ["--peer-max-uploads", "1", "--peer-rate-limit", str(8 << 20), "--replicas", "0"],
+                        ip="127.0.0.3")
+    nodes = [holder]
+    try:
+        giver = MirrorNode(os.path.join(workdir, "giver"), own_registry, holder.dht, keep_nothing, ip="127.0.0.4")
+        nodes.append(giver)
+        rider = MirrorNode(os.path.join(workdir, "rider"), own_registry, holder.dht,
+                           keep_nothing + ["--advertise-addr", "127.0.0.9"], ip="127.0.0.5")
+        nodes.append(rider)
+        # The giver gives: the holder pulls the gift's layer from it.
+        assert giver.pull(gift_ref).returncode == 0
+        wait_shared(giver, gift.digests)
+        assert holder.pull(gift_ref).returncode == 0
+        assert log_records(holder, "fetched from peers"), "the holder took the gift from a peer"
+        assert holder.pull(ref).returncode == 0  # from the registry: the holder is the only peer with it
+        wait_shared(holder, img.digests)
+
+        def pull(node: MirrorNode, delay: float, ended: dict) -> None:
+            time.sleep(delay)
+            res = node.pull(ref)
+            ended[node] = (time.monotonic(), res.returncode, res.stderr.decode())
+
+        ended: dict = {}
+        threads = [threading.Thread(target=pull, args=(rider, 0.0, ended)),
+                   threading.Thread(target=pull, args=(giver, 0.3, ended))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert ended[rider][1] == 0 and ended[giver][1] == 0, (ended[rider][2], ended[giver][2])
+        assert ended[giver][0] < ended[rider][0], "the free rider's pull ended first"
+        for node in (giver, rider):  # each layer came from the holder, not the registry
+            sources = [r["sources"] for r in log_records(node, "fetched from peers") if r["size"] >= 24 << 20]
+            assert len(sources) == 2 and all(set(s) == {holder.peer} for s in sources), sources
+    finally:
+        for n in nodes:
+            n.stop()

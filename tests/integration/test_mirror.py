@@ -25,8 +25,10 @@ pytestmark = requires_containerd
 class MirrorNode:
     """containerd + cs-p2p with the peer server, the DHT and the mirror for one registry."""
 
-    def __init__(self, workdir: str, registry: Registry, bootstrap: str | None, extra: list[str] | None = None) -> None:
-        self.peer, self.dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    def __init__(self, workdir: str, registry: Registry, bootstrap: str | None, extra: list[str] | None = None,
+                 ip: str = "127.0.0.1") -> None:
+        """`ip`: the loopback address of its peer server and DHT node (peers tell nodes apart by it)."""
+        self.peer, self.dht = f"{ip}:{free_port()}", f"{ip}:{free_port()}"
         self.mirror = f"127.0.0.1:{free_port()}"
         args = ["--peer-listen", self.peer, "--dht-listen", self.dht, "--mirror-listen", self.mirror,
                 "--mirror-registry", f"http://{registry.addr}", "--mirror-timeout-ms", "1000"]
