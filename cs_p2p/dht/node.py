@@ -256,14 +256,21 @@ class DhtNode:
             yield list(local)
         target = Node(key)
         shortlist = NodeHeap(target, self.server.ksize)
-        shortlist.push(self.protocol.router.find_neighbors(target, self.server.ksize))
+        # More than k contacts: the ones a walk gives up on leave the shortlist, and the next
+        # closest take their places (a node whose table near the key was all dead found nothing).
+        shortlist.push(self.protocol.router.find_neighbors(target, 3 * self.server.ksize))
         pending: dict[asyncio.Future, tuple[Node, float]] = {}  # call -> (node, when sent)
+        given_up: set[bytes] = set()
         try:
             while True:
                 now = loop.time()
                 if deadline is not None and now >= deadline:
                     break
                 patience = self.protocol.round_trip.wait(round_timeout)
+                late = [n.id for n, t in pending.values() if now - t >= patience and n.id not in given_up]
+                if late:  # no longer among the closest the walk waits for; a late reply still counts
+                    given_up.update(late)
+                    shortlist.remove(late)
                 fresh = [t for _, t in pending.values() if now - t < patience]
                 for n in shortlist.get_uncontacted()[: max(0, self.server.alpha - len(fresh))]:
                     shortlist.mark_contacted(n)
