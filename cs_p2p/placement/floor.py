@@ -9,7 +9,9 @@ into their cache (`store.cache`: served and announced, never listed to container
 watcher further down the ranking waits two check intervals per place before it acts, so that
 when a closer node cannot (no room, or dead but still in the routing table), the next one
 takes over, and when the closer node does, the others see its in-flight record and stand
-down.  In-flight records count as holders: a fetch under way is a copy on its way.
+down.  In-flight records count as holders: a fetch under way is a copy on its way.  Meanwhile
+it asks the nodes ranked first to check the key at once (`_nudge`): a dead holder is usually
+found by some watcher's proof, seldom by the one whose turn it is.
 """
 
 from __future__ import annotations
@@ -165,8 +167,9 @@ class ReplicaFloor:
 
     def _nudge(self, key: bytes, digest: str, records: list[ProviderRecord], known: list[Node], deficit: int,
                now: float) -> None:
-        """Not this node's turn: hand the `deficit` nodes ranked first the records it has and ask
-        them to check the key now (`asked`), at most once per interval per key.  They may not have
+        """Not this node's turn: hand the `deficit` nodes ranked first (and `NUDGE_SPARE` more)
+        the records it has and ask them to check the key now (`asked`), at most once per
+        interval per key.  They may not have
         seen the holder that died (this node's proof did), or not keep the key's records at all
         (they joined after its announces); without a word they acted only when their own proof
         round caught it, or never, and each place down the ranking waited two intervals more
