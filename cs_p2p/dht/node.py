@@ -225,16 +225,18 @@ class DhtNode:
         seen: dict[bytes, float] = {}  # publisher -> the expiry of its record given so far
         result = "not_found"
         t0 = time.monotonic()
+        walk = self._walk(key, self.protocol.providers.get(key), self.protocol.call_get_providers, round_timeout,
+                          within)
         try:
-            async for records in self._walk(key, self.protocol.providers.get(key), self.protocol.call_get_providers,
-                                            round_timeout, within):
-                now = time.time()
-                batch = {r.node_id: r for r in records if r.node_id != self._self_id and r.expires > now
-                         and r.expires > seen.get(r.node_id, 0.0)}
-                if batch:
-                    seen.update((nid, r.expires) for nid, r in batch.items())
-                    result = "found"
-                    yield list(batch.values())
+            async with contextlib.aclosing(walk) as replies:  # closed with this one, not when collected
+                async for records in replies:
+                    now = time.time()
+                    batch = {r.node_id: r for r in records if r.node_id != self._self_id and r.expires > now
+                             and r.expires > seen.get(r.node_id, 0.0)}
+                    if batch:
+                        seen.update((nid, r.expires) for nid, r in batch.items())
+                        result = "found"
+                        yield list(batch.values())
         finally:
             metrics.DHT_LOOKUPS.labels(result=result).observe(time.monotonic() - t0)
 
