@@ -233,8 +233,7 @@ class ProviderProtocol(KademliaProtocol):
             member = getattr(sender, "member", None)
             if not self._signed_by(kind, key, rec, member):
                 return {"error": "record not signed by its publisher"}
-            if len(self.certs) < MAX_CERTS or rec.node_id in self.certs:
-                self.certs[rec.node_id] = member.cert_der
+            self._keep_cert(rec.node_id, member.cert_der)
         if not store(key, rec):
             return {"error": "too many records from this node"}
         return True
@@ -265,21 +264,7 @@ class ProviderProtocol(KademliaProtocol):
         lookup's reply; with a cluster token a member could as well put them in such a reply."""
         if self._sender_node(sender, nodeid) is None or not _is_key(key) or not isinstance(records, list):
             return {"error": "bad node id, key or records"}
-        publishers = self._publishers(certs) if self.identity is not None else {}
-        parsed = []
-        for raw in records[:MAX_RECORDS_PER_REPLY]:
-            try:
-                rec = ProviderRecord.from_wire(raw)
-            except ValueError:
-                continue
-            if self.identity is not None:
-                member = publishers.get(rec.node_id)
-                if not self._signed_by("provider", key, rec, member):
-                    self.forged += 1
-                    continue
-                if len(self.certs) < MAX_CERTS or rec.node_id in self.certs:
-                    self.certs[rec.node_id] = member.cert_der
-            parsed.append(rec)
+        parsed = self._signed_records("provider", key, records, certs, ProviderRecord.from_wire, keep_certs=True)
         if self.keep_records(key, parsed):
             self.watch(key, digest)
         if check is not True:
@@ -323,7 +308,7 @@ class ProviderProtocol(KademliaProtocol):
         result = await self.hand_over((node.ip, node.port), self.source_node.id, key, [r.to_wire() for r in records],
                                       certs, digest, check)
         if check:  # the reply is what `node` knows of the key
-            synced = self._records_and_nodes(result, node, key, "provider", ProviderRecord.from_wire)
+            synced = self._records_and_nodes(result, node, key, "provider", ProviderRecord.from_wire, keep_certs=True)
             if synced is not None:
                 self.keep_records(key, synced[0])
         elif not result[0]:
@@ -386,23 +371,14 @@ class ProviderProtocol(KademliaProtocol):
         result = await self.get_providers((node.ip, node.port), self.source_node.id, key)
         return self._records_and_nodes(result, node, key, "provider", ProviderRecord.from_wire)
 
-    def _records_and_nodes(self, result, node: Node, key: bytes, kind: str, parse):
+    def _records_and_nodes(self, result, node: Node, key: bytes, kind: str, parse, keep_certs: bool = False):
         self.handle_call_response(result, node)
         ok, reply = result
         field = kind + "s"
         if not ok or not isinstance(reply, dict) or field not in reply or not isinstance(reply[field], list):
             return None
-        publishers = self._publishers(reply.get("certs")) if self.identity is not None else {}
-        records, nodes = [], []
-        for raw in reply[field][:MAX_RECORDS_PER_REPLY]:
-            try:
-                rec = parse(raw)
-            except ValueError:
-                continue  # one bad record does not spoil the rest
-            if self.identity is not None and not self._signed_by(kind, key, rec, publishers.get(rec.node_id)):
-                self.forged += 1
-                continue  # altered or made up by the node that answered
-            records.append(rec)
+        records = self._signed_records(kind, key, reply[field], reply.get("certs"), parse, keep_certs)
+        nodes = []
         raw_nodes = reply.get("nodes")
         for raw in raw_nodes if isinstance(raw_nodes, list) else []:
             if isinstance(raw, (list, tuple)) and len(raw) == 3 and _is_key(raw[0]):
@@ -411,6 +387,31 @@ class ProviderProtocol(KademliaProtocol):
         if self.client and isinstance(demand, (int, float)) and not isinstance(demand, bool) and 0 <= demand < 1e9:
             self.demand_heard[key] = max(self.demand_heard.get(key, 0.0), float(demand))
         return records, nodes
+
+    def _signed_records(self, kind: str, key: bytes, raws: list, certs: object, parse, keep_certs: bool) -> list:
+        """Records from another node (a reply, a hand-over); in key-pair mode only the ones
+        their publishers signed, with their certificates kept if this node keeps the records
+        (it passes them on with them)."""
+        publishers = self._publishers(certs) if self.identity is not None else {}
+        records = []
+        for raw in raws[:MAX_RECORDS_PER_REPLY]:
+            try:
+                rec = parse(raw)
+            except ValueError:
+                continue  # one bad record does not spoil the rest
+            if self.identity is not None:
+                member = publishers.get(rec.node_id)
+                if not self._signed_by(kind, key, rec, member):
+                    self.forged += 1
+                    continue  # altered or made up by the node that sent it
+                if keep_certs:
+                    self._keep_cert(rec.node_id, member.cert_der)
+            records.append(rec)
+        return records
+
+    def _keep_cert(self, node_id: bytes, der: bytes) -> None:
+        if len(self.certs) < MAX_CERTS or node_id in self.certs:
+            self.certs[node_id] = der
 
     def _publishers(self, certs: object) -> dict[bytes, Member]:
         members: dict[bytes, Member] = {}
