@@ -14,7 +14,7 @@ def test_a_small_cluster_with_churn_finds_its_blobs_and_repairs_the_floor():
     r = simulate(nodes=40, blobs=10, minutes=2, churn=0.1, replicas=3, floor=2, seed=7)
     assert time.time() >= t0  # real time is back once the simulation ends
     assert 110 < r.minutes * 60 < 130  # two simulated minutes, in seconds of CPU
-    assert r.churn_per_minute >= 3.5  # 10 % of 40 nodes a minute were replaced
+    assert round(r.churn_per_minute * r.minutes) >= 7  # 10 % of 40 nodes a minute: one every 15 s
     assert r.lookup_success >= 0.99 and r.lookup_p99_ms < 50
     assert r.copies > 0  # holders that died were replaced
     assert r.blob_available == 1.0 and r.floor_held >= 0.95
