@@ -93,9 +93,14 @@ def test_a_provider_that_fails_does_not_fail_the_pull(mode, make_node, own_regis
         assert all(own_registry.blob_bytes_served().get(d) == len(b) for d, b in blobs.items())
         assert set(blobs) <= {r["digest"] for r in log_records(node, "blob served") if r["from"] == "registry"}
     else:
-        # Claimed from the peer, which then failed: cs-p2p finished each blob from the registry.
-        assert set(fetched) == set(blobs), f"sources: {fetched}"
+        # Claimed from the peer, which then failed: cs-p2p finished the blob from the registry.
+        # The failures ban the peer (three in a row), so a blob whose `Info` came after the ban
+        # is not claimed from it at all, and containerd downloads it (which of the blobs that
+        # is depends on how containerd orders its calls).
+        assert fetched and set(fetched) <= set(blobs), f"sources: {fetched}"
         assert all(src.get("registry", 0) > 0 for src in fetched.values())
+        unclaimed = set(blobs) - set(fetched)
+        assert unclaimed <= {r["digest"] for r in log_records(node, "no provider reachable")}, unclaimed
     print(f"{mode}: pulled in {seconds:.1f} s")
 
 
