@@ -30,7 +30,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import time
 from typing import Any, Callable
 
 import umsgpack
@@ -39,6 +38,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
 from ..auth import AuthError, Sealer
+from ..expiring import Expiring
 from ..identity import Identity, IdentityError, KeySealer, Member
 from ..penalties import PeerLimits
 from ..placement.demand import Demand
@@ -89,7 +89,7 @@ class ProviderProtocol(KademliaProtocol):
         self.forged = 0  # records refused: not signed by the node they name
         # Told of a key another watcher asked this node to check now (`ReplicaFloor.asked`).
         self.on_check: Callable[[bytes], None] | None = None
-        self.refuted: dict[tuple[bytes, bytes], float] = {}  # (key, holder) -> until when (`refute`)
+        self.refuted = Expiring(MAX_WATCHED)  # (key, holder) a proof refuted here a moment ago (`refute`)
         self.round_trip = RoundTrip()  # of the replies to our requests: how long walks wait (`rtt`)
         self._handed_over: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # node ids (`_welcome`)
 
@@ -278,10 +278,9 @@ class ProviderProtocol(KademliaProtocol):
     def keep_records(self, key: bytes, records: list[ProviderRecord]) -> int:
         """Records of other publishers, handed over or synced (not this node's own, not ones a
         proof of storage refuted here a moment ago); returns how many were kept."""
-        now = time.monotonic()
         kept = 0
         for rec in records:
-            if (rec.node_id != self.source_node.id and self.refuted.get((key, rec.node_id), 0.0) <= now
+            if (rec.node_id != self.source_node.id and (key, rec.node_id) not in self.refuted
                     and self.providers.add(key, rec)):
                 kept += 1
         return kept
@@ -290,11 +289,7 @@ class ProviderProtocol(KademliaProtocol):
         """A proof of storage failed: drop the record, and take it from no other node for a while
         (the node that handed it here may not have caught the holder yet)."""
         self.providers.remove(key, node_id)
-        now = time.monotonic()
-        if len(self.refuted) >= MAX_WATCHED:
-            self.refuted = {k: t for k, t in self.refuted.items() if t > now}
-        if len(self.refuted) < MAX_WATCHED:
-            self.refuted[(key, node_id)] = now + for_seconds
+        self.refuted.add((key, node_id), for_seconds)
 
     async def call_hand_over(self, node: Node, key: bytes, records: list[ProviderRecord], digest: str | None,
                              check: bool = False) -> bool:

@@ -33,6 +33,7 @@ from typing import Callable
 from ..digests import parse_digest
 from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
+from ..expiring import Expiring
 from ..fetch.fetcher import Fetcher
 from ..identity import IdentityError
 from ..store import LocalStore
@@ -85,7 +86,7 @@ class Challenger:
         # Told of each key that lost a record here (`ReplicaFloor.recheck`): the floor then
         # acts at once instead of at its next check, which halves how long a blob stays short.
         self.on_record_dropped: Callable[[bytes], None] | None = None
-        self._asked: dict[bytes, float] = {}  # key -> until when another out-of-turn check waits
+        self._asked = Expiring(MAX_ASKED)  # keys checked out of turn a moment ago
         self._spent_out_of_turn = 0  # bytes challenged by `check_now` since the last round
 
     def in_doubt(self, key: bytes) -> bool:
@@ -139,14 +140,8 @@ class Challenger:
         this node must see the dead holder before the floor can act here.  At most once per
         key per round; what it challenges counts against the proof budget (the next round
         sends less), and past a round's worth it waits for the rounds."""
-        now = time.monotonic()
-        if self._asked.get(key, 0.0) > now:
+        if key in self._asked or not self._asked.add(key, self.interval):
             return False
-        if len(self._asked) >= MAX_ASKED:
-            self._asked = {k: t for k, t in self._asked.items() if t > now}
-            if len(self._asked) >= MAX_ASKED:
-                return False
-        self._asked[key] = now + self.interval
         digest = self.dht.protocol.digests.get(key)
         holders = [r for r in self.dht.protocol.providers.get(key) if not r.inflight and r.node_id != self.dht.node_id]
         if digest is None or not holders:
