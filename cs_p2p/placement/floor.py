@@ -179,8 +179,7 @@ class ReplicaFloor:
         if self._nudged.get(key, -1e18) + self.interval > now:
             return
         self._nudged[key] = now
-        target = Node(key)
-        ahead = sorted(known, key=lambda n: target.distance_to(n))[:deficit + NUDGE_SPARE]
+        ahead = known[:deficit + NUDGE_SPARE]  # `find_neighbors` order: closest to the key first
         protocol = self.dht.protocol
 
         async def nudge() -> None:
