@@ -121,6 +121,25 @@ def _parser() -> argparse.ArgumentParser:
     iss.add_argument("--cert", required=True, help="the certificate file to write")
     iss.add_argument("--days", type=int, default=365, help="validity (default 365)")
 
+    ad = sub.add_parser("adopt", help="take every blob of containerd's builtin content store into cs-p2p's",
+                        description="Before containerd restarts with cs-p2p as its content store: take every blob "
+                                    "of containerd's builtin store (CONTAINERD_ROOT/io.containerd.content.v1.content) "
+                                    "into cs-p2p's store, hard-linked where both are on one file system, copied "
+                                    "otherwise; each is verified against its digest first, and one that does not "
+                                    "match is left out and named. The builtin store keeps its files. Idempotent; "
+                                    "safe to interrupt and run again.")
+    rel = sub.add_parser("release", help="give every blob back to containerd's builtin content store",
+                         description="Before containerd restarts without cs-p2p: give every blob containerd holds "
+                                     "in cs-p2p's store back to containerd's builtin store (hard links, or copies), "
+                                     "then remove the drop-in named by --drop-in, so that stock containerd has every "
+                                     "image. Deletes nothing else; idempotent.")
+    for h in (ad, rel):
+        h.add_argument("--containerd-root", default="/var/lib/containerd",
+                       help="containerd's root directory (default /var/lib/containerd)")
+        h.add_argument("--config", help="cs-p2p's TOML file, to find its root")
+        h.add_argument("--root", help=f"cs-p2p's store directory (default {Config.root})")
+    rel.add_argument("--drop-in", help="containerd config fragment to remove once every blob is back")
+
     c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment; with "
                        "--mirror-registry, write hosts.toml files that put the mirror in front",
                        description="Print the fragment of containerd's config.toml that makes cs-p2p the node's "
@@ -147,6 +166,43 @@ def _membership_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-key-file", help="membership by key pair: this node's Ed25519 key (PEM)")
     p.add_argument("--node-cert-file", help="membership by key pair: its certificate from the cluster CA")
     p.add_argument("--cluster-ca-file", help="membership by key pair: the cluster CA certificate(s)")
+
+
+def _hand_over(args: argparse.Namespace) -> int:
+    """`adopt` and `release`: a report on stderr as it goes, a summary on stdout."""
+    import os
+
+    from .store import handover
+
+    try:
+        root = load_config(args.config, {"root": args.root}).root
+    except (ConfigError, ValueError) as exc:
+        print(f"cs-p2p: {exc}", file=sys.stderr)
+        return 2
+    if not os.path.isdir(args.containerd_root):
+        print(f"cs-p2p: containerd root {args.containerd_root} is not a directory", file=sys.stderr)
+        return 2
+
+    def progress(done: int, total: int, r: handover.Report) -> None:
+        print(f"cs-p2p {args.command}: {done}/{total} blobs, {r.bytes / 2**20:.1f} MiB taken", file=sys.stderr)
+
+    if args.command == "adopt":
+        report = handover.adopt(args.containerd_root, root, progress)
+        print(f"adopted {report.taken} blobs ({report.linked} linked, {report.copied} copied, "
+              f"{report.bytes} bytes), {report.present} already held")
+        for digest in report.corrupt:
+            print(f"not adopted, its bytes do not match its digest: {digest}")
+        return 0
+    report = handover.release(root, args.containerd_root, progress)
+    print(f"released {report.taken} blobs ({report.linked} linked, {report.copied} copied, "
+          f"{report.bytes} bytes), {report.present} already in containerd's store")
+    if args.drop_in:
+        try:
+            os.unlink(args.drop_in)
+            print(f"removed {args.drop_in}")
+        except FileNotFoundError:
+            pass
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(containerd_config(args.socket, release, args.hosts_dir if registries else None,
                                            args.max_concurrent_unpacks))
         return 0
+    if args.command in ("adopt", "release"):
+        return _hand_over(args)
     if args.command == "status":
         from .admin import admin_socket
         from .status_client import status

@@ -1,0 +1,218 @@
+"""Install on a node that already has images, and uninstall, without losing one.
+
+A stock containerd (builtin content store) pulls images and imports one from a tar; `cs-p2p
+adopt` takes its blobs; the same containerd restarts with cs-p2p as its store, and with the
+registry gone every image is still complete and a container runs.  `cs-p2p release` hands
+everything back, and stock containerd again has every image, those pulled through cs-p2p (some
+from peers) included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+
+from cs_p2p.api import content_pb2 as pb
+from cs_p2p.devcluster.images import build_image, build_image_from_tars, push_image
+from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port
+from cs_p2p.store.handover import builtin_blob_dir
+from tests.conftest import assert_read_from_peers, content_stub, requires_containerd
+from tests.integration.layers import TarBuilder
+
+pytestmark = requires_containerd
+
+BUSYBOX = "/bin/busybox"
+
+
+def busybox_archive(workdir: str, name: str) -> str:
+    """An OCI archive (what `ctr image import` reads) of a runnable busybox image tagged `name`:v1."""
+    layer = TarBuilder(os.path.join(workdir, "busybox-layer.tar"))
+    layer.dir("bin")
+    with open(BUSYBOX, "rb") as f:
+        layer.add("bin/busybox", data=f.read(), mode=0o755)
+    layer.add("bin/sh", tarfile.SYMTYPE, linkname="busybox")
+    layout = os.path.join(workdir, "busybox-oci")
+    build_image_from_tars(layout, [(layer.close(), "gzip")], tag=f"{name}:v1", cmd=["/bin/sh"])
+    archive = os.path.join(workdir, "busybox.tar")
+    with tarfile.open(archive, "w") as tar:
+        for entry in sorted(os.listdir(layout)):
+            tar.add(os.path.join(layout, entry), arcname=entry)
+    return archive
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cs_p2p.cli", *args], capture_output=True, text=True, check=True,
+                          timeout=300)
+
+
+def image_check(node: Containerd) -> dict[str, str]:
+    """`ctr image check`: image name -> its status word (complete, incomplete, error...)."""
+    out = node.ctr("image", "check").stdout.decode().splitlines()[1:]
+    return {line.split()[0]: line.split()[3] for line in out if line.strip()}
+
+
+def run_busybox(node: Containerd, ref: str) -> str:
+    name = "c" + uuid.uuid4().hex[:8]
+    return node.ctr("run", "--rm", ref, name, "/bin/busybox", "echo", "ran", timeout=120).stdout.decode().strip()
+
+
+class Host:
+    """One node: its containerd keeps its root across restarts, stock or with cs-p2p."""
+
+    def __init__(self, workdir: str, registry: Registry) -> None:
+        self.dir, self.registry = workdir, registry
+        self.ctd_dir = os.path.join(workdir, "ctd")
+        self.containerd: Containerd | None = None
+        self.cs: CsP2P | None = None
+
+    def start_stock(self) -> Containerd:
+        self.containerd = Containerd(self.ctd_dir, None, [self.registry.addr]).start()
+        return self.containerd
+
+    def start_with_cs_p2p(self, cs_args: list[str]) -> Containerd:
+        self.cs = CsP2P(os.path.join(self.dir, "cs"), cs_args).start()
+        self.containerd = Containerd(self.ctd_dir, self.cs.socket, [self.registry.addr]).start()
+        return self.containerd
+
+    def pull(self, ref: str) -> None:
+        assert self.containerd is not None
+        self.containerd.ctr(*self.containerd.pull_args(ref))
+
+    def stop(self) -> None:
+        if self.containerd:
+            self.containerd.stop()
+        if self.cs:
+            self.cs.stop()
+
+
+@pytest.fixture
+def own_registry(workdir):
+    """A registry this test may stop (the session's stays up for the others)."""
+    reg = Registry(os.path.join(workdir, "registry")).start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def hosts(workdir, own_registry):
+    made: list[Host] = []
+
+    def make(name: str) -> Host:
+        h = Host(os.path.join(workdir, name), own_registry)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.stop()
+
+
+def peer_args() -> tuple[list[str], str]:
+    dht = f"127.0.0.1:{free_port()}"
+    return ["--peer-listen", f"127.0.0.1:{free_port()}", "--dht-listen", dht], dht
+
+
+def test_install_adopts_every_image_the_node_had(hosts, own_registry, workdir):
+    images = [build_image(os.path.join(workdir, f"oci{i}"), [1 << 20, 300_000]) for i in range(2)]
+    refs = [push_image(img, own_registry.addr, f"lifecycle/app{i}") for i, img in enumerate(images)]
+    host = hosts("a")
+    stock = host.start_stock()
+    for ref in refs:
+        host.pull(ref)
+    stock.ctr("image", "import", "--base-name", "localhost/lifecycle/busybox",
+              busybox_archive(workdir, "localhost/lifecycle/busybox"))
+    imported = "localhost/lifecycle/busybox:v1"
+    before = image_check(stock)
+    assert set(before) == {*refs, imported} and set(before.values()) == {"complete"}
+    # a blob whose bytes do not match its name, as a disk error leaves it
+    good = b"the bytes the digest names"
+    bad_digest = "sha256:" + hashlib.sha256(good).hexdigest()
+    with open(os.path.join(builtin_blob_dir(stock.root), bad_digest.split(":")[1]), "wb") as f:
+        f.write(b"other bytes")
+    stock.stop()
+
+    cs_root = os.path.join(host.dir, "cs", "root")
+    out = cli("adopt", "--containerd-root", stock.root, "--root", cs_root).stdout
+    assert f"not adopted, its bytes do not match its digest: {bad_digest}" in out
+    again = cli("adopt", "--containerd-root", stock.root, "--root", cs_root).stdout  # idempotent
+    assert again.startswith("adopted 0 blobs") and bad_digest in again
+    own_registry.stop()
+
+    args, dht = peer_args()
+    node = host.start_with_cs_p2p(args)
+    assert image_check(node) == before  # every image complete, from cs-p2p's store
+    assert run_busybox(node, imported) == "ran"
+    ch, stub = content_stub(host.cs)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Info(pb.InfoRequest(digest=bad_digest))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        ch.close()
+    peer = args[1]
+    with pytest.raises(urllib.error.HTTPError) as http_err:
+        urllib.request.urlopen(f"http://{peer}/blobs/{bad_digest}", timeout=10)
+    assert http_err.value.code == 404
+
+    # adopted blobs are announced: another node fetches one from this node
+    other_args, _ = peer_args()
+    other = CsP2P(os.path.join(workdir, "other"), other_args + ["--bootstrap", dht]).start()
+    try:
+        layer = images[0].layer_digests[0]
+        assert_read_from_peers(other, layer, images[0].blob_bytes(layer))
+    finally:
+        other.stop()
+
+
+def test_release_hands_every_image_back_to_stock_containerd(hosts, own_registry, workdir):
+    first, from_peers, later = (build_image(os.path.join(workdir, f"oci{i}"), [1 << 20, 200_000]) for i in range(3))
+    ref_first = push_image(first, own_registry.addr, "lifecycle/first")
+    ref_peers = push_image(from_peers, own_registry.addr, "lifecycle/peers")
+    ref_later = push_image(later, own_registry.addr, "lifecycle/later")
+    host = hosts("a")
+    stock = host.start_stock()
+    host.pull(ref_first)
+    stock.ctr("image", "import", "--base-name", "localhost/lifecycle/busybox",
+              busybox_archive(workdir, "localhost/lifecycle/busybox"))
+    stock.stop()
+    cs_root = os.path.join(host.dir, "cs", "root")
+    cli("adopt", "--containerd-root", stock.root, "--root", cs_root)
+
+    args_b, dht_b = peer_args()
+    b = hosts("b")
+    b.start_with_cs_p2p(args_b)
+    b.pull(ref_peers)
+    args_a, _ = peer_args()
+    node = host.start_with_cs_p2p(args_a + ["--bootstrap", dht_b])
+    host.pull(ref_peers)  # from node b
+    assert "fetched from peers" in open(host.cs.proc.log_path).read()
+    host.pull(ref_later)  # from the registry, through cs-p2p
+    before = image_check(node)
+    assert set(before.values()) == {"complete"} and len(before) == 4
+
+    node.stop()
+    drop_in = os.path.join(host.dir, "cs-p2p.toml")
+    with open(drop_in, "w") as f:
+        f.write("# the drop-in the installer wrote\n")
+    out = cli("release", "--root", cs_root, "--containerd-root", node.root, "--drop-in", drop_in).stdout
+    assert out.startswith("released ") and not os.path.exists(drop_in)
+    host.cs.stop()
+    b.stop()
+    own_registry.stop()
+
+    stock = host.start_stock()  # containerd without cs-p2p: its builtin store again
+    assert image_check(stock) == before
+    assert run_busybox(stock, "localhost/lifecycle/busybox:v1") == "ran"
+    for img in (from_peers, later):
+        for digest in img.digests:
+            got = stock.ctr("content", "get", digest).stdout
+            assert hashlib.sha256(got).hexdigest() == digest.split(":")[1]
