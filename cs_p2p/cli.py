@@ -10,7 +10,8 @@ import sys
 from . import __version__
 from .config import DEFAULT_SOCKET, Config, ConfigError, load_config
 from .config import MirrorRegistry
-from .containerd_config import DEFAULT_HOSTS_DIR, RELEASES, containerd_config, detect_release, write_hosts_dir
+from .containerd_config import (DEFAULT_CONTAINERD_CONFIG, DEFAULT_HOSTS_DIR, RELEASES, config_version_of,
+                                containerd_config, detect_release, write_hosts_dir)
 from .logs import setup_logging
 
 
@@ -155,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--containerd-version", choices=RELEASES,
                    help="the release to configure (default: from `containerd --version`); "
                         "2 also makes cs-p2p the layer applier")
+    c.add_argument("--containerd-config", default=DEFAULT_CONTAINERD_CONFIG,
+                   help="the node's own config.toml, whose `version` the fragment follows where containerd 2.x "
+                        f"requires it (default {DEFAULT_CONTAINERD_CONFIG}, if it exists)")
     c.add_argument("--max-concurrent-unpacks", type=int,
                    help="containerd 2.x: layers of one image applied at once (default: cores, at least 2)")
     return p
@@ -224,14 +228,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             release = args.containerd_version or detect_release()
+            fragment = containerd_config(args.socket, release, args.hosts_dir if registries else None,
+                                         args.max_concurrent_unpacks,
+                                         root_version=config_version_of(args.containerd_config))
         except ValueError as exc:
             print(f"cs-p2p: {exc}", file=sys.stderr)
             return 2
         if registries:
             for path in write_hosts_dir(args.hosts_dir, registries, args.mirror_listen):
                 print(f"# wrote {path}", file=sys.stderr)
-        sys.stdout.write(containerd_config(args.socket, release, args.hosts_dir if registries else None,
-                                           args.max_concurrent_unpacks))
+        sys.stdout.write(fragment)
         return 0
     if args.command in ("adopt", "release"):
         return _hand_over(args)

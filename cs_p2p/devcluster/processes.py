@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..containerd_config import containerd_config
+from ..containerd_config import config_version_of, containerd_config
 from .releases import Release
 from .releases import release as default_release
 
@@ -245,13 +245,15 @@ class Containerd:
     With cs-p2p as the content store on containerd 2.x, cs-p2p also applies the layers
     (`applier=False` keeps containerd's own applier). With `hosts_dir`, registries are
     configured by hosts.toml files there (the mirror), for the CRI plugin and for `pull()`.
-    The release is `releases.release()` unless given.
+    The release is `releases.release()` unless given.  `drop_in=True` wires cs-p2p as an
+    operator would: the main config imports `conf.d/*.toml`, where `cs-p2p containerd-config`'s
+    fragment goes; on 2.3+ the main config is first migrated to 2.3's own format (`version = 4`).
     """
 
     def __init__(self, workdir: str, content_socket: str | None, registry_hosts: list[str] | None = None,
                  auto_gc: bool = True, netns: str | None = None, hosts_dir: str | None = None,
                  release: Release | None = None, applier: bool = True,
-                 max_concurrent_unpacks: int | None = None) -> None:
+                 max_concurrent_unpacks: int | None = None, drop_in: bool = False) -> None:
         self.dir = workdir
         self.netns = netns
         self.release = release or default_release()
@@ -259,7 +261,7 @@ class Containerd:
         self.root = os.path.join(workdir, "root")
         self.state = os.path.join(workdir, "state")
         os.makedirs(workdir, exist_ok=True)
-        if hosts_dir is None and registry_hosts and self.release.series == "2":
+        if hosts_dir is None and registry_hosts and self.release.v2:
             # 2.x: plain-HTTP registries by hosts.toml (the old mirrors table forces CRI's local pull)
             hosts_dir = os.path.join(workdir, "certs.d")
             for host in registry_hosts:
@@ -269,15 +271,33 @@ class Containerd:
         self.hosts_dir = hosts_dir
         self.cs_applies = bool(content_socket) and applier and self.release.applies_layers
         self.config = os.path.join(workdir, "config.toml")
+        conf_d = os.path.join(workdir, "conf.d")
         with open(self.config, "w") as f:
-            f.write(self._config_toml(content_socket, registry_hosts or [], auto_gc, max_concurrent_unpacks))
+            f.write(self._config_toml(None if drop_in else content_socket, registry_hosts or [], auto_gc,
+                                      max_concurrent_unpacks, conf_d if drop_in else None))
+        if drop_in and content_socket:
+            self._write_drop_in(conf_d, content_socket, max_concurrent_unpacks)
         self.proc = Proc("containerd", [self.release.bin("containerd"), "--config", self.config],
                          os.path.join(workdir, "containerd.log"), env=self.release.env(), netns=netns)
 
+    def _write_drop_in(self, conf_d: str, content_socket: str, max_concurrent_unpacks: int | None) -> None:
+        if self.release.v2 and self.release.series not in ("2.0", "2.1", "2.2"):
+            migrated = subprocess.run([self.release.bin("containerd"), "--config", self.config, "config", "migrate"],
+                                      check=True, capture_output=True, text=True, timeout=60).stdout
+            with open(self.config, "w") as f:
+                f.write(migrated)
+        os.makedirs(conf_d, exist_ok=True)
+        with open(os.path.join(conf_d, "cs-p2p.toml"), "w") as f:
+            f.write(containerd_config(content_socket, self.release.series, self.hosts_dir if self.release.v2 else None,
+                                      max_concurrent_unpacks, applier=self.cs_applies,
+                                      root_version=config_version_of(self.config)))
+
     def _config_toml(self, content_socket: str | None, registry_hosts: list[str], auto_gc: bool,
-                     max_concurrent_unpacks: int | None) -> str:
-        v2 = self.release.series == "2"
+                     max_concurrent_unpacks: int | None, imports: str | None = None) -> str:
+        v2 = self.release.v2
         lines = [f'root = "{self.root}"', f'state = "{self.state}"']
+        if imports:
+            lines.append(f'imports = ["{imports}/*.toml"]')
         if content_socket:
             lines.append(containerd_config(content_socket, self.release.series, self.hosts_dir if v2 else None,
                                            max_concurrent_unpacks, applier=self.cs_applies))

@@ -1,8 +1,8 @@
 """Which containerd release the demo, tests and benchmarks run.
 
-`../shared/containerd/` (beside the repository) keeps containerd 2.3.4 and 1.7.34 builds;
-Debian's package is 1.6.20. `CS_P2P_CONTAINERD` picks one: `2.3.4` (the default where the
-shared builds exist), `1.7.34`, or `system` (the containerd on PATH: Debian's 1.6 here, a
+`../shared/containerd/` (beside the repository) keeps containerd 2.3.4, 2.0.11 and 1.7.34
+builds; Debian's package is 1.6.20. `CS_P2P_CONTAINERD` picks one: `2.3.4` (the default where
+the shared builds exist), `2.0.11`, `1.7.34`, or `system` (the containerd on PATH: Debian's 1.6 here, a
 user's own elsewhere, and the default where `../shared/containerd` is absent).
 """
 
@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from ..containerd_config import detect_release
+from ..containerd_config import detect_release, is_v2
 
 ENV = "CS_P2P_CONTAINERD"
 DEFAULT = "2.3.4"
@@ -25,7 +25,7 @@ SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".
 class Release:
     name: str  # as asked: "2.3.4", "1.7.34" or "system"
     bin_dir: str  # holds containerd and ctr (the shim too, for the shared builds)
-    series: str  # "1.6", "1.7" or "2": what containerd-config writes for it
+    series: str  # "1.6", "1.7" or "2.MINOR": what containerd-config writes for it
 
     def bin(self, name: str) -> str:
         return os.path.join(self.bin_dir, name)
@@ -33,7 +33,11 @@ class Release:
     @property
     def applies_layers(self) -> bool:
         """containerd 2.x takes proxy plugins of type "diff": cs-p2p applies the layers."""
-        return self.series == "2"
+        return self.v2
+
+    @property
+    def v2(self) -> bool:
+        return is_v2(self.series)
 
     def env(self) -> dict[str, str]:
         """The environment for containerd: its own shim first on PATH."""

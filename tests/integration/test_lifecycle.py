@@ -216,3 +216,25 @@ def test_release_hands_every_image_back_to_stock_containerd(hosts, own_registry,
         for digest in img.digests:
             got = stock.ctr("content", "get", digest).stdout
             assert hashlib.sha256(got).hexdigest() == digest.split(":")[1]
+
+
+def test_the_fragment_works_as_a_drop_in_of_the_nodes_own_config(workdir, registry):
+    """As installed: containerd's own config.toml (on 2.3+ migrated to `version = 4`) imports
+    conf.d/, where containerd-config's fragment goes; cs-p2p is then the store (and applier)."""
+    img = build_image(os.path.join(workdir, "oci"), [1 << 20, 100_000])
+    ref = push_image(img, registry.addr, "lifecycle/drop-in")
+    cs = CsP2P(os.path.join(workdir, "cs")).start()
+    node = Containerd(os.path.join(workdir, "ctd"), cs.socket, [registry.addr], drop_in=True)
+    try:
+        with open(node.config) as f:
+            main = f.read()
+        if node.release.v2 and node.release.series not in ("2.0", "2.1", "2.2"):
+            assert main.startswith("version = 4")
+        node.start()
+        node.ctr(*node.pull_args(ref))
+        assert cs.blob_digests() == set(img.digests)
+        if node.release.applies_layers:
+            assert sorted(r["digest"] for r in cs.applied_layers()) == sorted(img.layer_digests)
+    finally:
+        node.stop()
+        cs.stop()

@@ -40,7 +40,8 @@ def test_cli_reports_bad_config_with_exit_2(tmp_path):
 def test_containerd_config_disables_builtin_and_registers_proxy():
     import tomllib
 
-    out = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--socket", "/run/x.sock"],
+    out = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--socket", "/run/x.sock",
+                          "--containerd-config", "/nonexistent/config.toml"],
                          capture_output=True, text=True, check=True).stdout
     cfg = tomllib.loads(out)
     assert cfg["version"] == 2
@@ -52,12 +53,17 @@ def test_containerd_config_disables_builtin_and_registers_proxy():
     assert shipped["disabled_plugins"] == cfg["disabled_plugins"]
 
 
-def test_containerd_config_for_2x_makes_cs_p2p_the_applier_of_every_pull_path():
+def fragment(*args: str, main: str = "/nonexistent/config.toml") -> dict:
+    """`cs-p2p containerd-config` for a node whose own config.toml is `main`, parsed."""
     import tomllib
 
-    def fragment(*args: str) -> dict:
-        return tomllib.loads(subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--socket",
-                                             "/run/x.sock", *args], capture_output=True, text=True, check=True).stdout)
+    return tomllib.loads(subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--socket",
+                                         "/run/x.sock", "--containerd-config", main, *args],
+                                        capture_output=True, text=True, check=True).stdout)
+
+
+def test_containerd_config_for_2x_makes_cs_p2p_the_applier_of_every_pull_path():
+    import tomllib
 
     cfg = fragment("--containerd-version", "2", "--max-concurrent-unpacks", "3")
     assert cfg["version"] == 3
@@ -79,10 +85,38 @@ def test_containerd_config_for_2x_makes_cs_p2p_the_applier_of_every_pull_path():
         assert set(tomllib.load(f)["proxy_plugins"]) == {"cs-p2p"}
 
 
+def test_the_fragment_follows_each_release_and_the_nodes_own_config_version(tmp_path):
+    main = tmp_path / "config.toml"
+    # 2.0 and 2.1 know no parallel unpack: the setting is left out, the applier stays
+    for old in ("2.0", "2.1"):
+        cfg = fragment("--containerd-version", old)
+        assert "max_concurrent_unpacks" not in cfg["plugins"].get("io.containerd.transfer.v1.local", {})
+        assert cfg["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"][0]["differ"] == "cs-p2p-diff"
+    assert fragment("--containerd-version", "2.2")["plugins"]["io.containerd.transfer.v1.local"][
+        "max_concurrent_unpacks"] >= 2
+    # a drop-in newer than the main config is refused by containerd: follow the main config
+    for version, release, want in ((4, "2.3", 4), (3, "2.3", 3), (2, "2.3", 2), (3, "2.0", 3)):
+        main.write_text(f"version = {version}\n")
+        cfg = fragment("--containerd-version", release, "--mirror-registry", "http://r.example:5000",
+                       "--hosts-dir", str(tmp_path / "certs.d"), main=str(main))
+        assert cfg["version"] == want
+        # version 2 names the CRI plugin's registry settings the old way (containerd migrates them)
+        cri = "io.containerd.grpc.v1.cri" if want == 2 else "io.containerd.cri.v1.images"
+        assert cfg["plugins"][cri]["registry"]["config_path"] == str(tmp_path / "certs.d")
+    main.write_text("# no version: containerd takes a drop-in of any version\n")
+    assert fragment("--containerd-version", "2.3", main=str(main))["version"] == 3
+    main.write_text("version = 4\n")  # 2.0 reads no version 4 config: say so
+    bad = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "containerd-config", "--containerd-version", "2.0",
+                          "--containerd-config", str(main)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "config migrate" in bad.stderr
+
+
 def test_containerd_release_is_read_from_its_version(tmp_path):
     from cs_p2p.containerd_config import detect_release
 
-    for printed, want in (("containerd github.com/containerd/containerd/v2 v2.3.4 abc", "2"),
+    for printed, want in (("containerd github.com/containerd/containerd/v2 v2.3.4 abc", "2.3"),
+                          ("containerd github.com/containerd/containerd/v2 v2.0.11 abc", "2.0"),
+                          ("containerd github.com/containerd/containerd/v3 v3.0.0 abc", "2"),
                           ("containerd containerd.io 1.7.34 abc", "1.7"), ("containerd 1.6.20~ds1 1.6.20~ds1", "1.6")):
         fake = tmp_path / "containerd"
         fake.write_text(f"#!/bin/sh\necho '{printed}'\n")
