@@ -141,6 +141,37 @@ def _parser() -> argparse.ArgumentParser:
         h.add_argument("--root", help=f"cs-p2p's store directory (default {Config.root})")
     rel.add_argument("--drop-in", help="containerd config fragment to remove once every blob is back")
 
+    hi = sub.add_parser("host-install", help="install or upgrade cs-p2p on a host and make it containerd's store",
+                        description="What the Kubernetes DaemonSet runs (the host's root at --host): copy this image's "
+                                    "root file system to /opt/cs-p2p, write the systemd unit that runs it before "
+                                    "containerd, adopt containerd's builtin store, wire containerd (drop-in, import, "
+                                    "hosts.toml; originals kept) and restart it once; on a new build, restart only "
+                                    "cs-p2p. Idempotent.")
+    hu = sub.add_parser("host-uninstall", help="give containerd its store back and remove cs-p2p from a host",
+                        description="Hand every blob back to containerd's builtin store, restore containerd's own "
+                                    "configuration and restart it, then remove cs-p2p's unit and copy; the store "
+                                    "(/var/lib/cs-p2p) is kept unless --purge.")
+    for h in (hi, hu):
+        h.add_argument("--host", default="/", help="where the host's root is mounted (default /; /host in the pod)")
+        h.add_argument("--containerd-root", default="/var/lib/containerd",
+                       help="containerd's root directory on the host (default /var/lib/containerd)")
+        h.add_argument("--systemctl", default=None,
+                       help="the host's systemctl command (default: systemctl with --host /, else entered through "
+                            "PID 1's namespaces with nsenter: the pod needs hostPID and privileges)")
+    hi.add_argument("--source", default="/", help="the cs-p2p image's root file system to copy (default /)")
+    hi.add_argument("--config", required=True, help="cs-p2p's TOML settings for the host")
+    hi.add_argument("--file", action="append", default=[],
+                    help="a secret the settings name (token, key, certificate): copied to /etc/cs-p2p/ (repeatable)")
+    hi.add_argument("--serve-arg", action="append", default=[],
+                    help="a flag for `cs-p2p serve` on this host, e.g. --serve-arg=--peer-listen=10.0.0.5:5001")
+    hi.add_argument("--containerd-version", choices=RELEASES, required=True, help="the host's containerd release")
+    hi.add_argument("--mirror-registry", action="append", default=[], help="registry the node's mirror serves")
+    hi.add_argument("--mirror-listen", default=Config.mirror_listen, help="the mirror's HOST:PORT")
+    hi.add_argument("--socket", default=DEFAULT_SOCKET, help="cs-p2p's unix socket on the host")
+    hi.add_argument("--wait-seconds", type=float, default=60.0,
+                    help="how long cs-p2p may take to answer on its socket after a start (0: do not wait)")
+    hu.add_argument("--purge", action="store_true", help="also remove cs-p2p's store, /var/lib/cs-p2p")
+
     c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment; with "
                        "--mirror-registry, write hosts.toml files that put the mirror in front",
                        description="Print the fragment of containerd's config.toml that makes cs-p2p the node's "
@@ -170,6 +201,25 @@ def _membership_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-key-file", help="membership by key pair: this node's Ed25519 key (PEM)")
     p.add_argument("--node-cert-file", help="membership by key pair: its certificate from the cluster CA")
     p.add_argument("--cluster-ca-file", help="membership by key pair: the cluster CA certificate(s)")
+
+
+def _host(args: argparse.Namespace) -> int:
+    from .install.host import DEFAULT_SYSTEMCTL, Host, InstallError, InstallOptions, Systemctl, install, uninstall
+
+    systemctl = Systemctl(args.systemctl or ("systemctl" if args.host == "/" else DEFAULT_SYSTEMCTL))
+    try:
+        if args.command == "host-uninstall":
+            uninstall(Host(args.host), systemctl, args.containerd_root, args.purge)
+            return 0
+        registries = [MirrorRegistry.parse(r, 3000, "--mirror-registry") for r in args.mirror_registry]
+        install(Host(args.host), InstallOptions(
+            source=args.source, config=args.config, release=args.containerd_version, files=args.file,
+            serve_args=args.serve_arg, registries=registries, mirror_listen=args.mirror_listen, socket=args.socket,
+            containerd_root=args.containerd_root, wait_seconds=args.wait_seconds), systemctl)
+    except (InstallError, ConfigError, ValueError, OSError) as exc:
+        print(f"cs-p2p: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _hand_over(args: argparse.Namespace) -> int:
@@ -239,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# wrote {path}", file=sys.stderr)
         sys.stdout.write(fragment)
         return 0
+    if args.command in ("host-install", "host-uninstall"):
+        return _host(args)
     if args.command in ("adopt", "release"):
         return _hand_over(args)
     if args.command == "status":

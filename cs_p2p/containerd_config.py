@@ -62,13 +62,20 @@ def config_version_of(path: str) -> int | None:
         raise ValueError(f"cannot read containerd's config {path}: {exc}") from None
 
 
+def native_config_version(release: str) -> int:
+    """The config `version` a release writes itself: 2 for 1.x, 3 for 2.0-2.2, 4 from 2.3."""
+    if not is_v2(release):
+        return 2
+    return 4 if _minor_of_2(release) >= 3 else 3
+
+
 def _fragment_version(release: str, root_version: int | None) -> int:
     """The drop-in's `version`: containerd 2.x refuses a drop-in newer than the main config
     and migrates an older one, so the fragment takes the main config's version where it is
     one this release reads (2, 3, and 4 from 2.3 on), else 3 (2.x's own; 2 for 1.x)."""
     if not is_v2(release):
         return 2
-    newest = 4 if _minor_of_2(release) >= 3 else 3
+    newest = native_config_version(release)
     if root_version is None:
         return 3
     if root_version < 2 or root_version > newest:

@@ -3,7 +3,8 @@
 # containerd + runc, the distribution registry, skopeo, containerd's .proto files (for the
 # wire-compatibility test), iproute2 (network namespaces for benchmarks), busybox-static (a
 # binary for the containers the tests run), kubectl (renders the Kubernetes manifests),
-# htpasswd (a registry with basic auth for the private-registry tests), and the package
+# htpasswd (a registry with basic auth for the private-registry tests), mmdebstrap (the product
+# image's Debian root filesystem, built offline from Debian's packages), and the package
 # itself with its dev extras.  Idempotent; needs root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PKGS=(containerd runc docker-registry skopeo golang-github-containerd-containerd-dev iproute2 busybox-static
-      apache2-utils)
+      apache2-utils mmdebstrap util-linux)
 # kubectl renders the Kubernetes manifests (`kubectl kustomize`, offline); any kubectl will do.
 command -v kubectl >/dev/null || PKGS+=(kubernetes-client)
 missing=()

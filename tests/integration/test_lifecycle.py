@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -23,7 +24,7 @@ import pytest
 
 from cs_p2p.api import content_pb2 as pb
 from cs_p2p.devcluster.images import build_image, build_image_from_tars, push_image
-from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port
+from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port, wait_for
 from cs_p2p.store.handover import builtin_blob_dir
 from tests.conftest import assert_read_from_peers, content_stub, requires_containerd
 from tests.integration.layers import TarBuilder
@@ -238,3 +239,66 @@ def test_the_fragment_works_as_a_drop_in_of_the_nodes_own_config(workdir, regist
     finally:
         node.stop()
         cs.stop()
+
+
+def ingested(cs: CsP2P) -> int:
+    """Bytes written to cs-p2p's open ingests."""
+    total = 0
+    for name in cs.ingest_dirs():
+        try:
+            total += os.path.getsize(os.path.join(cs.root, "ingest", name, "data"))
+        except OSError:
+            pass
+    return total
+
+
+def test_while_cs_p2p_is_down_containers_run_and_calls_fail_fast_naming_it(node, registry, workdir):
+    """A crash or an upgrade: running containers are untouched, containerd's calls fail within
+    seconds with an error naming cs-p2p's socket (never hang), an interrupted pull retried after
+    the restart completes."""
+    node.ctr("image", "import", "--base-name", "localhost/lifecycle/busybox",
+             busybox_archive(workdir, "localhost/lifecycle/busybox"))
+    task = "c" + uuid.uuid4().hex[:8]
+    node.ctr("run", "-d", "localhost/lifecycle/busybox:v1", task, "/bin/busybox", "sleep", "600", timeout=120)
+    try:
+        img = build_image(os.path.join(workdir, "oci"), [48 << 20, 48 << 20, 48 << 20], compress=False)
+        ref = push_image(img, registry.addr, "lifecycle/interrupted")
+        pull = subprocess.Popen(node.containerd.ctr_argv(*node.containerd.pull_args(ref)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: ingested(node.cs) > 4 << 20 or pull.poll() is not None, 60, "the pull to write")
+            node.cs.kill()
+            killed = time.monotonic()
+            pull.communicate(timeout=60)
+        finally:
+            if pull.poll() is None:
+                pull.kill()
+        # the pull in flight fails at once (its streams end: containerd says EOF or names the socket)
+        assert pull.returncode != 0 and time.monotonic() - killed < 15
+
+        started = time.monotonic()  # calls made while cs-p2p is down fail fast and name its socket
+        res = node.ctr(*node.containerd.pull_args(ref), check=False, timeout=60)
+        assert res.returncode != 0 and time.monotonic() - started < 10
+        assert node.cs.socket in res.stderr.decode()
+        started = time.monotonic()
+        digest = node.ctr("content", "ls", "-q").stdout.split()[0].decode()  # containerd's metadata: up
+        res = node.ctr("content", "get", digest, check=False, timeout=60)
+        assert res.returncode != 0 and time.monotonic() - started < 10
+        assert node.cs.socket in res.stderr.decode()
+        # images are listed from containerd's metadata; their sizes come with an error naming cs-p2p
+        res = node.ctr("image", "ls", check=False, timeout=60)
+        assert "localhost/lifecycle/busybox:v1" in res.stdout.decode() and time.monotonic() - started < 20
+        assert node.cs.socket in res.stderr.decode()
+        # the container did not notice
+        assert node.ctr("task", "exec", "--exec-id", "e1", task, "/bin/busybox", "echo", "alive",
+                        timeout=60).stdout.decode().strip() == "alive"
+
+        node.cs.start()
+        wait_for(lambda: node.ctr(*node.containerd.pull_args(ref), check=False).returncode == 0, 60,
+                 "the retried pull to complete")
+        assert node.cs.blob_digests() >= set(img.digests)
+        assert "ingest resumed" in open(node.cs.proc.log_path).read()  # what was written was kept
+    finally:
+        node.ctr("task", "kill", "-s", "SIGKILL", task, check=False)
+        wait_for(lambda: node.ctr("task", "delete", task, check=False).returncode == 0, 30, "the task to stop")
+        node.ctr("container", "delete", task, check=False)
