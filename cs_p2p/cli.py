@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--advertise-addr", help="host other nodes reach this one at (default: peer-listen's host)")
     s.add_argument("--dht-listen", help="HOST:PORT (UDP) for the DHT node (default: off)")
     s.add_argument("--bootstrap", action="append", help="HOST:PORT of a DHT node to join through (repeatable)")
+    s.add_argument("--bootstrap-file", help="a file of more HOST:PORT contacts, one a line, read at each join attempt")
     s.add_argument("--dht-ttl", type=int, help="provider record lifetime in seconds (default 3600)")
     s.add_argument("--replicas", type=int,
                    help="holders every blob announced in the cluster keeps; nodes close to a blob's DHT key "
@@ -165,12 +166,22 @@ def _parser() -> argparse.ArgumentParser:
     hi.add_argument("--serve-arg", action="append", default=[],
                     help="a flag for `cs-p2p serve` on this host, e.g. --serve-arg=--peer-listen=10.0.0.5:5001")
     hi.add_argument("--containerd-version", choices=RELEASES, required=True, help="the host's containerd release")
-    hi.add_argument("--mirror-registry", action="append", default=[], help="registry the node's mirror serves")
-    hi.add_argument("--mirror-listen", default=Config.mirror_listen, help="the mirror's HOST:PORT")
-    hi.add_argument("--socket", default=DEFAULT_SOCKET, help="cs-p2p's unix socket on the host")
+    hi.add_argument("--mirror-registry", action="append", default=[],
+                    help="registry the node's mirror serves (default: the settings' [mirror] registries)")
+    hi.add_argument("--mirror-listen", help="the mirror's HOST:PORT (default: the settings')")
+    hi.add_argument("--socket", help="cs-p2p's unix socket on the host (default: the settings')")
     hi.add_argument("--wait-seconds", type=float, default=60.0,
                     help="how long cs-p2p may take to answer on its socket after a start (0: do not wait)")
     hu.add_argument("--purge", action="store_true", help="also remove cs-p2p's store, /var/lib/cs-p2p")
+    hc = sub.add_parser("host-contacts", help="keep the host's DHT bootstrap contacts resolved",
+                        description="Resolve NAME:PORT (the bootstrap Service) where cluster names resolve and write "
+                                    "the addresses to the host's /etc/cs-p2p/bootstrap (the daemon's bootstrap-file), "
+                                    "now and every --every seconds: what the installer pod does while it runs.")
+    hc.add_argument("--host", default="/", help="where the host's root is mounted (default /; /host in the pod)")
+    hc.add_argument("--every", type=float, default=0, help="seconds between resolutions (default 0: once)")
+    for h in (hi, hc):
+        h.add_argument("--bootstrap-name", action="append", default=[],
+                       help="NAME:PORT whose addresses are the host's bootstrap contacts (repeatable)")
 
     c = sub.add_parser("containerd-config", help="print the containerd config.toml fragment; with "
                        "--mirror-registry, write hosts.toml files that put the mirror in front",
@@ -206,16 +217,29 @@ def _membership_flags(p: argparse.ArgumentParser) -> None:
 def _host(args: argparse.Namespace) -> int:
     from .install.host import DEFAULT_SYSTEMCTL, Host, InstallError, InstallOptions, Systemctl, install, uninstall
 
+    if args.command == "host-contacts":
+        from .install.contacts import CONTACTS_FILE, keep_contacts, resolve, write_contacts
+
+        path = Host(args.host).path(CONTACTS_FILE)
+        if args.every > 0:
+            keep_contacts(path, args.bootstrap_name, args.every)
+        else:
+            write_contacts(path, resolve(args.bootstrap_name))
+        return 0
     systemctl = Systemctl(args.systemctl or ("systemctl" if args.host == "/" else DEFAULT_SYSTEMCTL))
     try:
         if args.command == "host-uninstall":
             uninstall(Host(args.host), systemctl, args.containerd_root, args.purge)
             return 0
-        registries = [MirrorRegistry.parse(r, 3000, "--mirror-registry") for r in args.mirror_registry]
+        settings = load_config(args.config, {})  # what the daemon will read, checked before anything is written
+        registries = ([MirrorRegistry.parse(r, 3000, "--mirror-registry") for r in args.mirror_registry]
+                      or settings.mirror_registry)
         install(Host(args.host), InstallOptions(
             source=args.source, config=args.config, release=args.containerd_version, files=args.file,
-            serve_args=args.serve_arg, registries=registries, mirror_listen=args.mirror_listen, socket=args.socket,
-            containerd_root=args.containerd_root, wait_seconds=args.wait_seconds), systemctl)
+            serve_args=args.serve_arg, registries=registries,
+            mirror_listen=args.mirror_listen or settings.mirror_listen, socket=args.socket or settings.socket,
+            containerd_root=args.containerd_root, wait_seconds=args.wait_seconds,
+            bootstrap_names=args.bootstrap_name), systemctl)
     except (InstallError, ConfigError, ValueError, OSError) as exc:
         print(f"cs-p2p: {exc}", file=sys.stderr)
         return 1
@@ -289,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# wrote {path}", file=sys.stderr)
         sys.stdout.write(fragment)
         return 0
-    if args.command in ("host-install", "host-uninstall"):
+    if args.command in ("host-install", "host-uninstall", "host-contacts"):
         return _host(args)
     if args.command in ("adopt", "release"):
         return _hand_over(args)

@@ -104,6 +104,9 @@ class Config:
     advertise_addr: str = ""  # host other nodes reach this one at; default: peer-listen's host
     dht_listen: str = ""  # HOST:PORT (UDP) of the DHT node; empty: no DHT
     bootstrap: list = dataclasses.field(default_factory=list)  # HOST:PORT contacts, names resolved
+    # more contacts, one HOST:PORT a line, read at each join attempt: the Kubernetes installer
+    # writes the bootstrap Service's addresses there (the host's own resolver cannot resolve it)
+    bootstrap_file: str = ""
     dht_ttl: int = 3600  # seconds a provider record lives; re-announced at half of it
     replicas: int = 2  # holders every announced blob keeps (`placement`); 0: no floor
     replicas_max: int = 4  # holders a blob in demand may get (`placement.demand`)
@@ -214,6 +217,25 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
     if cfg.log_format not in ("json", "text"):
         raise ConfigError(f"log-format must be json or text, got {cfg.log_format!r}")
     return cfg
+
+
+def bootstrap_contacts(cfg: Config) -> list[str]:
+    """The bootstrap contacts: the configured ones and, now, those in `bootstrap-file` (a line
+    that is not HOST:PORT is skipped; a missing file adds none)."""
+    contacts = list(cfg.bootstrap)
+    if cfg.bootstrap_file:
+        try:
+            with open(cfg.bootstrap_file) as f:
+                lines = f.read().split()
+        except OSError:
+            lines = []
+        for line in lines:
+            try:
+                parse_host_port(line, "bootstrap-file")
+            except ConfigError:
+                continue
+            contacts.append(line)
+    return contacts
 
 
 def socket_gid(group: str) -> int:

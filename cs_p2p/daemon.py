@@ -18,7 +18,7 @@ from . import metrics
 from .admin import AdminServer, NodeView, admin_socket
 from .api import diff_pb2_grpc
 from .apply.pool import ApplyPool
-from .config import Config, parse_host_port, peer_advertised, socket_gid
+from .config import Config, bootstrap_contacts, parse_host_port, peer_advertised, socket_gid
 from .digests import format_digest, parse_digest
 from .dht.node import DhtNode, load_or_create_node_id
 from .dht.providers import provider_key
@@ -116,7 +116,7 @@ async def serve(cfg: Config) -> None:
         store.cache.value = lambda hex_: dht.protocol.demand.per_minute(provider_key(format_digest(hex_)))
         cached = store.cache.digests()
         held = [(info.digest, info.size) for info in store.blobs.walk()] + cached
-        dht.join_and_announce(cfg.bootstrap, held, [digest for digest, _ in cached])
+        dht.join_and_announce(lambda: bootstrap_contacts(cfg), held, [digest for digest, _ in cached])
         challenger = None
         if cfg.challenge_interval and cfg.challenge_bytes_per_minute:
             challenger = Challenger(dht, store, fetcher, cfg.challenge_interval, cfg.challenge_bytes_per_minute)

@@ -14,7 +14,7 @@ import os
 import random
 import socket
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from kademlia.crawling import NodeSpiderCrawl
 from kademlia.network import Server
@@ -115,14 +115,16 @@ class DhtNode:
         found = await self.server.bootstrap(sorted(resolved))
         return len(found)
 
-    async def keep_joined(self, addrs: list[str], interval: float = 5.0, sparse_interval: float = 60.0) -> None:
+    async def keep_joined(self, addrs: Callable[[], list[str]], interval: float = 5.0,
+                          sparse_interval: float = 60.0) -> None:
         """Bootstrap again until a bootstrap contact is in the routing table (contacts may start
         after us, and passing clients fill the table without joining us to the cluster), then
-        now and then while the table holds fewer than k nodes."""
+        now and then while the table holds fewer than k nodes.  `addrs` is asked each time: the
+        contacts may be a file the installer rewrites as the cluster changes."""
         while True:
             contacts = self.protocol.router.find_neighbors(Node(self.node_id), self.server.ksize)
             known = {(n.ip, n.port) for n in contacts}
-            resolved = await self._resolve(addrs)
+            resolved = await self._resolve(addrs())
             joined = bool(known & resolved)
             if not joined or len(contacts) < self.server.ksize:
                 met = await self.server.bootstrap(sorted(resolved)) if resolved else []
@@ -353,13 +355,14 @@ class DhtNode:
 
         task.add_done_callback(done)
 
-    def join_and_announce(self, bootstrap: list[str], held: list[tuple[str, int]], cached: list[str] = ()) -> None:
-        """Start-up, in the background: keep joined through `bootstrap` and announce what the
-        node already holds (re-announced on every (re)join and at half the record lifetime)."""
+    def join_and_announce(self, bootstrap: Callable[[], list[str]], held: list[tuple[str, int]],
+                          cached: list[str] = ()) -> None:
+        """Start-up, in the background: keep joined through the contacts `bootstrap` returns and
+        announce what the node already holds (re-announced on every (re)join and at half the
+        record lifetime)."""
         self.held.update(held)
         self.cached.update(cached)
-        if bootstrap:
-            self._spawn(self.keep_joined(bootstrap), "join", "*")
+        self._spawn(self.keep_joined(bootstrap), "join", "*")
         self._spawn(self.announce_all(held), "announce held blobs", "*")
 
     async def announce_all(self, blobs: list[tuple[str, int]]) -> None:

@@ -26,6 +26,7 @@ kept unless `purge`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -38,11 +39,14 @@ from typing import Callable
 from ..config import DEFAULT_SOCKET, MirrorRegistry
 from ..store import handover
 from . import unit
+from .files import write_if_changed
+from .contacts import CONTACTS_FILE, resolve, write_contacts
 from .wiring import ContainerdFiles, unwire, wire
 
 BUILD_FILE = "usr/lib/cs-p2p/BUILD"  # in the image: which build it is
 ROOTFS_ENTRIES = ("bin", "sbin", "lib", "lib64", "usr", "etc")
 MOUNT_POINTS = ("proc", "sys", "dev", "run", "tmp", "var/tmp", unit.STATE[1:], unit.RUN[1:], unit.ETC[1:])
+INSTALLED = f"{unit.ETC}/.installed"  # the names of the files install wrote there
 DEFAULT_SYSTEMCTL = "nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl"
 
 
@@ -62,6 +66,7 @@ class InstallOptions:
     socket: str = DEFAULT_SOCKET
     containerd_root: str = "/var/lib/containerd"
     wait_seconds: float = 60.0  # for cs-p2p's socket after a start; 0: do not wait
+    bootstrap_names: list[str] = field(default_factory=list)  # NAME:PORT resolved into contacts.CONTACTS_FILE
 
 
 class Systemctl:
@@ -129,24 +134,6 @@ def _switch(link: str, target: str) -> str | None:
     return before
 
 
-def _write_if_changed(path: str, data: bytes, mode: int = 0o644) -> bool:
-    try:
-        with open(path, "rb") as f:
-            if f.read() == data:
-                os.chmod(path, mode)
-                return False
-    except FileNotFoundError:
-        pass
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        os.fchmod(f.fileno(), mode)
-    os.replace(tmp, path)
-    return True
-
-
 def _socket_answers(path: str) -> bool:
     with socket.socket(socket.AF_UNIX) as s:
         try:
@@ -180,11 +167,17 @@ def install(host: Host, opts: InstallOptions, systemctl: Systemctl, log: Callabl
 
     changed = False
     with open(opts.config, "rb") as f:
-        changed |= _write_if_changed(host.path(f"{unit.ETC}/config.toml"), f.read())
-    for secret in opts.files:
+        changed |= write_if_changed(host.path(f"{unit.ETC}/config.toml"), f.read())
+    secrets = _secret_files(opts.files)
+    for secret in secrets:
         with open(secret, "rb") as f:
-            changed |= _write_if_changed(host.path(f"{unit.ETC}/{os.path.basename(secret)}"), f.read(), 0o600)
-    unit_changed = _write_if_changed(host.path(unit.UNIT_PATH), unit.render_unit(opts.serve_args, opts.containerd_root).encode())
+            changed |= write_if_changed(host.path(f"{unit.ETC}/{os.path.basename(secret)}"), f.read(), 0o600)
+    # what uninstall removes from /etc/cs-p2p (an operator's own files there, e.g. pki/, stay)
+    names = sorted({"config.toml", os.path.basename(CONTACTS_FILE), *(os.path.basename(p) for p in secrets)})
+    write_if_changed(host.path(INSTALLED), "".join(n + "\n" for n in names).encode())
+    # read by the daemon at each join attempt: a change needs no restart
+    write_contacts(host.path(CONTACTS_FILE), resolve(opts.bootstrap_names))
+    unit_changed = write_if_changed(host.path(unit.UNIT_PATH), unit.render_unit(opts.serve_args, opts.containerd_root).encode())
     for d in (unit.STATE, unit.RUN):
         os.makedirs(host.path(d), exist_ok=True)
     if unit_changed or upgraded:
@@ -222,6 +215,19 @@ def install(host: Host, opts: InstallOptions, systemctl: Systemctl, log: Callabl
     log(f"cs-p2p {build} installed")
 
 
+def _secret_files(paths: list[str]) -> list[str]:
+    """The files named, a directory standing for the files in it (a mounted Secret: its
+    entries are links into a hidden `..data`, which is skipped)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, n) for n in os.listdir(path)
+                            if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+        else:
+            files.append(path)
+    return files
+
+
 def _adopt(containerd_root: str, store: str, log: Callable[[str], None]) -> None:
     report = handover.adopt(containerd_root, store)
     log(f"adopted {report.taken} blobs of containerd's store ({report.present} already held)")
@@ -247,11 +253,26 @@ def uninstall(host: Host, systemctl: Systemctl, containerd_root: str = "/var/lib
         os.unlink(host.path(unit.UNIT_PATH))
         systemctl("daemon-reload")
     shutil.rmtree(host.path(unit.OPT), ignore_errors=True)
-    shutil.rmtree(host.path(unit.ETC), ignore_errors=True)
+    _remove_installed(host)
     if purge:
         shutil.rmtree(store, ignore_errors=True)
         log(f"removed {unit.STATE}")
     log("cs-p2p uninstalled")
+
+
+def _remove_installed(host: Host) -> None:
+    """The files install wrote to /etc/cs-p2p, and the directory if nothing else is left."""
+    try:
+        with open(host.path(INSTALLED)) as f:
+            names = f.read().split()
+    except FileNotFoundError:
+        names = []
+    for name in [*names, os.path.basename(INSTALLED)]:
+        if name and "/" not in name and not name.startswith(".."):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(host.path(f"{unit.ETC}/{name}"))
+    with contextlib.suppress(OSError):
+        os.rmdir(host.path(unit.ETC))
 
 
 def _release(store: str, containerd_root: str, log: Callable[[str], None]) -> None:

@@ -50,6 +50,7 @@ RestartSec=1
 KillSignal=SIGTERM
 TimeoutStopSec=20
 RuntimeDirectory=cs-p2p
+RuntimeDirectoryMode=0750
 RuntimeDirectoryPreserve=yes
 StateDirectory=cs-p2p
 LimitNOFILE=1048576

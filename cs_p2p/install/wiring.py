@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ..config import MirrorRegistry
 from ..containerd_config import (DEFAULT_HOSTS_DIR, config_version_of, containerd_config, hosts_toml,
                                  native_config_version)
+from .files import write_if_changed
 
 ORIG_SUFFIX = ".cs-p2p-orig"
 CREATED_MARK = "# cs-p2p: created by the installer\n"
@@ -42,24 +43,6 @@ class ContainerdFiles:
         return os.path.join(self.host, path.lstrip("/"))
 
 
-def _write(path: str, text: str) -> bool:
-    """Atomically replace `path` with `text`; False if it already held exactly that."""
-    try:
-        with open(path) as f:
-            if f.read() == text:
-                return False
-    except FileNotFoundError:
-        pass
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return True
-
-
 def _keep_original(path: str) -> None:
     """Before the first change: keep the node's own file (or mark that there was none)."""
     orig = path + ORIG_SUFFIX
@@ -68,7 +51,7 @@ def _keep_original(path: str) -> None:
     if os.path.exists(path):
         os.link(path, orig) if not os.path.islink(path) else os.symlink(os.readlink(path), orig)
     else:
-        _write(orig, CREATED_MARK)
+        write_if_changed(orig, CREATED_MARK)
 
 
 def _restore_original(path: str) -> bool:
@@ -142,19 +125,19 @@ def wire(files: ContainerdFiles, socket: str, release: str, registries: list[Mir
             text = f.read()
         if not _imported(text, files.drop_in):
             _keep_original(config_path)
-            changed |= _write(config_path, _with_import(text, files.drop_in))
+            changed |= write_if_changed(config_path, _with_import(text, files.drop_in))
     else:  # containerd reads no import, not even 2.3's default conf.d, without a config.toml
         _keep_original(config_path)
-        changed |= _write(config_path, f"{CREATED_MARK}version = {native_config_version(release)}\n"
+        changed |= write_if_changed(config_path, f"{CREATED_MARK}version = {native_config_version(release)}\n"
                                        f"imports = [\"{files.drop_in}\"]\n")
     hosts_dir = registry_hosts_dir(files)
     for reg in registries:
         path = os.path.join(files.on_host(hosts_dir), reg.host, "hosts.toml")
         _keep_original(path)
-        changed |= _write(path, hosts_toml(reg, mirror_listen))
+        changed |= write_if_changed(path, hosts_toml(reg, mirror_listen))
     fragment = containerd_config(socket, release, hosts_dir if registries else None,
                                  root_version=config_version_of(config_path))
-    changed |= _write(files.on_host(files.drop_in), fragment)
+    changed |= write_if_changed(files.on_host(files.drop_in), fragment)
     return changed
 
 

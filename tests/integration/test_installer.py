@@ -125,16 +125,22 @@ def test_install_upgrade_cold_boot_and_uninstall_lose_no_image(fake_host, own_re
     mirror = f"127.0.0.1:{free_port()}"
     with open(config, "w") as f:
         f.write('root = "/var/lib/cs-p2p"\nsocket = "/run/cs-p2p/content.sock"\n'
-                'cluster-token-file = "/etc/cs-p2p/cluster-token"\n'
+                'cluster-token-file = "/etc/cs-p2p/cluster-token"\nbootstrap-file = "/etc/cs-p2p/bootstrap"\n'
                 f'[mirror]\nlisten = "{mirror}"\nregistries = ["http://{own_registry.addr}"]\n')
-    token = os.path.join(workdir, "cluster-token")
-    with open(token, "w") as f:
+    secret = os.path.join(workdir, "secret")  # laid out as Kubernetes mounts a Secret
+    os.makedirs(os.path.join(secret, "..data"))
+    with open(os.path.join(secret, "..data", "cluster-token"), "w") as f:
         f.write("a-token-for-the-test-cluster-0123456789\n")
-    install = ["host-install", "--source", product_rootfs, "--config", config, "--file", token,
-               f"--serve-arg=--peer-listen=127.0.0.1:{free_port()}", f"--serve-arg=--dht-listen=127.0.0.1:{free_port()}",
-               "--containerd-version", release().series, "--mirror-registry", f"http://{own_registry.addr}",
-               "--mirror-listen", mirror]
+    os.symlink("..data/cluster-token", os.path.join(secret, "cluster-token"))
+    os.makedirs(host.path("/etc/cs-p2p/pki"))  # the operator's own files (key-pair membership) stay
+    with open(host.path("/etc/cs-p2p/pki/node.key"), "w") as f:
+        f.write("the node's key\n")
+    dht_port = free_port()
+    install = ["host-install", "--source", product_rootfs, "--config", config, "--file", secret,
+               f"--serve-arg=--peer-listen=127.0.0.1:{free_port()}", f"--serve-arg=--dht-listen=127.0.0.1:{dht_port}",
+               "--containerd-version", release().series, f"--bootstrap-name=localhost:{dht_port}"]
     out = installer(host, *install).stdout
+    assert f"127.0.0.1:{dht_port}" in read(host.path("/etc/cs-p2p/bootstrap")).decode().split()
     build = read(os.path.join(product_rootfs, BUILD_FILE)).decode().strip()
     assert os.readlink(host.path("/opt/cs-p2p/current")) == build
     assert os.path.exists(host.path(f"/opt/cs-p2p/{build}/usr/local/bin/cs-p2p"))
@@ -198,6 +204,7 @@ def test_install_upgrade_cold_boot_and_uninstall_lose_no_image(fake_host, own_re
     assert not os.path.exists(host.path("/etc/containerd/config.toml.cs-p2p-orig"))
     assert not os.path.exists(host.path("/etc/systemd/system/cs-p2p.service"))
     assert not os.path.exists(host.path("/opt/cs-p2p/current"))
+    assert sorted(os.listdir(host.path("/etc/cs-p2p"))) == ["pki"]
     assert host.pid("cs-p2p.service") is None
     wait_for(lambda: ctr(host, "version", check=False).returncode == 0, 60, "stock containerd")
     assert image_check(host) == images

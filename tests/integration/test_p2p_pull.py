@@ -87,11 +87,13 @@ def test_second_and_third_node_pull_from_peers_not_the_registry(cluster, registr
     logs = open(n2.cs.proc.log_path).read() + open(n3.cs.proc.log_path).read()
     assert logs.count("fetched from peers") >= 2 * (1 + len(img.layer_digests))
     if release().applies_layers:
-        # containerd 2.x: cs-p2p applied node 2's first two layers (two apply slots) from their
-        # fetches as the pieces came in: node 1 uploads at 8 MiB/s, neither was complete yet
+        # containerd 2.x: cs-p2p applied node 2's layers as their pieces came in from peers
+        # (node 1 uploads at 8 MiB/s): the 9 MiB one was not complete when containerd asked for
+        # it (the 6 MiB one, fetched from containerd's Info on, may be complete by its Apply)
         records = {r["digest"]: r["from"] for r in n2.cs.applied_layers()}
         assert sorted(records) == sorted(img.layer_digests)
-        assert [records[d] for d in img.layer_digests[:2]] == ["peers", "peers"]
+        assert records[img.layer_digests[1]] == "peers"
+        assert {records[img.layer_digests[0]]} <= {"peers", "local"}
 
 
 def held_by_two_nodes(cluster, registry, tmp_path, name: str, sizes: list[int]):

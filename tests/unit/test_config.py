@@ -191,3 +191,17 @@ def test_registry_credentials_come_from_a_file_that_is_checked_at_start_and_neve
     cred.unlink()
     with pytest.raises(ConfigError, match="credentials-file"):
         load_config(str(toml), {})
+
+
+def test_bootstrap_contacts_come_from_the_settings_and_the_file_as_it_is_now(tmp_path):
+    """The installer rewrites bootstrap-file as nodes come and go; the daemon reads it at each
+    join attempt (a missing file or a line that is no address adds nothing)."""
+    from cs_p2p.config import bootstrap_contacts
+
+    path = tmp_path / "bootstrap"
+    cfg = load_config(None, {"bootstrap": ["10.0.0.1:5002"], "bootstrap_file": str(path)})
+    assert bootstrap_contacts(cfg) == ["10.0.0.1:5002"]
+    path.write_text("10.0.0.2:5002\nnot-an-address\n[fd00::3]:5002\n")
+    assert bootstrap_contacts(cfg) == ["10.0.0.1:5002", "10.0.0.2:5002", "[fd00::3]:5002"]
+    path.write_text("10.0.0.4:5002\n")
+    assert bootstrap_contacts(cfg) == ["10.0.0.1:5002", "10.0.0.4:5002"]

@@ -1,33 +1,37 @@
-"""The Kubernetes install (packaging/kubernetes, a kustomize base with an overlay per
-membership mode) renders with `kubectl kustomize` and describes a daemon that would start:
-images pinned, the store and socket directories mounted where the config puts them,
-probes that reach the daemon, every Secret it mounts rendered, and flags plus config that
-`cs-p2p serve` accepts."""
+"""The Kubernetes install (packaging/kubernetes: a kustomize base with an overlay per
+membership mode, and the uninstall) renders with `kubectl kustomize` and describes an
+installer that would work: one pinned image, commands and settings that cs-p2p accepts, the
+host access the installer needs (hostPID for the host's systemd, the host directories it
+writes) and nothing more, and every Secret it copies rendered."""
 
 from __future__ import annotations
 
 import os
 import pathlib
-import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
 
 from cs_p2p.cli import _parser
 from cs_p2p.config import load_config
+from cs_p2p.install.contacts import CONTACTS_FILE
+from cs_p2p.install.host import BUILD_FILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-OVERLAYS = ROOT / "packaging" / "kubernetes" / "overlays"
+KUBE = ROOT / "packaging" / "kubernetes"
+NODE_IP = "10.0.0.7"
+# what the installer writes on the host, by the host directory it is under
+INSTALL_HOST_DIRS = {"/etc", "/var/lib", "/opt", "/run/cs-p2p"}
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
                                 reason="kubectl renders the manifests (hack/install-deps.sh installs it)")
 
 
-def render(overlay: str) -> list[dict]:
-    out = subprocess.run(["kubectl", "kustomize", str(OVERLAYS / overlay)], capture_output=True, text=True,
-                         timeout=60)
+def render(path: str) -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(KUBE / path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -38,117 +42,175 @@ def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
-def serve_config(docs: list[dict], container: dict, tmp_path: pathlib.Path):
-    """The daemon's Config from the container's flags and the ConfigMap's TOML, with the files
-    its flags name (Secrets, node keys) stood in for by files in `tmp_path`."""
-    args = [a.replace("$(NODE_IP)", "10.0.0.7") for a in container["args"]]
-    flags = vars(_parser().parse_args(args))
-    assert flags.pop("command") == "serve"
-    config_path = flags.pop("config")
-    cm = one(docs, "ConfigMap")
-    mount = next(m for m in container["volumeMounts"] if config_path.startswith(m["mountPath"] + "/"))
-    assert next(v for v in pod_spec(docs)["volumes"] if v["name"] == mount["name"])["configMap"]["name"] == \
-        cm["metadata"]["name"]
-    toml = tmp_path / "cs-p2p.toml"
-    toml.write_text(cm["data"][os.path.basename(config_path)])
-    for key in ("cluster_token_file", "node_key_file", "node_cert_file", "cluster_ca_file"):
-        if flags.get(key):
-            flags[key] = None  # files checked against the Secrets separately; membership loads them at start
-    return load_config(str(toml), flags)
-
-
 def pod_spec(docs: list[dict]) -> dict:
     return one(docs, "DaemonSet")["spec"]["template"]["spec"]
 
 
-def mounted_from(spec: dict, container: dict, path: str) -> dict:
-    """The volume the file or directory `path` in `container` comes from."""
-    mounts = [m for m in container["volumeMounts"] if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")]
-    assert mounts, f"{path} is not on any volume of {container['name']}"
-    mount = max(mounts, key=lambda m: len(m["mountPath"]))
-    return next(v for v in spec["volumes"] if v["name"] == mount["name"]) | {"_mount": mount}
+def container(spec: dict, name: str) -> dict:
+    return next(c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == name)
+
+
+def expand(argv: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' $(VAR) expansion of a command."""
+    out = []
+    for arg in argv:
+        for key, value in env.items():
+            arg = arg.replace(f"$({key})", value)
+        out.append(arg)
+    return out
+
+
+def pod_env(docs: list[dict], c: dict) -> dict[str, str]:
+    cm = one(docs, "ConfigMap")
+    env = {}
+    for e in c.get("env", []):
+        src = e["valueFrom"]
+        if "fieldRef" in src:
+            assert src["fieldRef"]["fieldPath"] == "status.hostIP"
+            env[e["name"]] = NODE_IP
+        else:
+            ref = src["configMapKeyRef"]
+            assert ref["name"] == cm["metadata"]["name"] and ref["key"] in cm["data"]
+            env[e["name"]] = cm["data"][ref["key"]]
+    return env
+
+
+def host_mounts(spec: dict, c: dict) -> dict[str, str]:
+    """mountPath -> host path of every hostPath volume the container mounts."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]]["hostPath"]["path"] for m in c.get("volumeMounts", [])
+            if "hostPath" in volumes[m["name"]]}
+
+
+def install_args(docs: list[dict]):
+    """The installer's parsed command and the daemon's Config it installs (ConfigMap TOML plus
+    the serve flags), the files its flags name stood in for."""
+    spec = pod_spec(docs)
+    init = container(spec, "install")
+    args = _parser().parse_args(expand(init["command"][1:], pod_env(docs, init)))
+    assert init["command"][0] == "cs-p2p" and args.command == "host-install"
+    mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    cm_volume = next(v for v in spec["volumes"] if v["name"] == mounts[os.path.dirname(args.config)])
+    assert cm_volume["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
+    return args, init
+
+
+def daemon_config(docs: list[dict], args, tmp_path: pathlib.Path):
+    toml = tmp_path / "cs-p2p.toml"
+    toml.write_text(one(docs, "ConfigMap")["data"][os.path.basename(args.config)])
+    serve = vars(_parser().parse_args(["serve", *args.serve_arg]))
+    serve.pop("command")
+    serve.pop("config")
+    files = {k: serve.pop(k) for k in ("cluster_token_file", "node_key_file", "node_cert_file", "cluster_ca_file")}
+    return load_config(str(toml), serve), files
 
 
 @pytest.mark.parametrize("overlay", ["token", "key-pair"])
-def test_every_overlay_renders_a_daemonset_that_would_start(overlay, tmp_path):
-    docs = render(overlay)
+def test_every_overlay_renders_an_installer_that_would_install(overlay, tmp_path):
+    docs = render(f"overlays/{overlay}")
     spec = pod_spec(docs)
-    main = next(c for c in spec["containers"] if c["name"] == "cs-p2p")
-    init = next(c for c in spec["initContainers"] if c["name"] == "containerd-config")
 
-    # Images: one image, pinned to a tag, for the daemon and its init container.
+    # One image, pinned to a tag, for every container.
     images = {c["image"] for c in spec["containers"] + spec["initContainers"]}
     assert len(images) == 1 and ":" in next(iter(images)).rsplit("/", 1)[-1]
     assert not next(iter(images)).endswith(":latest")
 
-    # Flags and config are what `cs-p2p serve` accepts; node-local addresses on the host network.
-    assert spec["hostNetwork"] is True
-    cfg = serve_config(docs, main, tmp_path)
-    assert cfg.peer_listen == "10.0.0.7:5001" and cfg.dht_listen == "10.0.0.7:5002"
-    assert cfg.metrics_listen == "10.0.0.7:5003" and cfg.mirror_registry
+    # The host access the installer needs, and nothing more: the host's PID namespace (systemctl
+    # through PID 1), privileges for the installer only, and the host directories it writes,
+    # /var/lib as one mount so that adoption hard-links containerd's blobs into cs-p2p's store.
+    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+    assert not spec.get("hostIPC") and not spec.get("shareProcessNamespace")
+    args, init = install_args(docs)
+    assert init["securityContext"] == {"privileged": True}
+    assert host_mounts(spec, init) == {f"/host{d}": d for d in INSTALL_HOST_DIRS} and args.host == "/host"
+    contacts = container(spec, "contacts")
+    assert not contacts.get("securityContext", {}).get("privileged")
+    assert host_mounts(spec, contacts) == {f"/host{os.path.dirname(CONTACTS_FILE)}": os.path.dirname(CONTACTS_FILE)}
+    assert all(m["mountPath"].startswith("/host/") for m in contacts["volumeMounts"])
 
-    # The store and containerd's socket directory are host directories, where the config says.
-    root = mounted_from(spec, main, cfg.root)
-    assert root["hostPath"]["path"] == root["_mount"]["mountPath"] == cfg.root
-    sock = mounted_from(spec, main, cfg.socket)
-    assert sock["hostPath"]["path"] == os.path.dirname(cfg.socket)
-    # The init container writes containerd's drop-in and hosts.toml on the host.
-    assert mounted_from(spec, init, "/etc/containerd/conf.d")["hostPath"]["path"] == "/etc/containerd"
-    script = init["command"][-1]
-    assert "cs-p2p containerd-config" in script and f"--socket {cfg.socket}" in script
-    assert "--hosts-dir /etc/containerd/certs.d" in script
-    cm = one(docs, "ConfigMap")
-    for env in init["env"]:
-        ref = env["valueFrom"]["configMapKeyRef"]
-        assert ref["name"] == cm["metadata"]["name"] and ref["key"] in cm["data"]
-    assert cm["data"]["mirror-registries"].split() == [r.base_url for r in cfg.mirror_registry]
+    # The daemon the installer sets up: settings and flags `cs-p2p serve` accepts, node-local
+    # addresses, the store and socket where the installer's mounts put them.
+    cfg, files = daemon_config(docs, args, tmp_path)
+    assert cfg.peer_listen == f"{NODE_IP}:5001" and cfg.dht_listen == f"{NODE_IP}:5002"
+    assert cfg.metrics_listen == f"{NODE_IP}:5003" and cfg.mirror_registry
+    assert cfg.root.startswith("/var/lib/") and os.path.dirname(cfg.socket) == "/run/cs-p2p"
+    assert args.containerd_root.startswith("/var/lib/")
 
-    # Probes: readiness scrapes the metrics port; liveness asks the daemon through its admin socket.
-    ready = main["readinessProbe"]["httpGet"]
-    assert ready["path"] == "/metrics" and str(ready["port"]) == cfg.metrics_listen.rsplit(":", 1)[1]
-    live = main["livenessProbe"]["exec"]["command"]
-    assert live[:2] == ["cs-p2p", "status"] and live[live.index("--root") + 1] == cfg.root
-
-    # Services: the headless bootstrap on the DHT port (every node, ready or not) and the metrics one.
-    labels = spec.get("labels") or one(docs, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    # Bootstrap: the host reads contacts the pod resolves from the headless Service's name.
+    assert cfg.bootstrap_file == CONTACTS_FILE and not cfg.bootstrap
+    kept = _parser().parse_args(contacts["command"][1:])
+    assert kept.command == "host-contacts" and kept.every > 0 and kept.host == "/host"
+    assert kept.bootstrap_name == args.bootstrap_name
     boot = one(docs, "Service", "cs-p2p-bootstrap")
     assert boot["spec"]["clusterIP"] == "None" and boot["spec"]["publishNotReadyAddresses"] is True
     assert boot["spec"]["ports"][0]["port"] == int(cfg.dht_listen.rsplit(":", 1)[1])
     assert boot["spec"]["ports"][0]["protocol"] == "UDP"
-    assert any(b.startswith(f"cs-p2p-bootstrap.{boot['metadata']['namespace']}.svc") for b in cfg.bootstrap)
+    assert args.bootstrap_name == [f"cs-p2p-bootstrap.{boot['metadata']['namespace']}.svc.cluster.local:"
+                                   f"{boot['spec']['ports'][0]['port']}"]
+
+    # Readiness is the host's cs-p2p serving its metrics; the metrics Service selects these pods.
+    ready = contacts["readinessProbe"]["httpGet"]
+    assert ready["path"] == "/metrics" and str(ready["port"]) == cfg.metrics_listen.rsplit(":", 1)[1]
+    labels = one(docs, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
     metrics = one(docs, "Service", "cs-p2p-metrics")
     assert metrics["spec"]["ports"][0]["port"] == int(cfg.metrics_listen.rsplit(":", 1)[1])
     for svc in (boot, metrics):
         assert svc["spec"]["selector"].items() <= labels.items()
 
-    # Membership: every file the flags name is in a Secret that is rendered, under that key.
+    # Membership: every file the daemon is told to read is copied from a rendered Secret to
+    # /etc/cs-p2p, except each node's own key and certificate, which the node has under pki/.
     secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
-    flags = vars(_parser().parse_args([a.replace("$(NODE_IP)", "10.0.0.7") for a in main["args"]]))
-    files = [flags[k] for k in ("cluster_token_file", "cluster_ca_file") if flags.get(k)]
-    assert files, "no membership: peers would not authenticate"
-    for path in files:
-        volume = mounted_from(spec, main, path)
-        secret = secrets[volume["secret"]["secretName"]]
-        assert os.path.basename(path) in secret["data"]
-    if overlay == "key-pair":  # each node's own key and certificate are the node's, on the host
-        for key in ("node_key_file", "node_cert_file"):
-            assert "hostPath" in mounted_from(spec, main, flags[key])
+    secret_volume = next(v for v in spec["volumes"]
+                         if v["name"] == next(m["name"] for m in init["volumeMounts"] if m["mountPath"] in args.file))
+    secret = secrets[secret_volume["secret"]["secretName"]]
+    named = [p for p in files.values() if p]
+    assert named, "no membership: peers would not authenticate"
+    for path in named:
+        if path.startswith("/etc/cs-p2p/pki/"):
+            assert overlay == "key-pair"
+        else:
+            assert os.path.dirname(path) == "/etc/cs-p2p" and os.path.basename(path) in secret["data"]
     assert all(d["metadata"].get("namespace") == "kube-system" for d in docs)
 
 
-def test_the_containerd_drop_in_the_init_container_writes_is_valid(tmp_path):
-    """Run the init container's script with the rendered ConfigMap's values (containerd-config
-    into a scratch /etc/containerd)."""
-    docs = render("token")
-    spec = pod_spec(docs)
-    init = next(c for c in spec["initContainers"] if c["name"] == "containerd-config")
-    cm = one(docs, "ConfigMap")
-    script = init["command"][-1].replace("/etc/containerd", str(tmp_path))
-    script = script.replace("cs-p2p containerd-config", f"{shlex.quote(os.sys.executable)} -m cs_p2p.cli containerd-config")
-    env = dict(os.environ, MIRROR_REGISTRIES=cm["data"]["mirror-registries"],
-               CONTAINERD_VERSION=cm["data"]["containerd-version"])
-    out = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+def test_the_installer_puts_the_rendered_settings_on_a_host(tmp_path):
+    """`cs-p2p host-install` with the rendered command, on a scratch host root (systemctl a
+    no-op): the unit runs the daemon with the node's flags, containerd is wired to the socket,
+    the mirrored registries get a hosts.toml, the Secret's token is installed."""
+    docs = render("overlays/token")
+    args, init = install_args(docs)
+    argv = expand(init["command"][1:], pod_env(docs, init))
+    source = tmp_path / "image"
+    (source / os.path.dirname(BUILD_FILE)).mkdir(parents=True)
+    (source / BUILD_FILE).write_text("0.1.0-test\n")
+    config = tmp_path / "config.toml"
+    config.write_text(one(docs, "ConfigMap")["data"][os.path.basename(args.config)])
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "cluster-token").write_text("a-token-for-the-test-cluster-0123456789\n")
+    host = tmp_path / "host"
+    replace = {"--host=/host": f"--host={host}", f"--config={args.config}": f"--config={config}",
+               f"--file={args.file[0]}": f"--file={secrets}"}
+    argv = [replace.get(a, a) for a in argv] + [f"--source={source}", "--systemctl=true", "--wait-seconds=0"]
+    out = subprocess.run([sys.executable, "-m", "cs_p2p.cli", *argv], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    drop_in = (tmp_path / "conf.d" / "cs-p2p.toml").read_text()
+    unit = (host / "etc/systemd/system/cs-p2p.service").read_text()
+    assert f"--peer-listen={NODE_IP}:5001" in unit and "--cluster-token-file=/etc/cs-p2p/cluster-token" in unit
+    drop_in = (host / "etc/containerd/conf.d/cs-p2p.toml").read_text()
     assert 'address = "/run/cs-p2p/content.sock"' in drop_in
-    assert (tmp_path / "certs.d" / "registry.internal" / "hosts.toml").exists()
+    assert (host / "etc/containerd/certs.d/registry.internal/hosts.toml").exists()
+    assert (host / "etc/cs-p2p/cluster-token").read_text().startswith("a-token")
+    assert os.readlink(host / "opt/cs-p2p/current") == "0.1.0-test"
+
+
+def test_the_uninstall_renders_an_uninstaller_with_the_same_host_access():
+    docs = render("uninstall")
+    spec = pod_spec(docs)
+    init = container(spec, "uninstall")
+    args = _parser().parse_args(init["command"][1:])
+    assert args.command == "host-uninstall" and args.host == "/host" and not args.purge
+    assert spec["hostPID"] is True and init["securityContext"] == {"privileged": True}
+    assert set(host_mounts(spec, init).items()) <= {(f"/host{d}", d) for d in INSTALL_HOST_DIRS}
+    assert {c["image"] for c in spec["containers"] + spec["initContainers"]} == \
+        {c["image"] for c in pod_spec(render("overlays/token"))["containers"]}

@@ -65,3 +65,35 @@ def parse_help(out: str) -> tuple[str, str, list[tuple[str, str]]]:
             elif entries and line.startswith(" " * 6):  # help on the next lines
                 entries[-1] = (entries[-1][0], (entries[-1][1] + " " + line.strip()).strip())
     return usage, description, [(f, t) for f, t in entries if not f.startswith("{")]
+
+
+def unit_sections(text: str) -> dict[str, dict[str, str]]:
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            current = sections.setdefault(line, {})
+        elif "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            current[key] = value
+    return sections
+
+
+def test_the_packaged_unit_and_the_installers_unit_start_and_stop_alike():
+    """Installed by hand (packaging/systemd) or by the DaemonSet (`cs-p2p host-install`),
+    cs-p2p comes up before containerd without needing it, and its restart (an upgrade)
+    does not take containerd down with it (no Requires/BindsTo/RequiredBy)."""
+    from cs_p2p.install.unit import render_unit
+
+    packaged = unit_sections((ROOT / "packaging" / "systemd" / "cs-p2p.service").read_text())
+    installed = unit_sections(render_unit(["--peer-listen=10.0.0.7:5001"]))
+    for unit in (packaged, installed):
+        assert unit["[Unit]"]["Before"] == "containerd.service"
+        assert "containerd" not in unit["[Unit]"].get("After", "") + unit["[Unit]"].get("Requires", "")
+        assert "RequiredBy" not in unit["[Install]"] and "BindsTo" not in unit["[Unit]"]
+    assert packaged["[Unit]"] | {"Documentation": ""} == installed["[Unit]"] | {"Documentation": ""}
+    assert packaged["[Install]"] == installed["[Install]"]
+    host_only = {"RootDirectory", "MountAPIVFS", "BindPaths", "BindReadOnlyPaths", "ExecStart"}
+    assert {k: v for k, v in packaged["[Service]"].items() if k not in host_only} == \
+        {k: v for k, v in installed["[Service]"].items() if k not in host_only}
