@@ -45,6 +45,7 @@ class NodeView:
     dht: "DhtNode | None" = None
     fetcher: "Fetcher | None" = None
     listeners: dict[str, str] = field(default_factory=dict)
+    open_on_network: list[str] = field(default_factory=list)  # listeners an open cluster exposes
     started: float = field(default_factory=time.time)
 
     def status(self) -> dict:
@@ -55,6 +56,7 @@ class NodeView:
             "version": __version__,
             "node_id": self.dht.node_id.hex() if self.dht else None,
             "membership": membership_mode(self.member),
+            "open_on_network": self.open_on_network,
             "uptime_seconds": round(time.time() - self.started, 1),
             "listeners": self.listeners,
             "peers": sorted(f"{n.ip}:{n.port}" for n in self.dht.contacts()) if self.dht else [],

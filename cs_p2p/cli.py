@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-max-concurrent-streams", type=int,
                    help="gRPC streams served at once per containerd connection (default 256); more wait")
     _membership_flags(s)
+    s.add_argument("--insecure-open-membership", action="store_true", default=None,
+                   help="run an open cluster (no token, no keys) with peer-listen or dht-listen on a network "
+                        "address: any host that reaches them reads every blob this node holds; refused without "
+                        "this flag")
     s.add_argument("--apply-workers", type=int,
                    help="processes applying layers for containerd 2.x (default 0: one per core)")
     s.add_argument("--mirror-registry", action="append",
@@ -231,7 +235,9 @@ def _host(args: argparse.Namespace) -> int:
         if args.command == "host-uninstall":
             uninstall(Host(args.host), systemctl, args.containerd_root, args.purge)
             return 0
-        settings = load_config(args.config, {})  # what the daemon will read, checked before anything is written
+        # what the daemon will run with, checked before anything is written on the host
+        serve = vars(_parser().parse_args(["serve", *args.serve_arg]))
+        settings = load_config(args.config, {k: v for k, v in serve.items() if k not in ("command", "config")})
         registries = ([MirrorRegistry.parse(r, 3000, "--mirror-registry") for r in args.mirror_registry]
                       or settings.mirror_registry)
         install(Host(args.host), InstallOptions(

@@ -7,6 +7,7 @@ so what an operator writes in a file and on a command line never diverges.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -117,6 +118,9 @@ class Config:
     node_key_file: str = ""  # key-pair mode: this node's Ed25519 key (PEM) ...
     node_cert_file: str = ""  # ... its certificate, issued by the cluster CA ...
     cluster_ca_file: str = ""  # ... and the CA certificate(s) members are issued by
+    # no membership with peers or the DHT on a network address: refused unless this says the
+    # operator wants an open cluster (any host that reaches the node reads every blob it holds)
+    insecure_open_membership: bool = False
     mirror_listen: str = "127.0.0.1:5080"  # the registry mirror for the local containerd
     mirror_timeout_ms: int = 3000  # default wait for an upstream registry
     mirror_registry: list = dataclasses.field(default_factory=list)  # MirrorRegistry; empty: no mirror
@@ -216,7 +220,35 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
         raise ConfigError("choose one membership: cluster-token-file, or node-key-file/node-cert-file/cluster-ca-file")
     if cfg.log_format not in ("json", "text"):
         raise ConfigError(f"log-format must be json or text, got {cfg.log_format!r}")
+    exposed = open_listeners(cfg)
+    if exposed and not cfg.insecure_open_membership:
+        raise ConfigError(
+            f"{' and '.join(exposed)} {'is not a loopback address' if len(exposed) == 1 else 'are not loopback addresses'}"
+            ", and no membership is configured: any host that reaches this node could "
+            "download every blob this node holds (private images' layers too) and join the DHT. Configure "
+            "membership: cluster-token-file = FILE (a shared join token), or node-key-file, node-cert-file and "
+            "cluster-ca-file (per-node keys from `cs-p2p ca`; docs/security.md). For a network you trust as a "
+            "whole, insecure-open-membership = true (--insecure-open-membership) runs an open cluster.")
     return cfg
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses; a wildcard, another name or address is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_listeners(cfg: Config) -> list[str]:
+    """The peer and DHT listeners (`key address`) reachable beyond this host while the node has
+    no membership: an open cluster on the network."""
+    if cfg.cluster_token_file or cfg.node_key_file:
+        return []
+    return [f"{key} {addr}" for key, addr in (("peer-listen", cfg.peer_listen), ("dht-listen", cfg.dht_listen))
+            if addr and not is_loopback(parse_host_port(addr, key)[0])]
 
 
 def bootstrap_contacts(cfg: Config) -> list[str]:

@@ -15,10 +15,10 @@ import signal
 import grpc
 
 from . import metrics
-from .admin import AdminServer, NodeView, admin_socket
+from .admin import AdminServer, NodeView, admin_socket, membership_mode
 from .api import diff_pb2_grpc
 from .apply.pool import ApplyPool
-from .config import Config, bootstrap_contacts, parse_host_port, peer_advertised, socket_gid
+from .config import Config, bootstrap_contacts, open_listeners, parse_host_port, peer_advertised, socket_gid
 from .digests import format_digest, parse_digest
 from .dht.node import DhtNode, load_or_create_node_id
 from .dht.providers import provider_key
@@ -145,8 +145,14 @@ async def serve(cfg: Config) -> None:
 
     listeners = {"socket": cfg.socket, "peer": cfg.peer_listen, "dht": cfg.dht_listen,
                  "mirror": cfg.mirror_listen if mirror else "", "metrics": cfg.metrics_listen}
-    admin = AdminServer(NodeView(store, member, dht, fetcher, {k: v for k, v in listeners.items() if v}))
-    collector = metrics.register_node(store, dht, lambda: len(fetcher.inflight) if fetcher else 0)
+    exposed = open_listeners(cfg)  # allowed only with insecure-open-membership (config.py)
+    if exposed:
+        log.warning("open membership on the network: any host that reaches this node can download every blob it "
+                    "holds and join the DHT (configure cluster-token-file or per-node keys)",
+                    extra={"listeners": exposed})
+    admin = AdminServer(NodeView(store, member, dht, fetcher, {k: v for k, v in listeners.items() if v}, exposed))
+    collector = metrics.register_node(store, dht, lambda: len(fetcher.inflight) if fetcher else 0,
+                                      membership_mode(member))
     try:
         await admin.start_socket(admin_socket(store.root))
     except OSError as exc:  # e.g. a root whose path is too long for a unix socket: serve without

@@ -100,10 +100,12 @@ class Timer:
 class NodeCollector(Collector):
     """States read at scrape time: disk used, open ingests, peers known, fetches under way."""
 
-    def __init__(self, store: "LocalStore", dht: "DhtNode | None", inflight: Callable[[], int]) -> None:
+    def __init__(self, store: "LocalStore", dht: "DhtNode | None", inflight: Callable[[], int],
+                 membership: str = "open") -> None:
         self.store = store
         self.dht = dht
         self.inflight = inflight
+        self.membership = membership
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         usage = self.store.usage()
@@ -121,6 +123,11 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("cs_p2p_ingests_open", "containerd's ingests (writes) open on this node.",
                                 value=usage.ingests)
         yield GaugeMetricFamily("cs_p2p_fetches_inflight", "Fetches from peers under way.", value=self.inflight())
+        mode = GaugeMetricFamily("cs_p2p_membership", "How members prove membership: 1 for the node's mode "
+                                 "(open: no token, no keys; anyone who reaches the node is a member).",
+                                 labels=["mode"])
+        mode.add_metric([self.membership], 1)
+        yield mode
         yield GaugeMetricFamily("cs_p2p_peers_known", "Nodes in this node's DHT routing table.",
                                 value=len(self.dht.contacts()) if self.dht else 0)
 
@@ -129,7 +136,8 @@ def exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
-def register_node(store: "LocalStore", dht: "DhtNode | None", inflight: Callable[[], int]) -> NodeCollector:
-    collector = NodeCollector(store, dht, inflight)
+def register_node(store: "LocalStore", dht: "DhtNode | None", inflight: Callable[[], int],
+                  membership: str = "open") -> NodeCollector:
+    collector = NodeCollector(store, dht, inflight, membership)
     REGISTRY.register(collector)
     return collector

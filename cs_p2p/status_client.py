@@ -63,6 +63,10 @@ def render(st: dict) -> str:
         f"{human(max(st['cache']['budget_bytes'], 0))}",
         f"ingests    {st['ingests_open']} open",
     ]
+    if st.get("open_on_network"):
+        lines += ["", "WARNING    open membership on the network (" + ", ".join(st["open_on_network"]) + "): any host "
+                  "that reaches them downloads every blob this node holds; configure cluster-token-file or "
+                  "per-node keys"]
     lines += ["", f"FETCHING ({len(st['fetches'])})"]
     if st["fetches"]:
         lines.append(f"  {'DIGEST':<19}  {'SIZE':>10}  {'DONE':>5}  SOURCES")

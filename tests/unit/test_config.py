@@ -205,3 +205,20 @@ def test_bootstrap_contacts_come_from_the_settings_and_the_file_as_it_is_now(tmp
     assert bootstrap_contacts(cfg) == ["10.0.0.1:5002", "10.0.0.2:5002", "[fd00::3]:5002"]
     path.write_text("10.0.0.4:5002\n")
     assert bootstrap_contacts(cfg) == ["10.0.0.1:5002", "10.0.0.4:5002"]
+
+
+@pytest.mark.parametrize("listen", [{"peer_listen": "10.0.0.5:5001"},
+                                    {"peer_listen": "127.0.0.1:5001", "dht_listen": "[fd00::5]:5002"},
+                                    {"peer_listen": "node-a.cluster:5001"}])
+def test_no_membership_beyond_loopback_is_refused_unless_asked_for(listen, tmp_path):
+    with pytest.raises(ConfigError, match="cluster-token-file.*node-key-file.*insecure-open-membership"):
+        load_config(None, listen)
+    assert load_config(None, {**listen, "insecure_open_membership": True}).insecure_open_membership
+    token = tmp_path / "token"
+    token.write_text("a-token-for-the-test-cluster-0123456789\n")
+    load_config(None, {**listen, "cluster_token_file": str(token)})
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1:5001", "127.0.0.2:5001", "localhost:5001", "[::1]:5001"])
+def test_no_membership_on_loopback_starts_as_before(addr):
+    assert load_config(None, {"peer_listen": addr}).peer_listen == addr

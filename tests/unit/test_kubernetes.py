@@ -101,8 +101,8 @@ def daemon_config(docs: list[dict], args, tmp_path: pathlib.Path):
     serve = vars(_parser().parse_args(["serve", *args.serve_arg]))
     serve.pop("command")
     serve.pop("config")
-    files = {k: serve.pop(k) for k in ("cluster_token_file", "node_key_file", "node_cert_file", "cluster_ca_file")}
-    return load_config(str(toml), serve), files
+    files = {k: serve[k] for k in ("cluster_token_file", "node_key_file", "node_cert_file", "cluster_ca_file")}
+    return load_config(str(toml), serve), files  # (the files are read when the daemon starts)
 
 
 @pytest.mark.parametrize("overlay", ["token", "key-pair"])
