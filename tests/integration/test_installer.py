@@ -17,7 +17,7 @@ import pytest
 
 from cs_p2p.devcluster.images import build_image, push_image
 from cs_p2p.devcluster.processes import Registry, free_port, wait_for
-from cs_p2p.devcluster.product_image import build_rootfs
+from cs_p2p.devcluster.product_image import build_rootfs, pack
 from cs_p2p.devcluster.releases import release
 from cs_p2p.install.host import BUILD_FILE
 from cs_p2p.store.handover import builtin_blob_dir
@@ -212,3 +212,31 @@ def test_install_upgrade_cold_boot_and_uninstall_lose_no_image(fake_host, own_re
     for digest in after_img.digests:  # pulled through cs-p2p, now in containerd's own store
         got = ctr(host, "content", "get", digest, text=False).stdout
         assert hashlib.sha256(got).hexdigest() == digest.split(":")[1]
+
+
+def test_the_image_pulls_runs_and_installs_itself_from_its_own_root(node, registry, product_rootfs, workdir):
+    """The image hack/build-image makes, pushed and pulled through cs-p2p, run by containerd as
+    the DaemonSet's init container runs it: `host-install --source /` copies the container's own
+    root file system to the host (bind-mounted at /host), and the copy runs there."""
+    img = pack(product_rootfs, os.path.join(workdir, "image"), "test")
+    ref = push_image(img, registry.addr, "cs-p2p/installer")
+    node.ctr(*node.containerd.pull_args(ref), timeout=300)
+    host, settings = os.path.join(workdir, "host"), os.path.join(workdir, "settings")
+    os.makedirs(host)
+    os.makedirs(settings)
+    with open(os.path.join(settings, "cs-p2p.toml"), "w") as f:
+        f.write('root = "/var/lib/cs-p2p"\n')
+    name = "i" + uuid.uuid4().hex[:8]
+    out = node.ctr("run", "--rm", "--mount", f"type=bind,src={host},dst=/host,options=rbind:rw",
+                   "--mount", f"type=bind,src={settings},dst=/config,options=rbind:ro", ref, name,
+                   "/usr/local/bin/cs-p2p", "host-install", "--host=/host", "--config=/config/cs-p2p.toml",
+                   "--containerd-version", release().series, "--systemctl=true", "--wait-seconds=0",
+                   timeout=300).stdout.decode()
+    build = read(os.path.join(product_rootfs, BUILD_FILE)).decode().strip()
+    assert f"cs-p2p {build} installed" in out
+    assert os.readlink(os.path.join(host, "opt/cs-p2p/current")) == build
+    copy = os.path.join(host, "opt/cs-p2p", build)
+    assert not os.path.exists(os.path.join(copy, "host"))  # the container's mounts stay behind
+    version = subprocess.run(["chroot", copy, "/usr/local/bin/cs-p2p", "--version"], capture_output=True,
+                             text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip(), version.stderr
