@@ -22,6 +22,7 @@ from typing import Iterator
 
 from .layerfs import InvalidLayer, LayerApplier
 from .stream import CorruptLayer, HashingStream
+from .tarheaders import BoundedTarInfo
 
 MountSpec = tuple[str, str, tuple[str, ...]]  # (type, source, options)
 
@@ -87,7 +88,8 @@ def _syncfs(path: str) -> None:
 
 def _write(stream: HashingStream, applier: LayerApplier) -> None:
     try:
-        tar = tarfile.open(fileobj=stream, mode="r:")  # type: ignore[call-overload]
+        # headers bounded and parsed in linear time: the layer's author chooses every byte
+        tar = tarfile.open(fileobj=stream, mode="r:", tarinfo=BoundedTarInfo)  # type: ignore[call-overload]
     except tarfile.ReadError:
         if stream.size == 0:
             return  # an empty layer: nothing to write
