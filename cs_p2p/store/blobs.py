@@ -31,8 +31,19 @@ class BlobInfo:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+def fsync_dir(directory: str) -> None:
+    """Make the names in `directory` durable: a rename is on disk only once its directory is
+    synced, and a blob containerd was told exists must not vanish at a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file_atomic(path: str, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see the old or the new file, never half."""
+    """Replace `path` with `data` so that readers see the old or the new file, never half,
+    and, once this returns, the new one after a crash too."""
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -41,6 +52,7 @@ def write_file_atomic(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 _HASH_CHUNK = 4 << 20
@@ -101,7 +113,9 @@ class BlobStore:
         blobs/sha256/, then its metadata.  The one way bytes become a committed blob."""
         os.fsync(fd)
         os.fchmod(fd, 0o444)
-        os.rename(path, self.blob_path(parse_digest(digest)))
+        blob = self.blob_path(parse_digest(digest))
+        os.rename(path, blob)
+        fsync_dir(os.path.dirname(blob))
         self.record_commit(digest, labels)
 
     def record_commit(self, digest: str, labels: dict[str, str]) -> None:

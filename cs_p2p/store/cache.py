@@ -22,6 +22,7 @@ import time
 from typing import Callable
 
 from ..digests import format_digest
+from .blobs import fsync_dir
 
 
 def default_budget(root: str, share: float = 0.1) -> int:
@@ -77,6 +78,7 @@ class BlobCache:
                 return False
             try:
                 os.rename(self.path(hex_), blob_path)
+                fsync_dir(os.path.dirname(blob_path))  # containerd is told it exists
             except FileNotFoundError:
                 self._sizes.pop(hex_, None)
                 return False

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..digests import format_digest
-from .blobs import BlobStore, sha256_of_fd
+from .blobs import BlobStore, fsync_dir, sha256_of_fd
 
 BUILTIN_BLOBS = os.path.join("io.containerd.content.v1.content", "blobs", "sha256")
 _TMP_PREFIX = ".cs-p2p-"
@@ -130,14 +130,6 @@ def _hand_over(hex_: str, src_dir: str, dst_dir: str, verify: bool) -> tuple[str
             pass
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _run(src_dir: str, dst_dir: str, verify: bool, on_taken: Callable[[str], None],
          progress: Progress | None, workers: int | None) -> Report:
     os.makedirs(dst_dir, exist_ok=True)
@@ -163,7 +155,7 @@ def _run(src_dir: str, dst_dir: str, verify: bool, on_taken: Callable[[str], Non
             if progress is not None and (now - last >= 1.0 or done == len(names)):
                 progress(done, len(names), report)
                 last = now
-    _fsync_dir(dst_dir)
+    fsync_dir(dst_dir)
     return report
 
 
