@@ -15,11 +15,16 @@ import sys
 import pytest
 
 from cs_p2p.devcluster.processes import wait_for
+from cs_p2p.status_client import fetch_status
 from tests.conftest import commit_via_socket
 from tests.test_dht_daemon import daemon
 
 FAST = ["--replicas", "2", "--replica-check-interval", "1", "--challenge-interval", "1"]
 NO_CACHE = ["--cache-max-bytes", "0"]
+
+
+def status_of(cs) -> dict:
+    return fetch_status(os.path.join(cs.root, "admin.sock"))
 
 
 def failed_proofs(cs) -> list[dict]:
@@ -69,6 +74,9 @@ def test_a_holder_that_lost_its_copy_is_caught_and_the_floor_copies_the_blob_els
         caught = wait_for(lambda: [r for n in judges for r in failed_proofs(n) if r["addr"] == a_peer], 60,
                           "a failed proof")
         assert {r["reason"] for r in caught} == {reason}
+        # only a wrong answer is evidence of cheating: a node that lost a blob is not banned
+        bans = [b for n in judges for b in status_of(n)["recent_bans"] if b["addr"] == a_peer]
+        assert bool(bans) == (damage == "corrupt"), bans
         assert not [r for n in (b, c) for r in failed_proofs(n) if r["addr"] != a_peer]  # honest nodes pass
         # With a's record dropped the floor sees one holder, and the other node copies the blob.
         wait_for(lambda: digest in other.cached_digests(), 60, "a second good copy")

@@ -12,9 +12,12 @@ the bytes.
   is caught.  One that does not can still catch "not held" (404) and no answer at all; a
   wrong hash needs a copy to be told from a right one.
 - A failed proof drops the record from the watcher's store (lookups through it no longer
-  return it, and the floor counts one holder less, so it copies the blob elsewhere) and counts
-  against the holder as corrupt data does: banned from fetches for a while.  No answer counts
-  as a failed probe (three in a row ban it).
+  return it, and the floor counts one holder less, so it copies the blob elsewhere).  Only a
+  wrong or unsigned answer is evidence of cheating: that counts against the holder as corrupt
+  data does, banned from fetches for a while.  "Not held" (404) drops the record and nothing
+  more: an honest node answers so for a blob its GC deleted while the withdraw datagram was
+  lost, and it still serves every other blob.  No answer counts as a failed probe (three in a
+  row ban it).
 - In key-pair mode the answer is signed by the holder's key over the digest, nonce, range
   and answer, and checked against the certificate its records came with: a node cannot
   answer for another.
@@ -58,12 +61,16 @@ def jittered(interval: float) -> float:
     return interval * random.uniform(0.5, 1.5)
 
 
+NO_ANSWER = "no answer"
+NOT_HELD = "does not hold the blob"
+
+
 def verdict(expected: str | None, status: int | None, result: str | None, signed: bool) -> str | None:
     """Why a holder failed its proof, or None if it passed (or nothing can be told)."""
     if status is None:
-        return "no answer"
+        return NO_ANSWER
     if status == 404:
-        return "does not hold the blob"
+        return NOT_HELD
     if status != 200 or result is None:
         return None  # busy (429, 503) or refused for another reason: not a proof either way
     if not signed:
@@ -177,7 +184,8 @@ class Challenger:
             self.dht.protocol.refute(key, rec.node_id, 2 * self.interval)
             log.warning("proof of storage failed: record dropped", extra={
                 "digest": ch.digest, "addr": rec.addr, "node_id": rec.node_id.hex(), "reason": why})
-            self.fetcher.failed_proof(rec.addr, ch.digest, banned=why != "no answer")
+            if why != NOT_HELD:  # a 404 is no evidence against the node: its record goes, nothing more
+                self.fetcher.failed_proof(rec.addr, ch.digest, banned=why != NO_ANSWER)
             if self.on_record_dropped:
                 self.on_record_dropped(key)
         if len(set(passed)) > 1:
