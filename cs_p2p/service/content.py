@@ -10,6 +10,7 @@ FAILED_PRECONDITION for size/digest mismatches, ALREADY_EXISTS for a known diges
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -289,6 +290,13 @@ class ContentService(pb_grpc.ContentServicer):
                 return
             check_request(req)
 
+    def _committed(self, writer: IngestWriter, digest: str) -> None:
+        log.info("blob committed", extra={"digest": digest, "size": writer.offset, "ref": writer.ref,
+                                          "messages": writer.messages})
+        metrics.WRITTEN_BYTES.inc(writer.offset)
+        if self.events:
+            self.events.committed(digest, writer.offset)
+
     async def _write_step(self, writer: IngestWriter, req: WriteRequest) -> pb.WriteContentResponse:
         """One request of a Write stream, as containerd's content service handles it."""
         if req.expected and self.store.blobs.exists(req.expected):
@@ -319,13 +327,18 @@ class ContentService(pb_grpc.ContentServicer):
         if req.action == pb.COMMIT:
             labels = dict(req.labels)
             expected = req.expected or writer.expected
-            digest = await asyncio.get_running_loop().run_in_executor(
+            commit = asyncio.get_running_loop().run_in_executor(
                 None, writer.commit_sync, req.total or writer.total, expected, labels)
-            log.info("blob committed", extra={"digest": digest, "size": writer.offset, "ref": writer.ref,
-                                              "messages": writer.messages})
-            metrics.WRITTEN_BYTES.inc(writer.offset)
-            if self.events:
-                self.events.committed(digest, writer.offset)
+            try:
+                digest = await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                # containerd went away mid-commit: the thread's fsync and rename cannot be
+                # stopped, so the writer (its fd, its ref lock) stays open until they end, and a
+                # blob that did land is announced like any other
+                with contextlib.suppress(Exception):
+                    self._committed(writer, await commit)
+                raise
+            self._committed(writer, digest)
         return pb.WriteContentResponse(
             action=req.action,
             started_at=_ts(writer.started_at_ns),
