@@ -161,3 +161,48 @@ async def test_a_proof_of_storage_is_the_hash_of_the_nonce_and_the_range_signed_
         ]:
             async with s.get(base + path) as r:
                 assert r.status == status, path
+
+
+async def wait_until(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def growing_blob(store: LocalStore, size: int, written: int):
+    """A blob being written (published to peers as an in-flight download), `written` bytes in."""
+    data = os.urandom(size)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    w = store.ingests.open_writer(f"layer-{digest}", size, digest)
+    await w.write(data[:written])
+    assert store.ingests.publish(digest, w)
+    return w, digest
+
+
+async def test_an_upload_waiting_on_a_growing_blob_frees_its_slot_when_the_client_leaves(peer):
+    store, srv, base = await peer(max_uploads=1)
+    w, digest = await growing_blob(store, 2 << 20, 1 << 20)
+    try:
+        async with aiohttp.ClientSession() as s:
+            r = await s.get(f"{base}/blobs/{digest}")
+            assert r.status == 200
+            await r.content.readexactly(1 << 20)  # what is there; the rest never comes
+            await wait_until(lambda: srv.active == 1, 10, "the upload to hold its slot")
+            r.close()  # the client leaves
+        await wait_until(lambda: srv.active == 0, 10, "the slot to come free")
+    finally:
+        w.close()
+
+
+async def test_an_upload_on_a_blob_that_stopped_growing_ends_and_frees_its_slot(peer):
+    store, srv, base = await peer(max_uploads=1, stall_seconds=0.5)
+    w, digest = await growing_blob(store, 2 << 20, 1 << 20)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{base}/blobs/{digest}") as r:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()  # cut short of its Content-Length: the client knows it failed
+            assert srv.active == 0
+    finally:
+        w.close()

@@ -59,6 +59,10 @@ REQUESTS_PER_PEER = 200.0  # per second, from one IP (a 4 MiB piece each)
 MAX_LINE = 4096  # request line and each header: ours are short, anything longer is refused (400)
 
 
+STALL_SECONDS = 60.0  # a blob being written or fetched that grows no piece this long: the upload ends
+CLIENT_CHECK = 1.0  # how often a waiting upload looks whether its client is still there
+
+
 class TokenBucket:
     """Paces bytes to `rate` per second across all uploads, with a burst of one second."""
 
@@ -85,8 +89,10 @@ class PeerServer:
                  fetcher: Fetcher | None = None, sealer: Sealer | None = None,
                  tls: ssl.SSLContext | None = None, limits: PeerLimits | None = None,
                  signer: Callable[[bytes], bytes] | None = None, on_served: Callable[[str], None] | None = None,
-                 ledger: Ledger | None = None, slot_wait: float | None = None) -> None:
+                 ledger: Ledger | None = None, slot_wait: float | None = None,
+                 stall_seconds: float = STALL_SECONDS) -> None:
         self.store = store
+        self.stall_seconds = stall_seconds  # a growing blob with no new byte this long: the upload ends
         self.ledger = ledger or Ledger()  # what each peer gave us: who gets a contended slot
         self.on_served = on_served  # a GET of a held blob (its demand, `placement.demand`)
         self.signer = signer  # key-pair mode: signs proofs of storage
@@ -279,8 +285,10 @@ class PeerServer:
         offset = start
         while offset < stop:
             try:
-                end = await available(offset, stop)
+                end = await self._next_bytes(request, available, offset, stop)
             except (IngestGone, FetchFailed):
+                end = None
+            if end is None:
                 resp.force_close()  # short of Content-Length: the client sees it failed
                 return resp
             if not await self._copy(resp, fd, offset, end):
@@ -290,6 +298,25 @@ class PeerServer:
         await resp.write_eof()
         self._sent(request, stop - start)
         return resp
+
+
+    async def _next_bytes(self, request: web.Request, available, offset: int, stop: int) -> int | None:
+        """`available(offset, stop)`, or None once the client has gone (aiohttp does not cancel
+        a handler whose client left) or no byte came for `stall_seconds`: either way the
+        upload slot goes back to the peers that are still there."""
+        wait = asyncio.ensure_future(available(offset, stop))
+        deadline = time.monotonic() + self.stall_seconds
+        try:
+            while True:
+                done, _ = await asyncio.wait({wait}, timeout=min(CLIENT_CHECK, self.stall_seconds))
+                if done:
+                    return wait.result()
+                transport = request.transport
+                if transport is None or transport.is_closing() or time.monotonic() > deadline:
+                    return None
+        finally:
+            if not wait.done():
+                wait.cancel()
 
 
 class SentFileResponse(web.FileResponse):
