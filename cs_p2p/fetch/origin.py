@@ -32,6 +32,12 @@ class Location:
         return f"{self.host}/{self.repo}"
 
 
+@dataclass(frozen=True)
+class Refs:
+    children: frozenset[str]  # child manifests (an index's)
+    blobs: frozenset[str]  # config and layers
+
+
 class Origins:
     def __init__(self, blob_path: Callable[[str], str], max_entries: int = 4096) -> None:
         self.blob_path = blob_path  # digest -> its file in the local store
@@ -39,6 +45,8 @@ class Origins:
         self._blobs: collections.OrderedDict[str, Location] = collections.OrderedDict()
         self._manifests: collections.OrderedDict[str, Location] = collections.OrderedDict()
         self._references: dict[str, frozenset[str]] = {}  # manifest -> what it references, once complete
+        # a document's own references, parsed once (content-addressed: they never change)
+        self._parsed: collections.OrderedDict[str, Refs] = collections.OrderedDict()
 
     def _remember(self, table: collections.OrderedDict, digest: str, where: Location) -> None:
         table[digest] = where
@@ -61,9 +69,8 @@ class Origins:
         return digest in self._manifests or any(self._is_child_manifest(m, digest) for m in self._manifests)
 
     def _is_child_manifest(self, index: str, digest: str) -> bool:
-        doc = self._load(index)
-        return doc is not None and any(isinstance(c, dict) and c.get("digest") == digest
-                                       for c in doc.get("manifests") or [])
+        refs = self._refs(index)
+        return refs is not None and digest in refs.children
 
     def locate(self, digest: str) -> Location | None:
         """The repository `digest` was pulled from, or None if no resolved manifest names it."""
@@ -81,24 +88,39 @@ class Origins:
         known = self._references.get(manifest)
         if known is not None:
             return known
-        refs, complete = set(), True
+        refs: set[str] = set()
+        complete = True
         pending = [manifest]
         while pending:
-            doc = self._load(pending.pop())
-            if doc is None:
+            own = self._refs(pending.pop())
+            if own is None:
                 complete = False
                 continue
-            for child in doc.get("manifests") or []:
-                if isinstance(child, dict) and isinstance(child.get("digest"), str):
-                    refs.add(child["digest"])
-                    pending.append(child["digest"])
-            for desc in [doc.get("config"), *(doc.get("layers") or [])]:
-                if isinstance(desc, dict) and isinstance(desc.get("digest"), str):
-                    refs.add(desc["digest"])
+            refs |= own.children | own.blobs
+            pending.extend(own.children)
         result = frozenset(refs)
         if complete:
             self._references[manifest] = result
         return result
+
+    def _refs(self, digest: str) -> "Refs | None":
+        """What the document `digest` references itself, read and parsed once; None while it
+        is not in the local store (or is no manifest)."""
+        refs = self._parsed.get(digest)
+        if refs is not None:
+            self._parsed.move_to_end(digest)
+            return refs
+        doc = self._load(digest)
+        if doc is None:
+            return None
+        children = frozenset(c["digest"] for c in doc.get("manifests") or []
+                             if isinstance(c, dict) and isinstance(c.get("digest"), str))
+        blobs = frozenset(d["digest"] for d in [doc.get("config"), *(doc.get("layers") or [])]
+                          if isinstance(d, dict) and isinstance(d.get("digest"), str))
+        refs = self._parsed[digest] = Refs(children, blobs)
+        while len(self._parsed) > self.max_entries:
+            self._parsed.popitem(last=False)
+        return refs
 
     def _load(self, digest: str) -> dict | None:
         try:

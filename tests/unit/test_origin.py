@@ -40,3 +40,33 @@ def test_layers_of_a_resolved_manifest_and_of_an_index_child_are_located(tmp_pat
     for i in range(5):  # bounded: the oldest are forgotten
         origins.blob_seen("r3", "z", "sha256:" + f"{i}" * 64)
     assert origins.locate(other) is None
+
+
+def test_each_manifest_is_read_from_disk_once_however_often_it_is_asked(tmp_path, monkeypatch):
+    """Every `Info` of a blob the node lacks asks where it lives; with thousands of manifests
+    remembered, re-reading each from disk per question would stall the event loop."""
+    files: dict[str, bytes] = {}
+
+    def path(digest: str) -> str:
+        p = tmp_path / digest.replace(":", "_")
+        if digest in files and not p.exists():
+            p.write_bytes(files[digest])
+        return str(p)
+
+    origins = Origins(path)
+    layers = []
+    for i in range(50):
+        layer = "sha256:" + f"{i:064x}"
+        layers.append(layer)
+        manifest = blob(files, {"config": {"digest": "sha256:" + "c" * 64}, "layers": [{"digest": layer}]})
+        index = blob(files, {"manifests": [{"digest": manifest}]})
+        origins.manifest_seen("r", f"team/app{i}", index)
+    loads = []
+    real = Origins._load
+    monkeypatch.setattr(Origins, "_load", lambda self, d: loads.append(d) or real(self, d))
+    for _ in range(3):
+        for i, layer in enumerate(layers):
+            assert origins.is_manifest(layer) is False
+            origins._blobs.pop(layer, None)  # as if forgotten: located through the manifests again
+            assert origins.locate(layer) == Location("r", f"team/app{i}")
+    assert len(loads) == len(set(loads)) == 100  # 50 indexes and their 50 manifests, once each
