@@ -18,3 +18,8 @@ def write_section(path: str, section: str, head: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     with open(path, "w") as f:
         f.write(text)
+
+
+def verdict(ok: bool) -> str:
+    """A target, judged from the numbers of the run: what the section says, not the reader."""
+    return "met" if ok else "**not met**"

@@ -122,12 +122,29 @@ class ProviderProtocol(KademliaProtocol):
         self.dropped += 1
         log.debug("malformed datagram dropped", extra={"from": f"{addr[0]}:{addr[1]}", "reason": reason})
 
+    async def _solve_datagram(self, datagram: bytes, address) -> None:
+        """rpcudp's dispatch, except that a datagram is answered or raises (and is counted as
+        dropped by `_solve_safely`): none is ignored silently, and a request is answered in
+        this task, not in one more left running."""
+        if len(datagram) < 22 or datagram[:1] not in (b"\x00", b"\x01"):
+            raise ValueError("too short, or of no known kind")
+        msg_id, data = datagram[1:21], umsgpack.unpackb(datagram[21:])
+        if datagram[:1] == b"\x00":
+            await self._accept_request(msg_id, data, address)
+        elif msg_id not in self._outstanding:
+            raise ValueError("a response to no request of this node's")
+        else:
+            self._accept_response(msg_id, data, address)
+
     async def _accept_request(self, msg_id, data, address):
         if self.client:
             return
         try:
             if self.identity is not None and not _speaks_for_itself(data, address):
                 raise ValueError("a request names a node id that is not its sender's")
+            if (not isinstance(data, list) or len(data) != 2 or not isinstance(data[0], str)
+                    or not callable(getattr(self, f"rpc_{data[0]}", None))):
+                raise ValueError("not a call of a procedure this node has")
             await super()._accept_request(msg_id, data, address)
         except Exception as exc:
             self.dropped += 1
