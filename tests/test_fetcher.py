@@ -255,3 +255,40 @@ async def test_pieces_go_to_the_provider_that_delivers_them_soonest(fetcher, tmp
     finally:
         for stop in stops:
             await stop()
+
+
+async def test_a_registry_that_ignores_range_sends_the_blob_once_in_bounded_memory(fetcher, servers):
+    """The registry answers every range with 200 and the whole blob: one body streams into
+    the file (registry bytes 1x the blob, not one blob per piece), none held in memory."""
+    import tracemalloc
+
+    import aiohttp
+
+    served = []
+
+    async def whole(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={"Content-Length": str(len(DATA))})
+        await resp.prepare(request)
+        for i in range(0, len(DATA), 1 << 16):
+            chunk = DATA[i:i + (1 << 16)]
+            await resp.write(chunk)
+            served.append(len(chunk))
+        return resp
+
+    runner, addr = await serve_blobs(whole)
+    origin = HttpOrigin(f"http://{addr}")
+    try:
+        fetcher.origin = lambda digest: origin
+        tracemalloc.start()
+        fetch = fetcher.start(DIGEST, len(DATA), [record("127.0.0.1:1")])
+        await fetch.task
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert fetch.committed and open(fetcher.store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
+        assert fetch.bytes_from == {"registry": len(DATA)}
+        assert sum(served) == len(DATA)  # the blob once
+        # bounded buffers (the digest check reads 4 MiB at a time), less than the 12 MiB blob
+        assert peak < 10 << 20, f"peak {peak >> 20} MiB traced during the fetch"
+    finally:
+        await origin.session.close()
+        await runner.cleanup()

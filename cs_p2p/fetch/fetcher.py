@@ -107,6 +107,7 @@ class Fetch:
     source: dict[int, str] = field(default_factory=dict)  # piece -> provider that sent it
     trusted: Callable[[str], bool] = lambda addr: True  # whose unverified pieces `Read` may stream
     origin: Origin | None = None  # set once peers failed and the registry finishes the blob
+    whole_body: "asyncio.Future | None" = None  # the registry ignored Range: one response streams it all
     repaired: bool = False  # pieces were written again: what was streamed of them may be wrong
 
     def covered(self, offset: int, n: int, trusted_only: bool = False) -> bool:
@@ -388,7 +389,12 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         try:
             missing = [p for p in range(fetch.pieces) if p not in fetch.done_pieces]
-            await self._download(fetch, fd, registry, missing)
+            # one request first: a registry that ignores Range answers it with the whole blob
+            # (`_whole_body`), and only one response may carry it; the rest go in parallel
+            await self._download(fetch, fd, registry, missing[:1])
+            missing = [p for p in missing[1:] if p not in fetch.done_pieces]
+            if missing:
+                await self._download(fetch, fd, registry, missing)
             try:
                 await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
                 return
@@ -462,6 +468,8 @@ class Fetcher:
                     piece = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
+                if fetch.whole_body is not None and fetch.whole_body.done() and fetch.source.get(piece) == ORIGIN:
+                    continue  # written by the registry's whole body
                 add_found()
                 if not alive and finding is not None:
                     await asyncio.wait([finding])  # the full lookup may still bring providers
@@ -557,9 +565,11 @@ class Fetcher:
                 raise ProviderBusy(addr)
             if resp.status not in (200, 206):
                 raise FetchFailed(f"{addr} answered {resp.status}")
+            if resp.status == 200:
+                if addr != ORIGIN:  # peer servers always honour Range
+                    raise FetchFailed(f"{addr} ignored Range")
+                return await self._whole_body(fetch, fd, resp)
             offset = start
-            if resp.status == 200:  # a server that ignored Range: skip to our piece
-                await resp.content.readexactly(start)
             while offset < end:
                 chunk = await resp.content.read(min(1 << 20, end - offset))
                 if not chunk:
@@ -573,6 +583,38 @@ class Fetcher:
             self._measured(addr, end - start, time.monotonic() - t0)
             if self.ledger:
                 self.ledger.received(_host(addr), end - start)
+
+    async def _whole_body(self, fetch: Fetch, fd: int, resp: aiohttp.ClientResponse) -> None:
+        """A registry that ignores Range sends the whole blob for any piece: stream that one
+        body into the file, every piece marked as its last byte lands, instead of reading and
+        dropping everything before each piece (memory up to the blob's size per worker, and
+        the blob downloaded about once per piece).  Other workers wait for this response."""
+        if fetch.whole_body is not None:
+            resp.close()
+            await asyncio.shield(fetch.whole_body)
+            return
+        fetch.whole_body = asyncio.get_running_loop().create_future()
+        try:
+            offset = 0
+            while offset < fetch.size:
+                chunk = await resp.content.read(min(1 << 20, fetch.size - offset))
+                if not chunk:
+                    raise FetchFailed(f"{ORIGIN} closed the connection at {offset}")
+                os.pwrite(fd, chunk, offset)
+                done = (offset + len(chunk)) // PIECE if offset + len(chunk) < fetch.size else fetch.pieces
+                for piece in range(offset // PIECE, done):
+                    fetch.done_pieces.add(piece)
+                    fetch.source[piece] = ORIGIN
+                offset += len(chunk)
+                await fetch._notify()
+            fetch.bytes_from[ORIGIN] = fetch.bytes_from.get(ORIGIN, 0) + fetch.size
+            metrics.FETCHED_BYTES.labels(source="registry").inc(fetch.size)
+            fetch.whole_body.set_result(None)
+        except BaseException as exc:
+            waiting, fetch.whole_body = fetch.whole_body, None  # the next try streams it again
+            waiting.set_exception(exc if isinstance(exc, Exception) else FetchFailed("cancelled"))
+            waiting.exception()  # retrieved: only the workers waiting on it care
+            raise
 
     def _verify_and_commit(self, fetch: Fetch, fd: int) -> None:
         """Hash what arrived; commit only the exact blob (fsync, read-only, atomic rename)."""
