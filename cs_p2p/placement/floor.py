@@ -38,6 +38,7 @@ log = logging.getLogger("cs_p2p.placement")
 
 DEFAULT_REPLICAS = 2
 DEFAULT_INTERVAL = 10.0  # seconds between checks of the watched keys
+MAX_CONCURRENT_COPIES = 4  # copies this node fetches for the floor at once (each opens 8 connections)
 NUDGE_SPARE = 2  # nodes asked besides the `deficit` ranked first, in case one of those cannot act
 
 
@@ -94,6 +95,8 @@ class ReplicaFloor:
         # key -> proofs of its holders now (`Challenger.check_now`), for `asked`
         self.prove: Callable[[bytes], Awaitable[object]] | None = None
         self._replicating: dict[str, asyncio.Task] = {}
+        self._replicating_bytes = 0  # the sizes of those copies, together
+        self.max_concurrent = MAX_CONCURRENT_COPIES
         self.replicated = 0  # blobs this node fetched for the floor
 
     async def run(self) -> None:
@@ -144,6 +147,8 @@ class ReplicaFloor:
         if (self.dht.node_id in holders or digest in self._replicating or not self._has_room(size)
                 or self.store.served_path(digest.split(":", 1)[1])):
             return False
+        if len(self._replicating) >= self.max_concurrent:
+            return False  # a burst (a node with thousands of blobs died): the rest in later rounds
         target = Node(key)
         nearest = self.dht.protocol.router.find_neighbors(target, self.dht.server.ksize)
         known = [n for n in nearest if n.id not in holders]
@@ -162,7 +167,13 @@ class ReplicaFloor:
             "digest": digest, "holders": len(holders), "wanted": len(holders) + deficit, "place": place})
         task = asyncio.get_running_loop().create_task(self._replicate(digest))
         self._replicating[digest] = task
-        task.add_done_callback(lambda _t: self._replicating.pop(digest, None))
+        self._replicating_bytes += size
+
+        def done(_t: asyncio.Task) -> None:
+            self._replicating.pop(digest, None)
+            self._replicating_bytes -= size
+
+        task.add_done_callback(done)
         return True
 
     def _nudge(self, key: bytes, digest: str, records: list[ProviderRecord], known: list[Node], deficit: int,
@@ -211,7 +222,9 @@ class ReplicaFloor:
         return min(self.replicas + extra, self.max_replicas)
 
     def _has_room(self, size: int) -> bool:
-        return 0 < size <= self.store.cache.max_bytes
+        """The copy fits in the cache's budget beside the copies under way: checked before a
+        fetch starts (each takes a full-size file at once), not after it lands."""
+        return 0 < size and self._replicating_bytes + size <= self.store.cache.max_bytes
 
     async def _replicate(self, digest: str) -> None:
         try:
