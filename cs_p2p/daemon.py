@@ -76,6 +76,16 @@ def _lock_root(root: str) -> int:
     return fd
 
 
+async def measure_loop_lag(interval: float = 0.02) -> None:
+    """Sample how late the loop wakes a timer (`metrics.LOOP_LAG`): anything that blocks it
+    (a large unlink, a stat per file) delays every call containerd makes meanwhile."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        metrics.LOOP_LAG.observe(max(0.0, loop.time() - due))
+
+
 async def serve(cfg: Config) -> None:
     """Run until SIGTERM/SIGINT; ingests in flight stay on disk and resume on the next start."""
     os.makedirs(cfg.root, exist_ok=True)
@@ -86,7 +96,7 @@ async def serve(cfg: Config) -> None:
                         os.path.join(store.root, "tls"))
     dht = peers = fetcher = None
     ledger = Ledger()  # what each peer gave and took: the fetcher and the peer server keep it
-    background: list[asyncio.Task] = []
+    background: list[asyncio.Task] = [asyncio.get_running_loop().create_task(measure_loop_lag())]
     if cfg.dht_listen:
         node_id = member.identity.node_id if member.identity else load_or_create_node_id(store.root)
         dht = DhtNode(node_id, peer_advertised(cfg), ttl=cfg.dht_ttl, sealer=member.dht_sealer)

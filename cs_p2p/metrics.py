@@ -69,6 +69,11 @@ INFO_LATENCY = Histogram(
     "cs_p2p_info_seconds",
     "The content API's Info (it runs inside containerd's metadata transaction), by result.",
     ["result"], buckets=_LATENCY, registry=REGISTRY)
+LOOP_LAG = Histogram(
+    "cs_p2p_event_loop_lag_seconds",
+    "How late the event loop ran a timer (sampled every 20 ms): time the loop was blocked, during which "
+    "containerd's calls (Info inside its metadata lock) wait.",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=REGISTRY)
 GRPC_CALLS = Counter(
     "cs_p2p_grpc_calls_total", "gRPC calls from containerd, by method and status code.",
     ["method", "code"], registry=REGISTRY)

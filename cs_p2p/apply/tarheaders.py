@@ -11,7 +11,8 @@ header over `MAX_SPECIAL_HEADER` bytes before reading it, parses PAX records its
 linear pass (so the daemon does not depend on which Python a node has), and bounds the GNU
 sparse maps the same way. A refusal is a `LayerRefused` (a `tarfile.TarError` that `tarfile`
 does not take for the end of the archive): the applier answers FAILED_PRECONDITION and the
-snapshot is discarded.
+snapshot is discarded.  A header with a bad checksum, or cut short, is refused the same way
+rather than taken for the end of the archive.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def parse_pax_records(buf: bytes) -> list[tuple[bytes, bytes]]:
 
 
 class BoundedTarInfo(tarfile.TarInfo):
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        # `tarfile` takes a header with a bad checksum, or one cut short, after the first
+        # member for the end of the archive, and the rest of the layer would be skipped in
+        # silence (with the right diff ID, as the whole stream is hashed); containerd's Go
+        # reader refuses such a layer, so does this one
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            raise LayerRefused(f"invalid tar header at byte {tarfile_.offset}: {exc}") from None
+
     def _proc_member(self, tarfile_):
         if self.type in _SPECIAL and self.size > MAX_SPECIAL_HEADER:
             raise LayerRefused(f"a tar special header of {self.size} bytes (type {self.type!r}) exceeds "

@@ -137,7 +137,9 @@ class ContentService(pb_grpc.ContentServicer):
 
     @grpc_errors
     async def Delete(self, request: pb.DeleteContentRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        cached, evicted = self.store.delete(request.digest)
+        # off the loop: keeping the blob in the cache may evict gigabytes (unlinks, a stat per
+        # cached blob), and containerd's Info calls wait on the loop meanwhile
+        cached, evicted = await asyncio.get_running_loop().run_in_executor(None, self.store.delete, request.digest)
         log.info("blob deleted", extra={"digest": request.digest, "cached": cached, "evicted": evicted})
         if self.events:  # a cached blob stays announced: peers may still fetch it here
             if cached:
@@ -210,7 +212,8 @@ class ContentService(pb_grpc.ContentServicer):
 
     @grpc_errors
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        self.store.ingests.abort(request.ref)
+        # off the loop: an ingest may hold gigabytes to unlink
+        await asyncio.get_running_loop().run_in_executor(None, self.store.ingests.abort, request.ref)
         log.info("ingest aborted", extra={"ref": request.ref})
         return empty_pb2.Empty()
 

@@ -110,3 +110,27 @@ def test_a_gnu_sparse_map_larger_than_a_header_may_be_is_refused(tmp_path):
     with pytest.raises(InvalidLayer, match="sparse map"):
         apply_layer(layer, Target("dir", str(target)))
     assert MAX_SPECIAL_HEADER == 1 << 20
+
+
+def test_a_broken_header_after_the_first_member_is_refused_not_taken_for_the_end(tmp_path):
+    """`tarfile` stops at a header with a bad checksum as if the archive ended there, and the
+    layer would be half applied with the right diff ID; containerd refuses it."""
+    garbage = bytearray(a_file("b", b"second\n")[:512])
+    garbage[148:156] = b"0000000\0"  # a checksum that does not add up
+    layer = str(tmp_path / "layer.gz")
+    write_layer(layer, a_file("a", b"first\n"), bytes(garbage), a_file("c", b"third\n"))
+    target = tmp_path / "root"
+    target.mkdir()
+    with pytest.raises(InvalidLayer, match="invalid tar header"):
+        apply_layer(layer, Target("dir", str(target)))
+
+
+def test_an_empty_layer_and_a_layer_without_end_blocks_still_apply(tmp_path):
+    for name, parts in (("empty", []), ("no-end", [a_file("a", b"x\n")])):
+        layer = str(tmp_path / f"{name}.tar")
+        with open(layer, "wb") as f:
+            f.write(b"".join(parts))
+        target = tmp_path / name
+        target.mkdir()
+        apply_layer(layer, Target("dir", str(target)))
+        assert sorted(os.listdir(target)) == (["a"] if parts else [])
