@@ -166,7 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     hi.add_argument("--source", default="/", help="the cs-p2p image's root file system to copy (default /)")
     hi.add_argument("--config", required=True, help="cs-p2p's TOML settings for the host")
     hi.add_argument("--file", action="append", default=[],
-                    help="a secret the settings name (token, key, certificate): copied to /etc/cs-p2p/ (repeatable)")
+                    help="a secret the settings name (token, key, certificate), or a directory of them (a mounted "
+                         "Secret): copied to /etc/cs-p2p/ (repeatable)")
     hi.add_argument("--serve-arg", action="append", default=[],
                     help="a flag for `cs-p2p serve` on this host, e.g. --serve-arg=--peer-listen=10.0.0.5:5001")
     hi.add_argument("--containerd-version", choices=RELEASES, required=True, help="the host's containerd release")

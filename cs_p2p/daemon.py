@@ -161,8 +161,9 @@ async def serve(cfg: Config) -> None:
                     "holds and join the DHT (configure cluster-token-file or per-node keys)",
                     extra={"listeners": exposed})
     admin = AdminServer(NodeView(store, member, dht, fetcher, {k: v for k, v in listeners.items() if v}, exposed))
-    collector = metrics.register_node(store, dht, lambda: len(fetcher.inflight) if fetcher else 0,
-                                      membership_mode(member))
+    collector = metrics.register_node(store.usage, lambda: store.cache.max_bytes,
+                                      lambda: len(dht.contacts()) if dht else 0,
+                                      lambda: len(fetcher.inflight) if fetcher else 0, membership_mode(member))
     try:
         await admin.start_socket(admin_socket(store.root))
     except OSError as exc:  # e.g. a root whose path is too long for a unix socket: serve without

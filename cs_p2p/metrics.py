@@ -14,15 +14,11 @@ that grows without bound).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from .dht.node import DhtNode
-    from .store import LocalStore
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -103,17 +99,20 @@ class Timer:
 
 
 class NodeCollector(Collector):
-    """States read at scrape time: disk used, open ingests, peers known, fetches under way."""
+    """States read at scrape time: disk used, open ingests, peers known, fetches under way.
+    Each is a callable its owner hands in (the daemon wires them), so that this module, which
+    every layer writes to, knows none of them."""
 
-    def __init__(self, store: "LocalStore", dht: "DhtNode | None", inflight: Callable[[], int],
-                 membership: str = "open") -> None:
-        self.store = store
-        self.dht = dht
+    def __init__(self, usage: Callable[[], Any], cache_budget: Callable[[], int], peers_known: Callable[[], int],
+                 inflight: Callable[[], int], membership: str = "open") -> None:
+        self.usage = usage  # -> an object with blob_bytes, cached_bytes, ingest_bytes, blobs, cached, ingests
+        self.cache_budget = cache_budget
+        self.peers_known = peers_known
         self.inflight = inflight
         self.membership = membership
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        usage = self.store.usage()
+        usage = self.usage()
         disk = GaugeMetricFamily("cs_p2p_disk_bytes", "Bytes on disk, by what they are.", labels=["kind"])
         disk.add_metric(["blobs"], usage.blob_bytes)
         disk.add_metric(["cache"], usage.cached_bytes)
@@ -124,7 +123,7 @@ class NodeCollector(Collector):
         count.add_metric(["cache"], usage.cached)
         yield count
         yield GaugeMetricFamily("cs_p2p_cache_budget_bytes", "The cache's budget (cache-max-bytes).",
-                                value=self.store.cache.max_bytes)
+                                value=self.cache_budget())
         yield GaugeMetricFamily("cs_p2p_ingests_open", "containerd's ingests (writes) open on this node.",
                                 value=usage.ingests)
         yield GaugeMetricFamily("cs_p2p_fetches_inflight", "Fetches from peers under way.", value=self.inflight())
@@ -134,15 +133,15 @@ class NodeCollector(Collector):
         mode.add_metric([self.membership], 1)
         yield mode
         yield GaugeMetricFamily("cs_p2p_peers_known", "Nodes in this node's DHT routing table.",
-                                value=len(self.dht.contacts()) if self.dht else 0)
+                                value=self.peers_known())
 
 
 def exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
-def register_node(store: "LocalStore", dht: "DhtNode | None", inflight: Callable[[], int],
-                  membership: str = "open") -> NodeCollector:
-    collector = NodeCollector(store, dht, inflight, membership)
+def register_node(usage: Callable[[], Any], cache_budget: Callable[[], int], peers_known: Callable[[], int],
+                  inflight: Callable[[], int], membership: str = "open") -> NodeCollector:
+    collector = NodeCollector(usage, cache_budget, peers_known, inflight, membership)
     REGISTRY.register(collector)
     return collector

@@ -87,13 +87,13 @@ def test_second_and_third_node_pull_from_peers_not_the_registry(cluster, registr
     logs = open(n2.cs.proc.log_path).read() + open(n3.cs.proc.log_path).read()
     assert logs.count("fetched from peers") >= 2 * (1 + len(img.layer_digests))
     if release().applies_layers:
-        # containerd 2.x: cs-p2p applied node 2's layers as their pieces came in from peers
-        # (node 1 uploads at 8 MiB/s): the 9 MiB one was not complete when containerd asked for
-        # it (the 6 MiB one, fetched from containerd's Info on, may be complete by its Apply)
+        # containerd 2.x: cs-p2p applied node 2's layers from its own files, at least one as its
+        # pieces came in from peers (node 1 uploads at 8 MiB/s); which one depends on when
+        # containerd asks (2.0 applies one layer after another, 2.2+ several at once), as a
+        # layer fetched from containerd's Info on may be complete by its Apply
         records = {r["digest"]: r["from"] for r in n2.cs.applied_layers()}
         assert sorted(records) == sorted(img.layer_digests)
-        assert records[img.layer_digests[1]] == "peers"
-        assert {records[img.layer_digests[0]]} <= {"peers", "local"}
+        assert set(records.values()) <= {"peers", "local"} and "peers" in records.values(), records
 
 
 def held_by_two_nodes(cluster, registry, tmp_path, name: str, sizes: list[int]):

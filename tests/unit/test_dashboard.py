@@ -16,7 +16,8 @@ DASHBOARD = pathlib.Path(__file__).resolve().parents[2] / "packaging" / "grafana
 def exported(tmp_path) -> dict[str, set[str]]:
     """Every metric family the daemon exports (name -> label names), counters and the
     scrape-time gauges alike."""
-    collector = metrics.register_node(LocalStore(str(tmp_path)), None, lambda: 0)
+    store = LocalStore(str(tmp_path))
+    collector = metrics.register_node(store.usage, lambda: store.cache.max_bytes, lambda: 0, lambda: 0)
     try:
         families: dict[str, set[str]] = {}
         for family in metrics.REGISTRY.collect():
