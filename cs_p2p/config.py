@@ -110,7 +110,7 @@ class Config:
     bootstrap_file: str = ""
     dht_ttl: int = 3600  # seconds a provider record lives; re-announced at half of it
     replicas: int = 2  # holders every announced blob keeps (`placement`); 0: no floor
-    replicas_max: int = 4  # holders a blob in demand may get (`placement.demand`)
+    replicas_max: int = 4  # holders a blob in demand may get (`dht.demand`)
     replica_check_interval: float = 10.0  # seconds between checks of the floor
     challenge_interval: float = 30.0  # seconds between rounds of proofs of storage; 0: none
     challenge_bytes_per_minute: int = 16 << 20  # challenged bytes per minute, over all holders

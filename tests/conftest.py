@@ -13,7 +13,7 @@ import pytest
 
 from cs_p2p.api import content_pb2 as pb
 from cs_p2p.api import content_pb2_grpc
-from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port, wait_for
+from cs_p2p_dev.processes import Containerd, CsP2P, Registry, free_port, wait_for
 from cs_p2p.dht.node import DhtNode
 
 GRPC_OPTS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
@@ -21,7 +21,7 @@ HAVE_CONTAINERD = all(shutil.which(b) for b in ("containerd", "ctr", "docker-reg
 
 
 def pytest_report_header(config) -> str:
-    from cs_p2p.devcluster.releases import ENV, release
+    from cs_p2p_dev.releases import ENV, release
 
     if not HAVE_CONTAINERD:
         return "containerd: none (integration tests skipped)"

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from cs_p2p.api import content_pb2 as pb
-from cs_p2p.devcluster.processes import CsP2P, free_port, wait_for
+from cs_p2p_dev.processes import CsP2P, free_port, wait_for
 from tests.conftest import commit_via_socket, content_stub
 
 

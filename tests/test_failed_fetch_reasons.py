@@ -13,7 +13,7 @@ import pytest
 
 from cs_p2p.api import content_pb2 as cpb
 from cs_p2p.api import content_pb2_grpc, diff_pb2_grpc
-from cs_p2p.devcluster.processes import CsP2P, free_port, wait_for
+from cs_p2p_dev.processes import CsP2P, free_port, wait_for
 from tests.conftest import GRPC_OPTS
 from tests.integration.faults import FaultyPeer
 from tests.integration.test_peer_faults import token_file  # noqa: F401 (a fixture)

@@ -12,7 +12,7 @@ import time
 
 import aiohttp
 
-from cs_p2p.devcluster.processes import CsP2P, free_port, wait_for
+from cs_p2p_dev.processes import CsP2P, free_port, wait_for
 from tests.conftest import commit_via_socket, content_stub, info_size
 
 

@@ -21,7 +21,7 @@ from cs_p2p.identity import Identity, KeySealer, TrustStore, issue, make_ca
 from cs_p2p.dht.protocol import ProviderProtocol
 from cs_p2p.dht.providers import ProviderRecord
 from cs_p2p.dht.tags import TagRecord
-from cs_p2p.devcluster.processes import CsP2P, free_port
+from cs_p2p_dev.processes import CsP2P, free_port
 from cs_p2p.errors import InvalidArgument
 from cs_p2p.filters import parse_filters
 from cs_p2p.service.wire import DecodeError, decode_write_request

@@ -16,7 +16,7 @@ import pytest
 
 from cs_p2p.api import content_pb2 as pb
 from cs_p2p.auth import HEADER, Sealer
-from cs_p2p.devcluster.processes import CsP2P
+from cs_p2p_dev.processes import CsP2P
 from cs_p2p.dht.node import DhtNode
 from cs_p2p.peer.server import PeerServer
 from cs_p2p.penalties import PeerLimits

@@ -21,8 +21,8 @@ import pytest
 from cs_p2p.api import content_pb2 as pb
 from tests.conftest import WriteSession, commit_via_socket, content_stub, info_size
 from tests.test_dht_daemon import locate, pair  # noqa: F401  (fixture)
-from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import free_port, wait_for
+from cs_p2p_dev.images import build_image, push_image
+from cs_p2p_dev.processes import free_port, wait_for
 
 DATA = os.urandom(6 << 20)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()

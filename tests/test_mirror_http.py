@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 
-from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import CsP2P, free_port
+from cs_p2p_dev.images import build_image, push_image
+from cs_p2p_dev.processes import CsP2P, free_port
 from tests.conftest import HAVE_CONTAINERD
 
 ACCEPT = "application/vnd.oci.image.manifest.v1+json"
@@ -190,7 +190,7 @@ def _https_registry_cert(d: str) -> tuple[str, str, str]:
 
 
 def test_an_https_upstream_is_verified_against_its_configured_ca(workdir, tmp_path):
-    from cs_p2p.devcluster.processes import Registry
+    from cs_p2p_dev.processes import Registry
 
     if not HAVE_CONTAINERD:
         pytest.skip("needs docker-registry (hack/install-deps.sh)")

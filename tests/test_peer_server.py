@@ -96,7 +96,7 @@ def test_daemon_serves_committed_blobs_to_peers(workdir):
     import urllib.request
 
     from cs_p2p.api import content_pb2 as pb
-    from cs_p2p.devcluster.processes import CsP2P, free_port
+    from cs_p2p_dev.processes import CsP2P, free_port
     from tests.conftest import commit_via_socket, content_stub
 
     port = free_port()
@@ -137,7 +137,7 @@ async def test_blobs_are_sent_once_and_the_connection_is_kept_alive(peer, caplog
 async def test_a_proof_of_storage_is_the_hash_of_the_nonce_and_the_range_signed_in_key_pair_mode(peer):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from cs_p2p.placement.proofs import MAX_RANGE, SIG_HEADER, Challenge, signable
+    from cs_p2p.proofs import MAX_RANGE, SIG_HEADER, Challenge, signable
 
     key = Ed25519PrivateKey.generate()
     store, _, base = await peer(signer=key.sign)

@@ -14,8 +14,8 @@ import os
 import threading
 import time
 
-from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import wait_for
+from cs_p2p_dev.images import build_image, push_image
+from cs_p2p_dev.processes import wait_for
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked
 from tests.integration.test_mirror import MirrorNode, own_registry, wait_shared  # noqa: F401 (a fixture)

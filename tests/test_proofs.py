@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from cs_p2p.devcluster.processes import wait_for
+from cs_p2p_dev.processes import wait_for
 from cs_p2p.status_client import fetch_status
 from tests.conftest import commit_via_socket
 from tests.test_dht_daemon import daemon

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from cs_p2p.api import content_pb2 as pb
-from cs_p2p.devcluster.processes import wait_for
+from cs_p2p_dev.processes import wait_for
 from cs_p2p.dht.node import DhtNode
 from cs_p2p.dht.providers import provider_key
 from tests.conftest import commit_via_socket, content_stub

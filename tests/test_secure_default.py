@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from cs_p2p.admin import METRICS_PATH
-from cs_p2p.devcluster.processes import CsP2P, free_port
+from cs_p2p_dev.processes import CsP2P, free_port
 from cs_p2p.status_client import _UnixConnection, fetch_status
 
 ADDR = "10.99.0.1"  # a non-loopback address that exists only inside the test's network namespace

@@ -41,7 +41,7 @@ from ..auth import AuthError, Sealer
 from ..expiring import Expiring
 from ..identity import Identity, IdentityError, KeySealer, Member
 from ..penalties import PeerLimits
-from ..placement.demand import Demand
+from .demand import Demand
 from .providers import ProviderRecord, ProviderStore, provider_key
 from .rtt import RoundTrip
 from .tags import TagRecord, TagStore
@@ -75,7 +75,7 @@ class ProviderProtocol(KademliaProtocol):
         # key -> digest, for the keys whose records this node keeps: the replication floor
         # (`placement`) fetches a blob by digest, and a key alone does not name it.
         self.digests: dict[bytes, str] = {}
-        self.demand = Demand()  # lookups answered per key (`placement.demand`)
+        self.demand = Demand()  # lookups answered per key (`demand`)
         self.demand_heard: dict[bytes, float] = {}  # clients: key -> the highest demand a lookup was told
         self.tags = TagStore()
         self.sealer = sealer

@@ -33,7 +33,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 import aiohttp
 
@@ -41,12 +41,17 @@ from .. import metrics
 from ..auth import HEADER, Sealer
 from ..digests import parse_digest
 from ..dht.providers import ProviderRecord
-from ..placement.proofs import SIG_HEADER, Challenge
+from ..proofs import SIG_HEADER, Challenge
 from ..store import LocalStore
 from ..store.blobs import sha256_of_fd
 
-if TYPE_CHECKING:
-    from ..peer.ledger import Ledger
+
+class Ledger(Protocol):
+    """What the fetcher tells the node's fair-sharing ledger (`peer.ledger`) of each peer."""
+
+    def received(self, host: str, n: int) -> None: ...
+
+    def refused(self, host: str) -> None: ...
 
 log = logging.getLogger("cs_p2p.fetch")
 
@@ -152,7 +157,7 @@ class Fetcher:
     def __init__(self, store: LocalStore, on_committed: Callable[[str, int], None] | None = None,
                  negative_ttl: float = 60.0, timeout: float = 10.0, sealer: Sealer | None = None,
                  tls: ssl.SSLContext | None = None, min_rate: int = MIN_RATE,
-                 origin: Callable[[str], Origin | None] | None = None, ledger: "Ledger | None" = None,
+                 origin: Callable[[str], Origin | None] | None = None, ledger: Ledger | None = None,
                  local_host: str = "") -> None:
         self.store = store
         self.ledger = ledger  # bytes received from each peer, and its refusals (fair sharing)
@@ -268,7 +273,7 @@ class Fetcher:
         return ok
 
     async def challenge(self, rec: ProviderRecord, ch: Challenge) -> tuple[int | None, str | None, bytes | None]:
-        """Ask `rec`'s node for a proof of storage (`placement.proofs`) over the peer transport:
+        """Ask `rec`'s node for a proof of storage (`proofs`) over the peer transport:
         (HTTP status or None if it did not answer, the answer, its signature)."""
         try:
             async with self._peer_request("GET", rec.addr, f"/proofs/{ch.digest}?{ch.query}",
@@ -594,6 +599,8 @@ class Fetcher:
             await asyncio.shield(fetch.whole_body)
             return
         fetch.whole_body = asyncio.get_running_loop().create_future()
+        if any(fetch.source.get(p, ORIGIN) != ORIGIN for p in fetch.done_pieces):
+            fetch.repaired = True  # peers' pieces are written again: what was streamed of them may be wrong
         try:
             offset = 0
             while offset < fetch.size:

@@ -134,7 +134,7 @@ def _switch(link: str, target: str) -> str | None:
     return before
 
 
-def _socket_answers(path: str) -> bool:
+def socket_answers(path: str) -> bool:
     with socket.socket(socket.AF_UNIX) as s:
         try:
             s.connect(path)
@@ -145,7 +145,7 @@ def _socket_answers(path: str) -> bool:
 
 def _wait_for_socket(path: str, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while not _socket_answers(path):
+    while not socket_answers(path):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)

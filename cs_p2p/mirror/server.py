@@ -38,7 +38,7 @@ from ..digests import parse_digest
 from ..errors import InvalidArgument
 from ..fetch.fetcher import FetchFailed
 from ..fetch.origin import Origins
-from ..peer.server import SentFileResponse, start_site
+from ..httpserve import SentFileResponse, start_site
 from ..store import LocalStore
 from .upstream import MAX_MANIFEST, Manifest, Upstream, UpstreamNotFound, UpstreamUnauthorized, UpstreamUnavailable
 

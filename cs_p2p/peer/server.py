@@ -42,13 +42,14 @@ from typing import Callable
 from aiohttp import web
 
 from .. import metrics
+from ..httpserve import SentFileResponse, start_site
 from ..auth import HEADER, AuthError, Sealer
 from ..digests import parse_digest
 from ..errors import InvalidArgument
 from ..fetch.fetcher import PIECE, Fetch, Fetcher, FetchFailed
 from ..penalties import PeerLimits
 from .ledger import Ledger, UploadSlots, queue_wait
-from ..placement.proofs import SIG_HEADER, answer, parse_challenge, signable
+from ..proofs import SIG_HEADER, answer, parse_challenge, signable
 from ..store import IngestWriter, LocalStore
 from ..store.progress import IngestGone
 
@@ -56,7 +57,6 @@ log = logging.getLogger("cs_p2p.peer")
 
 _CHUNK = 256 << 10
 REQUESTS_PER_PEER = 200.0  # per second, from one IP (a 4 MiB piece each)
-MAX_LINE = 4096  # request line and each header: ours are short, anything longer is refused (400)
 
 
 STALL_SECONDS = 60.0  # a blob being written or fetched that grows no piece this long: the upload ends
@@ -94,7 +94,7 @@ class PeerServer:
         self.store = store
         self.stall_seconds = stall_seconds  # a growing blob with no new byte this long: the upload ends
         self.ledger = ledger or Ledger()  # what each peer gave us: who gets a contended slot
-        self.on_served = on_served  # a GET of a held blob (its demand, `placement.demand`)
+        self.on_served = on_served  # a GET of a held blob (its demand, `dht.demand`)
         self.signer = signer  # key-pair mode: signs proofs of storage
         self.tls = tls
         self.limits = limits or PeerLimits(rate=REQUESTS_PER_PEER, name="peer server")
@@ -319,18 +319,6 @@ class PeerServer:
                 wait.cancel()
 
 
-class SentFileResponse(web.FileResponse):
-    """A FileResponse sent inside the handler (so that the upload slot is held until the body
-    is out).  aiohttp prepares what a handler returns once more, and FileResponse would then
-    try to send its headers a second time: an error logged and the kept-alive connection
-    dropped after every blob."""
-
-    async def prepare(self, request: web.BaseRequest):
-        if self.prepared:
-            return None
-        return await super().prepare(request)
-
-
 def _head(size: int, digest: str) -> web.Response:
     return web.Response(headers={"Content-Length": str(size), "Docker-Content-Digest": digest,
                                  "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
@@ -341,16 +329,6 @@ def _hang_up(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.abort()
     raise web.HTTPForbidden()  # never sent: the connection is gone
-
-
-async def start_site(app: web.Application, host: str, port: int,
-                     tls: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port (port 0 picks one): its runner, to clean up, and the port."""
-    runner = web.AppRunner(app, access_log=None, max_line_size=MAX_LINE, max_field_size=MAX_LINE)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int]:

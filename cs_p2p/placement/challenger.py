@@ -40,7 +40,7 @@ from ..expiring import Expiring
 from ..fetch.fetcher import Fetcher
 from ..identity import IdentityError
 from ..store import LocalStore
-from .proofs import Challenge, answer, pick, signable
+from ..proofs import Challenge, answer, pick, signable
 
 log = logging.getLogger("cs_p2p.placement")
 

@@ -29,7 +29,7 @@ from ..dht.providers import ProviderRecord
 from ..fetch.fetcher import Fetch
 from ..store import LocalStore
 from .challenger import jittered
-from .demand import extra_replicas
+from ..dht.demand import extra_replicas
 
 if TYPE_CHECKING:
     from ..service.content import ContentEvents

@@ -10,7 +10,7 @@ never touched by the cache.
     cache/sha256/<hex>   the bytes (moved here by rename: same file system, no copy)
 
 Least valuable out first: the blob the cluster asks for least (`value`, the demand this node
-sees, `placement.demand`), and among equals the least recently used.  The time of a blob's last
+sees, `dht.demand`), and among equals the least recently used.  The time of a blob's last
 use is its file's mtime, so that order survives restarts.
 """
 

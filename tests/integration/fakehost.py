@@ -24,8 +24,8 @@ import subprocess
 import sys
 import time
 
-from cs_p2p.devcluster import proctree
-from cs_p2p.devcluster.releases import release
+from cs_p2p_dev import proctree
+from cs_p2p_dev.releases import release
 from cs_p2p.install.unit import UNIT_PATH, parse_unit
 
 # the host's directories a service of the fake host sees as its own

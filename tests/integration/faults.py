@@ -10,7 +10,7 @@ import threading
 from aiohttp import web
 
 from cs_p2p.auth import Sealer, load_tokens
-from cs_p2p.devcluster.processes import free_port
+from cs_p2p_dev.processes import free_port
 from cs_p2p.dht.node import DhtNode
 from cs_p2p.membership import membership
 

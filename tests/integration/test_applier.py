@@ -16,10 +16,10 @@ import grpc
 import pytest
 
 from cs_p2p.api import cri_pb2, cri_pb2_grpc
-from cs_p2p.devcluster.images import build_image, build_image_from_tars, push_image
-from cs_p2p.devcluster import proctree
-from cs_p2p.devcluster.processes import Containerd, CsP2P, wait_for
-from cs_p2p.devcluster.releases import release
+from cs_p2p_dev.images import build_image, build_image_from_tars, push_image
+from cs_p2p_dev import proctree
+from cs_p2p_dev.processes import Containerd, CsP2P, wait_for
+from cs_p2p_dev.releases import release
 from tests.conftest import HAVE_CONTAINERD, requires_containerd
 from tests.integration.layers import TarBuilder, describe_tree, snapshot_dirs, tricky_layers
 

@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from cs_p2p.api import cri_pb2, cri_pb2_grpc
-from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import wait_for
+from cs_p2p_dev.images import build_image, push_image
+from cs_p2p_dev.processes import wait_for
 from cs_p2p.api import content_pb2 as pb
 from tests.conftest import WriteSession, content_stub, requires_containerd
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from cs_p2p.devcluster.releases import release
+from cs_p2p_dev.releases import release
 from tests.conftest import requires_containerd
 
 
 @requires_containerd
 def test_demo_pulls_from_the_registry_once_then_from_peers_with_the_registry_down():
-    res = subprocess.run([sys.executable, "-m", "cs_p2p.devcluster.demo", "--nodes", "2", "--layers", "2",
+    res = subprocess.run([sys.executable, "-m", "cs_p2p_dev.demo", "--nodes", "2", "--layers", "2",
                           "--layer-mib", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.startswith("node") and "MiB" in line}

@@ -15,10 +15,10 @@ import uuid
 
 import pytest
 
-from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import Registry, free_port, wait_for
-from cs_p2p.devcluster.product_image import build_rootfs, pack
-from cs_p2p.devcluster.releases import release
+from cs_p2p_dev.images import build_image, push_image
+from cs_p2p_dev.processes import Registry, free_port, wait_for
+from cs_p2p_dev.product_image import build_rootfs, pack
+from cs_p2p_dev.releases import release
 from cs_p2p.install.host import BUILD_FILE
 from cs_p2p.store.handover import builtin_blob_dir
 from tests.conftest import HAVE_CONTAINERD, requires_containerd

@@ -23,8 +23,8 @@ import grpc
 import pytest
 
 from cs_p2p.api import content_pb2 as pb
-from cs_p2p.devcluster.images import build_image, build_image_from_tars, push_image
-from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port, wait_for
+from cs_p2p_dev.images import build_image, build_image_from_tars, push_image
+from cs_p2p_dev.processes import Containerd, CsP2P, Registry, free_port, wait_for
 from cs_p2p.store.handover import builtin_blob_dir
 from tests.conftest import assert_read_from_peers, content_stub, requires_containerd
 from tests.integration.layers import TarBuilder

@@ -13,8 +13,8 @@ import pytest
 from cs_p2p.api import cri_pb2, cri_pb2_grpc
 from cs_p2p.config import MirrorRegistry
 from cs_p2p.containerd_config import write_hosts_dir
-from cs_p2p.devcluster.images import build_image, build_multiarch_image, push_image
-from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port, wait_for
+from cs_p2p_dev.images import build_image, build_multiarch_image, push_image
+from cs_p2p_dev.processes import Containerd, CsP2P, Registry, free_port, wait_for
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked
 from tests.integration.test_p2p_pull import located

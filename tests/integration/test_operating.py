@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from cs_p2p.api import content_pb2 as cpb
-from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import free_port, wait_for
+from cs_p2p_dev.images import build_image, push_image
+from cs_p2p_dev.processes import free_port, wait_for
 from tests.conftest import content_stub, requires_containerd
 from tests.integration.test_p2p_pull import P2PNode, located
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import free_port, wait_for
-from cs_p2p.devcluster.releases import release
+from cs_p2p_dev.images import build_image, push_image
+from cs_p2p_dev.processes import free_port, wait_for
+from cs_p2p_dev.releases import release
 from tests.conftest import Node, requires_containerd
 from tests.integration.test_containerd import assert_unpacked
 

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import wait_for
+from cs_p2p_dev.images import build_image, push_image
+from cs_p2p_dev.processes import wait_for
 from tests.conftest import requires_containerd
 from tests.integration.faults import MODES, FaultyPeer
 from tests.integration.test_containerd import assert_unpacked

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from cs_p2p.devcluster.images import ARCH, build_multiarch_image, push_image
+from cs_p2p_dev.images import ARCH, build_multiarch_image, push_image
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked
 from tests.integration.test_mirror import MirrorNode, own_registry  # noqa: F401 (a fixture)

@@ -13,8 +13,8 @@ import pytest
 
 from cs_p2p.config import MirrorRegistry
 from cs_p2p.containerd_config import write_hosts_dir
-from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import Containerd, CsP2P, Registry, free_port
+from cs_p2p_dev.images import build_image, push_image
+from cs_p2p_dev.processes import Containerd, CsP2P, Registry, free_port
 from cs_p2p.mirror.server import DEFAULT_ACCEPT
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from cs_p2p.devcluster.images import build_image, push_image
-from cs_p2p.devcluster.processes import Containerd, CsP2P, free_port, wait_for
+from cs_p2p_dev.images import build_image, push_image
+from cs_p2p_dev.processes import Containerd, CsP2P, free_port, wait_for
 from tests.conftest import requires_containerd
 
 pytestmark = requires_containerd

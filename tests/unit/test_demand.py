@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cs_p2p.placement.demand import HALF_LIFE, Demand, extra_replicas
+from cs_p2p.dht.demand import HALF_LIFE, Demand, extra_replicas
 
 
 def test_a_steady_rate_reads_as_itself_and_fades_once_it_stops():

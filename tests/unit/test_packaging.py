@@ -97,3 +97,17 @@ def test_the_packaged_unit_and_the_installers_unit_start_and_stop_alike():
     host_only = {"RootDirectory", "MountAPIVFS", "BindPaths", "BindReadOnlyPaths", "ExecStart"}
     assert {k: v for k, v in packaged["[Service]"].items() if k not in host_only} == \
         {k: v for k, v in installed["[Service]"].items() if k not in host_only}
+
+
+def test_the_package_installs_the_product_and_not_the_development_harness():
+    """`pip install .` on a node: cs_p2p and its subpackages; cs_p2p_dev (clusters, images, the
+    simulation) stays in the checkout."""
+    from setuptools import find_packages
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = find_packages(str(ROOT), include=include)
+    assert "cs_p2p" in packages and "cs_p2p.install" in packages and "cs_p2p.dht" in packages
+    assert not [p for p in packages if p.startswith("cs_p2p_dev") or p.startswith("tests")]
+    assert (ROOT / "cs_p2p_dev" / "__init__.py").exists()
+    # and the product imports nothing of it
+    assert "cs_p2p_dev" not in imported_modules()

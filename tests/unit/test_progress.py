@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from cs_p2p.devcluster.progress import Progress
+from cs_p2p_dev.progress import Progress
 
 
 class Terminal(io.StringIO):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cs_p2p.placement.challenger import verdict
-from cs_p2p.placement.proofs import MAX_RANGE, parse_challenge, pick
+from cs_p2p.proofs import MAX_RANGE, parse_challenge, pick
 
 D = "sha256:" + "ab" * 32
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from cs_p2p.devcluster.sim import simulate
+from cs_p2p_dev.sim import simulate
 
 
 def test_a_small_cluster_with_churn_finds_its_blobs_and_repairs_the_floor():
@@ -27,7 +27,7 @@ def test_a_dead_holder_found_by_a_proof_is_replaced_before_the_next_floor_check(
     within a proof round, not a floor interval (here ten minutes)."""
     import asyncio
 
-    from cs_p2p.devcluster.sim import Simulation, in_simulated_time
+    from cs_p2p_dev.sim import Simulation, in_simulated_time
 
     async def scenario() -> float:
         sim = Simulation(nodes=30, blobs=4, replicas=2, loss=0.0, floor_interval=600, challenge_interval=10, seed=3)
@@ -51,7 +51,7 @@ def test_lookups_do_not_wait_out_the_dead_contacts_churn_leaves_in_routing_table
     import asyncio
     import random
 
-    from cs_p2p.devcluster.sim import Simulation, in_simulated_time
+    from cs_p2p_dev.sim import Simulation, in_simulated_time
 
     async def scenario() -> list[float | None]:
         sim = Simulation(nodes=60, blobs=10, replicas=3, loss=0.0, floor_interval=3600, challenge_interval=3600,

@@ -22,7 +22,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..containerd_config import config_version_of, containerd_config
+from cs_p2p.containerd_config import config_version_of, containerd_config
+from cs_p2p.install.host import socket_answers
 from .releases import Release
 from .releases import release as default_release
 
@@ -50,14 +51,7 @@ def free_port() -> int:
 
 
 def _socket_ready(path: str) -> bool:
-    if not os.path.exists(path):
-        return False
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
+    return os.path.exists(path) and socket_answers(path)
 
 
 @dataclass

@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
-from ..dht.node import DhtNode
-from ..dht.providers import ProviderRecord
-from ..placement.challenger import Challenger
-from ..placement.floor import ReplicaFloor
-from ..placement.proofs import Challenge
+from cs_p2p.dht.node import DhtNode
+from cs_p2p.dht.providers import ProviderRecord
+from cs_p2p.placement.challenger import Challenger
+from cs_p2p.placement.floor import ReplicaFloor
+from cs_p2p.proofs import Challenge
 
 EPOCH = 1.8e9  # simulated unix time at the start
 T = TypeVar("T")

@@ -14,11 +14,11 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from ..containerd_config import detect_release, is_v2
+from cs_p2p.containerd_config import detect_release, is_v2
 
 ENV = "CS_P2P_CONTAINERD"
 DEFAULT = "2.3.4"
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "containerd")
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "containerd")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..admin import admin_socket
-from ..config import MirrorRegistry
-from ..containerd_config import write_hosts_dir
-from ..status_client import fetch_status
+from cs_p2p.admin import admin_socket
+from cs_p2p.config import MirrorRegistry
+from cs_p2p.containerd_config import write_hosts_dir
+from cs_p2p.status_client import fetch_status
 from .images import build_image, push_image
 from .processes import Containerd, CsP2P, Registry, free_port, wait_for
 from .progress import Progress

@@ -11,7 +11,7 @@ import os
 import random
 from dataclasses import dataclass
 
-from ..digests import parse_digest
+from .digests import parse_digest
 
 MAX_RANGE = 256 << 10  # bytes one challenge covers at most
 SIG_HEADER = "X-CS-P2P-Proof-Sig"

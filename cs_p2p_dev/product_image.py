@@ -18,7 +18,7 @@ import tempfile
 
 from .images import BuiltImage, build_image_from_tars
 
-REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 SUITE = "bookworm"  # the Debian release whose python3 the wheels are built for (3.11)
 PACKAGES = ("python3", "ca-certificates", "util-linux")
 EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")

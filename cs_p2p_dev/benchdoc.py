@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "benchmarks.md")
+DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md")
 
 
 def write_section(path: str, section: str, head: str) -> None:

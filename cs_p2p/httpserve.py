@@ -1,0 +1,33 @@
+"""Serving HTTP with aiohttp as both of cs-p2p's HTTP servers (the peer transfer server and the
+registry mirror) need it: short request lines only, no access log, files sent inside the
+handler."""
+
+from __future__ import annotations
+
+import ssl
+
+from aiohttp import web
+
+MAX_LINE = 4096  # request line and each header: ours are short, anything longer is refused (400)
+
+
+async def start_site(app: web.Application, host: str, port: int,
+                     tls: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (port 0 picks one): its runner, to clean up, and the port."""
+    runner = web.AppRunner(app, access_log=None, max_line_size=MAX_LINE, max_field_size=MAX_LINE)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+class SentFileResponse(web.FileResponse):
+    """A FileResponse sent inside the handler (so that the upload slot is held until the body
+    is out).  aiohttp prepares what a handler returns once more, and FileResponse would then
+    try to send its headers a second time: an error logged and the kept-alive connection
+    dropped after every blob."""
+
+    async def prepare(self, request: web.BaseRequest):
+        if self.prepared:
+            return None
+        return await super().prepare(request)
