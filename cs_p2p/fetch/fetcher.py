@@ -53,6 +53,7 @@ class Ledger(Protocol):
 
     def refused(self, host: str) -> None: ...
 
+
 log = logging.getLogger("cs_p2p.fetch")
 
 PIECE = 4 << 20
