@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 
+from ..store.blobs import write_file_atomic
+
 
 def write_if_changed(path: str, data: bytes | str, mode: int | None = None) -> bool:
-    """Atomically replace `path` with `data`, synced before the rename, with `mode` (default:
-    the replaced file's, or 0644); False, and nothing written, if it already held exactly that."""
+    """`store.blobs.write_file_atomic`, with `mode` (default: the replaced file's, or 0644), and
+    only if the file does not already hold exactly `data` (False then: nothing written)."""
     if isinstance(data, str):
         data = data.encode()
     try:
@@ -22,12 +24,5 @@ def write_if_changed(path: str, data: bytes | str, mode: int | None = None) -> b
     except FileNotFoundError:
         mode = 0o644 if mode is None else mode
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        os.fchmod(f.fileno(), mode)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_atomic(path, data, mode)
     return True

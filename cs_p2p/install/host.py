@@ -174,10 +174,10 @@ def install(host: Host, opts: InstallOptions, systemctl: Systemctl, log: Callabl
             changed |= write_if_changed(host.path(f"{unit.ETC}/{os.path.basename(secret)}"), f.read(), 0o600)
     # what uninstall removes from /etc/cs-p2p (an operator's own files there, e.g. pki/, stay)
     names = sorted({"config.toml", os.path.basename(CONTACTS_FILE), *(os.path.basename(p) for p in secrets)})
-    write_if_changed(host.path(INSTALLED), "".join(n + "\n" for n in names).encode())
+    write_if_changed(host.path(INSTALLED), "".join(n + "\n" for n in names))
     # read by the daemon at each join attempt: a change needs no restart
     write_contacts(host.path(CONTACTS_FILE), resolve(opts.bootstrap_names))
-    unit_changed = write_if_changed(host.path(unit.UNIT_PATH), unit.render_unit(opts.serve_args, opts.containerd_root).encode())
+    unit_changed = write_if_changed(host.path(unit.UNIT_PATH), unit.render_unit(opts.serve_args, opts.containerd_root))
     for d in (unit.STATE, unit.RUN):
         os.makedirs(host.path(d), exist_ok=True)
     if unit_changed or upgraded:
@@ -194,8 +194,7 @@ def install(host: Host, opts: InstallOptions, systemctl: Systemctl, log: Callabl
         systemctl("stop", "containerd.service")
         if os.path.isdir(ctd_root):
             _adopt(ctd_root, store, log)  # what containerd wrote since
-        systemctl("restart", "cs-p2p.service")
-        if opts.wait_seconds and not _wait_for_socket(host.path(opts.socket), opts.wait_seconds):
+        if not _restarted(host, opts, systemctl):
             log("cs-p2p did not answer on its socket: containerd's configuration restored")
             unwire(files)
             systemctl("start", "containerd.service")
@@ -203,8 +202,7 @@ def install(host: Host, opts: InstallOptions, systemctl: Systemctl, log: Callabl
                                "(journalctl -u cs-p2p); containerd runs as before the install")
         systemctl("start", "containerd.service")
     elif upgraded or changed or unit_changed:
-        systemctl("restart", "cs-p2p.service")
-        if opts.wait_seconds and not _wait_for_socket(host.path(opts.socket), opts.wait_seconds):
+        if not _restarted(host, opts, systemctl):
             raise InstallError(f"cs-p2p {build} did not answer on {opts.socket} within {opts.wait_seconds:.0f} s "
                                f"(journalctl -u cs-p2p); `ln -sfn {before} {unit.CURRENT}` and a restart roll back")
     else:
@@ -213,6 +211,12 @@ def install(host: Host, opts: InstallOptions, systemctl: Systemctl, log: Callabl
         if name not in (build, before, "current") and not name.startswith("current."):
             shutil.rmtree(os.path.join(opt, name), ignore_errors=True)
     log(f"cs-p2p {build} installed")
+
+
+def _restarted(host: Host, opts: InstallOptions, systemctl: Systemctl) -> bool:
+    """Restart cs-p2p; False if it does not answer on its socket within `opts.wait_seconds`."""
+    systemctl("restart", "cs-p2p.service")
+    return not opts.wait_seconds or _wait_for_socket(host.path(opts.socket), opts.wait_seconds)
 
 
 def _secret_files(paths: list[str]) -> list[str]:

@@ -41,13 +41,14 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def write_file_atomic(path: str, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see the old or the new file, never half,
-    and, once this returns, the new one after a crash too."""
+def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` (permissions `mode`) so that readers see the old or the new
+    file, never half, and, once this returns, the new one after a crash too."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
+        os.fchmod(fd, mode)  # whatever the umask
         os.fsync(fd)
     finally:
         os.close(fd)
