@@ -1,15 +1,16 @@
-"""The daemon's admin endpoint: `/status` (what `cs-p2p status` prints) and `/metrics`
-(Prometheus), on a unix socket in the root that only root (or the root's owner) can open —
+"""The daemon's admin endpoint: `/status` (what `cs-p2p status` prints), `/metrics`
+(Prometheus) and `/purge` (`cs-p2p purge`: only root on a member node purges), on a unix socket in the root that only root (or the root's owner) can open —
 status names peers and blobs, which is nobody else's business.  `--metrics-listen` serves
 `/metrics` alone on TCP for Prometheus to scrape.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from aiohttp import web
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 SOCKET_NAME = "admin.sock"
 STATUS_PATH = "/status"
 METRICS_PATH = "/metrics"
+PURGE_PATH = "/purge"
 
 
 def admin_socket(root: str) -> str:
@@ -47,6 +49,10 @@ class NodeView:
     listeners: dict[str, str] = field(default_factory=dict)
     open_on_network: list[str] = field(default_factory=list)  # listeners an open cluster exposes
     started: float = field(default_factory=time.time)
+    refusals: collections.Counter = field(default_factory=collections.Counter)  # the mirror's, by reason
+    purges: Callable[[], int] = lambda: 0  # purges this node knows
+    # `cs-p2p purge`: TARGET -> what was purged; raises ValueError for a target it cannot purge
+    purge: Callable[[str], Awaitable[dict]] | None = None
 
     def status(self) -> dict:
         usage = self.store.usage()
@@ -70,6 +76,8 @@ class NodeView:
             "recent_fetches": list(reversed(fetcher.recent)) if fetcher else [],
             "recent_bans": list(reversed(fetcher.recent_bans)) if fetcher else [],
             "banned_now": sorted(a for a, until in fetcher.banned.items() if until > now) if fetcher else [],
+            "mirror_refusals": dict(self.refusals),
+            "purges": self.purges(),
         }
 
 
@@ -85,9 +93,25 @@ class AdminServer:
     async def _status(self, _request: web.Request) -> web.Response:
         return web.json_response(self.view.status())
 
+    async def _purge(self, request: web.Request) -> web.Response:
+        if self.view.purge is None:
+            raise web.HTTPConflict(text="this node has no DHT: a purge needs the cluster (dht-listen)")
+        try:
+            body = await request.json()
+            target = body["target"]
+            if not isinstance(target, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text='expected {"target": "REF or DIGEST"}') from None
+        try:
+            return web.json_response(await self.view.purge(target))
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+
     async def start_socket(self, path: str) -> None:
         app = web.Application()
         app.router.add_get(STATUS_PATH, self._status)
+        app.router.add_post(PURGE_PATH, self._purge)
         app.router.add_get(METRICS_PATH, _metrics)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

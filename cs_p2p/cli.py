@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="serve a registry mirror for http://HOST[:PORT] or https://HOST (repeatable)")
     s.add_argument("--mirror-listen", help="HOST:PORT of the registry mirror (default 127.0.0.1:5080)")
     s.add_argument("--mirror-timeout-ms", type=int, help="wait for an upstream registry (default 3000)")
+    s.add_argument("--mirror-confirm-ttl", type=int,
+                   help="seconds the registry's yes to a request's credentials for a repository and digest stands "
+                        "(default 60)")
+    s.add_argument("--mirror-outage-window", type=int,
+                   help="seconds after which credentials the registry accepted for a private repository no longer "
+                        "open it while the registry is unreachable (default 21600)")
     s.add_argument("--metrics-listen",
                    help="HOST:PORT serving Prometheus metrics at /metrics (default: off; they are always on the "
                         "admin socket, ROOT/admin.sock, with what `cs-p2p status` prints)")
@@ -109,6 +115,21 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--root", help=f"the daemon's store directory (default {Config.root})")
     st.add_argument("--admin-socket", help="the admin socket itself (default ROOT/admin.sock)")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    pg = sub.add_parser("purge", help="stop the whole cluster sharing an image or blob (a leaked secret, a bad release)",
+                        description="The local daemon (through its admin socket) purges TARGET from the cluster so that every "
+                                    "node stops serving its blobs to peers and through its mirror, drops its cached "
+                                    "copies and its provider records; a purged tag is resolved from the registry "
+                                    "only. Blobs a node's containerd still references stay with that containerd, "
+                                    "unshared. Reaches every live node within a minute; nodes that were down learn "
+                                    "it when they rejoin.")
+    pg.add_argument("target", help="REGISTRY/REPOSITORY:TAG (every digest nodes resolved it to), "
+                                   "REGISTRY/REPOSITORY@sha256:... or sha256:... (a manifest or index with every "
+                                   "blob it names, or one blob)")
+    pg.add_argument("--config", help="the daemon's TOML file, to find its root")
+    pg.add_argument("--root", help=f"the daemon's store directory (default {Config.root})")
+    pg.add_argument("--admin-socket", help="the admin socket itself (default ROOT/admin.sock)")
+    pg.add_argument("--json", action="store_true", help="print the result as JSON")
 
     ca = sub.add_parser("ca", help="key-pair membership: make a cluster CA and issue node certificates",
                         description="Key-pair membership: `ca init DIR` makes a cluster CA; `ca issue DIR` gives a "
@@ -324,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         return _host(args)
     if args.command in ("adopt", "release"):
         return _hand_over(args)
-    if args.command == "status":
+    if args.command in ("status", "purge"):
         from .admin import admin_socket
-        from .status_client import status
+        from .status_client import purge, status
 
         path = args.admin_socket
         if not path:
@@ -335,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             except (ConfigError, ValueError) as exc:
                 print(f"cs-p2p: {exc}", file=sys.stderr)
                 return 2
+        if args.command == "purge":
+            return purge(path, args.target, args.json)
         return status(path, args.json)
     if args.command == "preheat":
         from .placement.preheat_client import preheat

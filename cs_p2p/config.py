@@ -124,6 +124,11 @@ class Config:
     mirror_listen: str = "127.0.0.1:5080"  # the registry mirror for the local containerd
     mirror_timeout_ms: int = 3000  # default wait for an upstream registry
     mirror_registry: list = dataclasses.field(default_factory=list)  # MirrorRegistry; empty: no mirror
+    # seconds a registry's yes to (credentials, repository, digest) stands before it is asked again
+    mirror_confirm_ttl: int = 60
+    # seconds after which credentials (or anonymous reads) the registry accepted for a repository no
+    # longer open it while the registry is unreachable (`mirror.access`)
+    mirror_outage_window: int = 6 * 3600
     metrics_listen: str = ""  # HOST:PORT serving /metrics (Prometheus); empty: only on the admin socket
 
     @classmethod
@@ -137,8 +142,11 @@ class Config:
         values = dict(values)
         table = values.pop("mirror", None)
         if table is not None:  # the TOML [mirror] section: listen, timeout-ms, registries
-            if not isinstance(table, dict) or set(table) - {"listen", "timeout-ms", "timeout_ms", "registries"}:
-                raise ConfigError(f"{source}: [mirror] takes listen, timeout-ms and registries, got {table!r}")
+            allowed = {"listen", "timeout-ms", "timeout_ms", "registries", "confirm-ttl", "confirm_ttl",
+                       "outage-window", "outage_window"}
+            if not isinstance(table, dict) or set(table) - allowed:
+                raise ConfigError(f"{source}: [mirror] takes listen, timeout-ms, registries, confirm-ttl and "
+                                  f"outage-window, got {table!r}")
             for k, v in table.items():
                 values["mirror_registry" if k == "registries" else f"mirror_{k}"] = v
         timeout_ms = next((v for k, v in values.items() if k.replace("-", "_") == "mirror_timeout_ms"
@@ -197,6 +205,8 @@ def load_config(path: str | None, flags: Mapping[str, Any]) -> Config:
     elif cfg.mirror_listen != Config.mirror_listen:
         raise ConfigError("mirror-listen is set but no mirror-registry: the mirror serves only the registries "
                           "it is given; add mirror-registry http://HOST[:PORT] or https://HOST (repeatable)")
+    if cfg.mirror_confirm_ttl < 0 or cfg.mirror_outage_window < 0:
+        raise ConfigError("mirror-confirm-ttl and mirror-outage-window are seconds, 0 or more")
     if cfg.dht_ttl < 10:
         raise ConfigError("dht-ttl must be at least 10 seconds")
     if cfg.replicas < 0 or cfg.replica_check_interval <= 0 or cfg.replicas_max < 0:

@@ -32,6 +32,8 @@ from .placement.challenger import Challenger
 from .placement.floor import ReplicaFloor
 from .placement.preheat import PATH as PREHEAT_PATH
 from .placement.preheat import Preheater, floor_wait
+from .placement.purge import Purger
+from .purges import PurgeList, PurgeRecord
 from .service import content_handler
 from .service.content import ContentService
 from .service.diff import DiffService
@@ -86,6 +88,14 @@ async def measure_loop_lag(interval: float = 0.02) -> None:
         metrics.LOOP_LAG.observe(max(0.0, loop.time() - due))
 
 
+def _drop_purged(store: LocalStore, rec: PurgeRecord) -> None:
+    """A purge reached this node: its cached copies go; containerd's own blobs stay, unshared."""
+    dropped = sum(store.cache.drop(parse_digest(digest)) for digest in rec.digests)
+    kept = sum(os.path.exists(store.blobs.blob_path(parse_digest(digest))) for digest in rec.digests)
+    log.warning("purge applied", extra={"reference": rec.reference, "cached_copies_dropped": dropped,
+                                        "kept_for_containerd_unshared": kept})
+
+
 async def serve(cfg: Config) -> None:
     """Run until SIGTERM/SIGINT; ingests in flight stay on disk and resume on the next start."""
     os.makedirs(cfg.root, exist_ok=True)
@@ -95,6 +105,8 @@ async def serve(cfg: Config) -> None:
     member = membership(cfg.cluster_token_file, cfg.node_key_file, cfg.node_cert_file, cfg.cluster_ca_file,
                         os.path.join(store.root, "tls"))
     dht = peers = fetcher = None
+    purges = PurgeList(os.path.join(store.root, "purges.jsonl"))
+    purges.listeners.append(lambda rec: _drop_purged(store, rec))
     ledger = Ledger()  # what each peer gave and took: the fetcher and the peer server keep it
     background: list[asyncio.Task] = [asyncio.get_running_loop().create_task(measure_loop_lag())]
     if cfg.dht_listen:
@@ -115,12 +127,13 @@ async def serve(cfg: Config) -> None:
         peer = PeerServer(store, cfg.peer_max_uploads, cfg.peer_rate_limit, fetcher, member.peer_sealer,
                           member.server_tls, signer=member.identity.sign if member.identity else None,
                           on_served=(lambda digest: dht.protocol.demand.hit(provider_key(digest))) if dht else None,
-                          ledger=ledger)
+                          ledger=ledger, purged=purges.purged)
         port = await peer.start(host, port)
         log.info("peer server listening", extra={"host": host, "port": port})
     if dht:
         host, port = parse_host_port(cfg.dht_listen, "dht-listen")
         port = await dht.listen(host, port)
+        dht.keep_purges(purges)
         log.info("dht listening", extra={"host": host, "port": port, "node_id": dht.node_id.hex()})
         # The cache keeps what the cluster asks for most (lookups answered here, pieces served).
         store.cache.value = lambda hex_: dht.protocol.demand.per_minute(provider_key(format_digest(hex_)))
@@ -143,7 +156,8 @@ async def serve(cfg: Config) -> None:
     mirror = None
     if cfg.mirror_registry:
         host, port = parse_host_port(cfg.mirror_listen, "mirror-listen")
-        mirror = Mirror(store, cfg.mirror_registry, dht, peers)
+        mirror = Mirror(store, cfg.mirror_registry, dht, peers, cfg.mirror_confirm_ttl, cfg.mirror_outage_window,
+                        purges)
         if fetcher and dht and peers:
             fetcher.origin = mirror.origin_for  # a fetch peers cannot finish ends at the registry
             preheater = Preheater(mirror, peers, dht, store, cfg.replicas, floor_wait(cfg.replica_check_interval),
@@ -160,7 +174,13 @@ async def serve(cfg: Config) -> None:
         log.warning("open membership on the network: any host that reaches this node can download every blob it "
                     "holds and join the DHT (configure cluster-token-file or per-node keys)",
                     extra={"listeners": exposed})
-    admin = AdminServer(NodeView(store, member, dht, fetcher, {k: v for k, v in listeners.items() if v}, exposed))
+    view = NodeView(store, member, dht, fetcher, {k: v for k, v in listeners.items() if v}, exposed,
+                    purges=lambda: len(purges))
+    if mirror:
+        view.refusals = mirror.refusals
+    if dht and peers:
+        view.purge = Purger(dht, store, peers).purge
+    admin = AdminServer(view)
     collector = metrics.register_node(store.usage, lambda: store.cache.max_bytes,
                                       lambda: len(dht.contacts()) if dht else 0,
                                       lambda: len(fetcher.inflight) if fetcher else 0, membership_mode(member))

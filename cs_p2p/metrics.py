@@ -48,6 +48,17 @@ MIRROR_BYTES = Counter(
 MIRROR_REQUESTS = Counter(
     "cs_p2p_mirror_requests_total", "Registry mirror requests, by kind and outcome.",
     ["kind", "outcome"], registry=REGISTRY)
+MIRROR_REFUSALS = Counter(
+    "cs_p2p_mirror_refusals_total",
+    "Mirror requests refused for access, by reason: unauthorized (the registry said no to these "
+    "credentials), not_in_repository (the registry has no such digest in that repository), "
+    "outage_unknown_credentials / outage_not_in_repository (registry unreachable and nothing recorded "
+    "allows it), purged.", ["reason"], registry=REGISTRY)
+MIRROR_ACCESS_CHECKS = Counter(
+    "cs_p2p_mirror_access_checks_total",
+    "Access checks of mirror requests, by how they were answered: cached (a fresh confirmation), "
+    "registry (a request to the registry), outage (records kept from before the registry went down).",
+    ["result"], registry=REGISTRY)
 UPLOADED_BYTES = Counter(
     "cs_p2p_uploaded_bytes_total", "Blob bytes this node's peer server sent to peers.", registry=REGISTRY)
 FETCHES_STARTED = Counter(

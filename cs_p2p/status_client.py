@@ -10,7 +10,7 @@ import sys
 import time
 from typing import IO
 
-from .admin import STATUS_PATH
+from .admin import PURGE_PATH, STATUS_PATH
 from .placement.preheat_client import human
 
 
@@ -26,16 +26,52 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 def fetch_status(path: str, timeout: float = 10.0) -> dict:
+    return _ask(path, "GET", STATUS_PATH, None, timeout)
+
+
+class Refused(Exception):
+    """The daemon answered, with an error of the request's own (4xx)."""
+
+
+def _ask(path: str, method: str, what: str, body: dict | None, timeout: float) -> dict:
     conn = _UnixConnection(path, timeout)
     try:
-        conn.request("GET", STATUS_PATH)
+        conn.request(method, what, body=json.dumps(body) if body is not None else None,
+                     headers={"Content-Type": "application/json"} if body is not None else {})
         resp = conn.getresponse()
-        body = resp.read()
+        data = resp.read()
+        if 400 <= resp.status < 500:
+            raise Refused(data.decode(errors="replace"))
         if resp.status != 200:
-            raise OSError(f"{path} answered {resp.status}: {body[:200]!r}")
-        return json.loads(body)
+            raise OSError(f"{path} answered {resp.status}: {data[:200]!r}")
+        return json.loads(data)
     finally:
         conn.close()
+
+
+def purge(path: str, target: str, as_json: bool, out: IO[str] = sys.stdout) -> int:
+    """`cs-p2p purge`: the daemon issues it; this prints what was purged."""
+    try:
+        done = _ask(path, "POST", PURGE_PATH, {"target": target}, timeout=120)
+    except Refused as exc:
+        print(f"cs-p2p: purge {target}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"cs-p2p: no daemon answered at {path} ({exc}); is `cs-p2p serve` running with this root?",
+              file=sys.stderr)
+        return 2
+    if as_json:
+        out.write(json.dumps(done, indent=2) + "\n")
+        return 0
+    what = f"{done['reference']} and " if done["reference"] else ""
+    out.write(f"purged {what}{len(done['digests'])} blob(s); told {done['contacts_told']} of "
+              f"{done['contacts']} contacts now, the rest of the cluster within a minute\n")
+    for digest in done["digests"]:
+        out.write(f"  {digest}\n")
+    for digest in done["unread_manifests"]:
+        out.write(f"  (no node holds {_short(digest)} as a manifest: purged alone, nothing it names)\n")
+    out.write("blobs a node's containerd still references stay with it, no longer shared\n")
+    return 0
 
 
 def _short(digest: str) -> str:
@@ -67,6 +103,10 @@ def render(st: dict) -> str:
         lines += ["", "WARNING    open membership on the network (" + ", ".join(st["open_on_network"]) + "): any host "
                   "that reaches them downloads every blob this node holds; configure cluster-token-file or "
                   "per-node keys"]
+    refusals = st.get("mirror_refusals") or {}
+    if refusals or st.get("purges"):
+        lines += ["", f"ACCESS     mirror refusals: " + (", ".join(f"{k} {v}" for k, v in sorted(refusals.items()))
+                                                        or "none") + f"; purges known: {st.get('purges', 0)}"]
     lines += ["", f"FETCHING ({len(st['fetches'])})"]
     if st["fetches"]:
         lines.append(f"  {'DIGEST':<19}  {'SIZE':>10}  {'DONE':>5}  SOURCES")

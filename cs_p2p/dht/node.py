@@ -24,6 +24,7 @@ from .. import metrics
 from ..auth import Sealer
 from ..config import parse_host_port
 from ..identity import KeySealer
+from ..purges import MAX_DIGESTS, PURGE_KEY, PurgeList, PurgeRecord
 from .protocol import ProviderProtocol
 from .providers import ProviderRecord, provider_key
 from .tags import TagRecord, tag_key
@@ -31,6 +32,8 @@ from .tags import TagRecord, tag_key
 log = logging.getLogger("cs_p2p.dht")
 
 DEFAULT_TTL = 3600.0
+PURGE_SYNC_INTERVAL = 15.0  # seconds between pulls of the purges a few contacts know
+PURGE_FANOUT = 8  # contacts a node hands a purge it just learnt to (its issuer tells every contact)
 
 
 def load_or_create_node_id(root: str) -> bytes:
@@ -83,6 +86,80 @@ class DhtNode:
         self.cached: set[str] = set()  # of those, the ones in the cache (announced as such)
         self._republisher: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        self.purges: PurgeList | None = None
+
+    def keep_purges(self, purges: PurgeList) -> None:
+        """Take part in purges (`purges`): forget what `purges` names, learn and hand on new ones."""
+        self.purges = purges
+        self.protocol.purges = purges
+        for rec_id in purges.ids():
+            self._forget(purges.get(rec_id))
+        self.protocol.on_purge = lambda rec, from_id: (self._forget(rec), self._spawn(
+            self._spread(rec, {from_id}, PURGE_FANOUT), "hand on purge", rec.reference or rec.digests[0]))
+        self._spawn(self._purge_sync_loop(), "purge sync", "*")
+
+    def _forget(self, rec: PurgeRecord) -> None:
+        self.protocol.forget_purged(rec)
+        for digest in rec.digests:
+            self.held.pop(digest, None)
+            self.cached.discard(digest)
+
+    async def purge(self, reference: str, digests: list[str]) -> tuple[list[PurgeRecord], int]:
+        """Issue a purge of `digests` (and the tag `reference`, if any): kept here and told to every
+        contact, who hand it on.  Returns the records and how many contacts took them."""
+        if self.purges is None:
+            raise RuntimeError("this node keeps no purges")
+        records, reached = [], 0
+        chunks = [digests[i:i + MAX_DIGESTS] for i in range(0, len(digests), MAX_DIGESTS)] or [[]]
+        for chunk in chunks:
+            rec = self.protocol.sign("purge", PURGE_KEY, PurgeRecord(self.node_id, time.time(), reference,
+                                                                     tuple(chunk)))
+            self.protocol.learn_purge(rec, self.node_id)  # no on_purge: this node tells every contact itself
+            self._forget(rec)
+            reached = max(reached, await self._spread(rec, set(), 0))
+            records.append(rec)
+        return records, reached
+
+    async def _spread(self, rec: PurgeRecord, exclude: set[bytes], fanout: int) -> int:
+        nodes = [n for n in self.contacts() if n.id not in exclude and n.id != self.node_id]
+        if fanout:
+            random.shuffle(nodes)
+            nodes = nodes[:fanout]
+        return sum(await asyncio.gather(*(self.protocol.call_purge(n, rec) for n in nodes)))
+
+    async def sync_purges(self, contacts: int = 3) -> int:
+        """Ask a few contacts which purges they know and take the ones this node lacks (a node
+        that was down, a datagram lost); returns how many were new."""
+        if self.purges is None:
+            return 0
+        nodes = self.contacts()
+        random.shuffle(nodes)
+        learnt = 0
+        for node in nodes[:contacts]:
+            start, total = 0, 1
+            while start < total:
+                answer = await self.protocol.call_purge_ids(node, start)
+                if answer is None:
+                    break
+                ids, total = answer
+                if not ids:
+                    break
+                start += len(ids)
+                for rec_id in ids:
+                    if self.purges.get(rec_id) is None:
+                        rec = await self.protocol.call_get_purge(node, rec_id)
+                        if rec is not None and self.purges.get(rec_id) is None:
+                            self.protocol.learn_purge(rec, node.id)
+                            learnt += 1
+        return learnt
+
+    async def _purge_sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_SYNC_INTERVAL)
+            try:
+                await self.sync_purges()
+            except Exception:  # the next round tries again
+                log.exception("purge sync failed")
 
     @property
     def protocol(self) -> ProviderProtocol:
@@ -131,6 +208,7 @@ class DhtNode:
                 if met and not joined:
                     await self.refresh_buckets()
                     log.info("dht joined", extra={"peers": len(met)})
+                    await self.sync_purges()
                     for digest, size in list(self.held.items()):
                         await self.announce(digest, size)
                     joined = True
@@ -174,6 +252,9 @@ class DhtNode:
         With `started`, as an in-flight provider (see `providers`): such a record is not
         re-announced, and the commit's announce replaces it.
         """
+        if self.purges is not None and self.purges.purged(digest):
+            self.held.pop(digest, None)
+            return 0  # purged: never shared again
         if not started:
             self.held[digest] = size
         key = provider_key(digest)
@@ -223,6 +304,8 @@ class DhtNode:
         A round waits at most `round_timeout` for its replies: a dead contact must not stall
         a lookup that `Info` is waiting on (late replies still update the routing table).
         """
+        if self.purges is not None and self.purges.purged(digest):
+            return
         key = provider_key(digest)
         seen: dict[bytes, float] = {}  # publisher -> the expiry of its record given so far
         result = "not_found"
@@ -302,25 +385,36 @@ class DhtNode:
             for c in pending:  # late replies still update the routing table, in the background
                 c.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
 
-    async def publish_tag(self, reference: str, digest: str, media_type: str, size: int) -> int:
-        """Record that `reference` (`host/name:tag`) resolved to `digest` just now."""
+    async def publish_tag(self, reference: str, digest: str, media_type: str, size: int, public: bool = False) -> int:
+        """Record that `reference` (`host/name:tag`, or `host/name@digest`) resolved to `digest`
+        just now; `public`: for a request without credentials."""
         key = tag_key(reference)
-        rec = self.protocol.sign("tag", key, TagRecord(self.node_id, digest, media_type, size, time.time()))
+        rec = self.protocol.sign("tag", key, TagRecord(self.node_id, digest, media_type, size, time.time(),
+                                                       public=public))
         self.protocol.tags.add(key, rec)
         nodes = await self._closest(key)
         return sum(await asyncio.gather(*(self.protocol.call_add_tag(n, key, rec) for n in nodes)))
 
     async def find_tag(self, reference: str, round_timeout: float = 0.3) -> TagRecord | None:
         """The newest record of `reference` any node holds, or None."""
+        return max(await self.tag_records(reference, round_timeout), key=lambda r: r.seen, default=None)
+
+    async def tag_records(self, reference: str, round_timeout: float = 0.3) -> list[TagRecord]:
+        """The newest record of `reference` from each publisher the walk meets.  Records of a
+        purged tag from before its purge, and records naming a purged digest, do not count."""
         key = tag_key(reference)
         found: dict[bytes, TagRecord] = {}
+        purged_at = self.purges.reference_purged_at(reference) if self.purges is not None else None
         async with contextlib.aclosing(self._walk(key, self.protocol.tags.get(key), self.protocol.call_get_tags,
                                                   round_timeout)) as replies:
             async for records in replies:
                 for rec in records:
+                    if self.purges is not None and (self.purges.purged(rec.digest)
+                                                    or (purged_at is not None and rec.seen <= purged_at)):
+                        continue
                     if rec.node_id not in found or rec.seen > found[rec.node_id].seen:
                         found[rec.node_id] = rec
-        return max(found.values(), key=lambda r: r.seen, default=None)
+        return list(found.values())
 
     # ContentEvents: the content service reports commits and deletes; the network work runs
     # in the background so that no containerd call waits on the DHT.

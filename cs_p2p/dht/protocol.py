@@ -41,6 +41,7 @@ from ..auth import AuthError, Sealer
 from ..expiring import Expiring
 from ..identity import Identity, IdentityError, KeySealer, Member
 from ..penalties import PeerLimits
+from ..purges import PURGE_KEY, PurgeList, PurgeRecord
 from .demand import Demand
 from .providers import ProviderRecord, ProviderStore, provider_key
 from .rtt import RoundTrip
@@ -58,6 +59,7 @@ DATAGRAMS_PER_PEER = 2000.0  # per second from one ip:port; a node announcing wh
 HANDOVER_PLACES = 3  # a newcomer gets a key's records from the nodes this close to it (`_hand_over`)
 MAX_HANDED_OVER = 10_000  # node ids remembered as handed their records
 MAX_VERIFYING = 256  # new contacts being pinged at once; more are ignored until they call again
+PURGE_IDS_PER_REPLY = 200  # 20 bytes each
 
 
 def _is_key(value: object) -> bool:
@@ -92,6 +94,9 @@ class ProviderProtocol(KademliaProtocol):
         self.refuted = Expiring(MAX_WATCHED)  # (key, holder) a proof refuted here a moment ago (`refute`)
         self.round_trip = RoundTrip()  # of the replies to our requests: how long walks wait (`rtt`)
         self._handed_over: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # node ids (`_welcome`)
+        self.purges: PurgeList | None = None  # purges this node keeps and hands on (`purges`)
+        self.purged_keys: set[bytes] = set()  # provider keys of purged digests: no record is kept for them
+        self.on_purge: Callable[[PurgeRecord, bytes], None] | None = None  # a new purge, from that node
 
     def connection_made(self, transport) -> None:
         super().connection_made(_SealingTransport(transport, self.sealer) if self.sealer else transport)
@@ -269,6 +274,8 @@ class ProviderProtocol(KademliaProtocol):
         return reply
 
     def rpc_add_provider(self, sender, nodeid, key, record, digest=None) -> Any:
+        if key in self.purged_keys:
+            return {"error": "purged"}
         result = self._add("provider", sender, nodeid, key, record, ProviderRecord.from_wire, self.providers.add)
         if result is True:
             self.watch(key, digest)
@@ -296,6 +303,8 @@ class ProviderProtocol(KademliaProtocol):
         """Records of other publishers, handed over or synced (not this node's own, not ones a
         proof of storage refuted here a moment ago); returns how many were kept."""
         kept = 0
+        if key in self.purged_keys:
+            return 0
         for rec in records:
             if (rec.node_id != self.source_node.id and (key, rec.node_id) not in self.refuted
                     and self.providers.add(key, rec)):
@@ -350,6 +359,8 @@ class ProviderProtocol(KademliaProtocol):
 
     def rpc_add_tag(self, sender, nodeid, key, record) -> Any:
         def keep(key: bytes, rec: TagRecord) -> bool:
+            if self.purges is not None and self.purges.purged(rec.digest):
+                return False
             self.tags.add(key, rec)
             return True
 
@@ -382,6 +393,85 @@ class ProviderProtocol(KademliaProtocol):
         """Records and closer nodes from `node`, or None if it did not answer sensibly."""
         result = await self.get_providers((node.ip, node.port), self.source_node.id, key)
         return self._records_and_nodes(result, node, key, "provider", ProviderRecord.from_wire)
+
+    # Purges (`purges`): pushed by their issuer, handed on by every node that learns one, and
+    # pulled by every node now and then (`DhtNode.sync_purges`).
+    def forget_purged(self, rec: PurgeRecord) -> None:
+        """Keep no provider record of a purged digest, and no tag record that names one."""
+        for digest in rec.digests:
+            key = provider_key(digest)
+            self.purged_keys.add(key)
+            self.providers.drop(key)
+            self.digests.pop(key, None)
+        self.tags.drop_digests(set(rec.digests))
+
+    def purge_wire(self, rec: PurgeRecord) -> list:
+        """A purge as it travels: the record, and its issuer's certificate in key-pair mode."""
+        return [rec.to_wire(), self.certs.get(rec.node_id, b"") if self.identity is not None else b""]
+
+    def accept_purge(self, wire: object) -> PurgeRecord | None:
+        """A purge from another node, if well formed and (key-pair mode) signed by its issuer."""
+        if not (isinstance(wire, (list, tuple)) and len(wire) == 2):
+            return None
+        try:
+            rec = PurgeRecord.from_wire(wire[0])
+        except ValueError:
+            return None
+        if self.identity is not None:
+            member = self._publishers([wire[1]]).get(rec.node_id)
+            if not self._signed_by("purge", PURGE_KEY, rec, member):
+                self.forged += 1
+                return None
+            self._keep_cert(rec.node_id, member.cert_der)
+        return rec
+
+    def learn_purge(self, rec: PurgeRecord, from_id: bytes) -> None:
+        if self.purges is not None and self.purges.add(rec):
+            self.forget_purged(rec)
+            if self.on_purge is not None:
+                self.on_purge(rec, from_id)
+
+    def rpc_purge(self, sender, nodeid, wire) -> Any:
+        if self._sender_node(sender, nodeid) is None or self.purges is None:
+            return {"error": "bad node id, or no purges here"}
+        rec = self.accept_purge(wire)
+        if rec is None:
+            return {"error": "malformed or unsigned purge"}
+        self.learn_purge(rec, nodeid)
+        return True
+
+    def rpc_purge_ids(self, sender, nodeid, start=0) -> Any:
+        if self._sender_node(sender, nodeid) is None or self.purges is None or not isinstance(start, int):
+            return {"error": "bad node id, or no purges here"}
+        ids = self.purges.ids()
+        return {"ids": ids[start:start + PURGE_IDS_PER_REPLY], "total": len(ids)}
+
+    def rpc_get_purge(self, sender, nodeid, record_id) -> Any:
+        if self._sender_node(sender, nodeid) is None or self.purges is None or not _is_key(record_id):
+            return {"error": "bad node id or purge id"}
+        rec = self.purges.get(record_id)
+        return self.purge_wire(rec) if rec is not None else None
+
+    async def call_purge(self, node: Node, rec: PurgeRecord) -> bool:
+        result = await self.purge((node.ip, node.port), self.source_node.id, self.purge_wire(rec))
+        self.handle_call_response(result, node)
+        return result[0] and result[1] is True
+
+    async def call_purge_ids(self, node: Node, start: int = 0) -> tuple[list[bytes], int] | None:
+        result = await self.purge_ids((node.ip, node.port), self.source_node.id, start)
+        self.handle_call_response(result, node)
+        ok, reply = result
+        if not ok or not isinstance(reply, dict) or not isinstance(reply.get("ids"), list) \
+                or not isinstance(reply.get("total"), int):
+            return None
+        return [i for i in reply["ids"] if _is_key(i)], reply["total"]
+
+    async def call_get_purge(self, node: Node, record_id: bytes) -> PurgeRecord | None:
+        result = await self.get_purge((node.ip, node.port), self.source_node.id, record_id)
+        self.handle_call_response(result, node)
+        ok, reply = result
+        rec = self.accept_purge(reply) if ok else None
+        return rec if rec is not None and rec.id == record_id else None
 
     def _records_and_nodes(self, result, node: Node, key: bytes, kind: str, parse, keep_certs: bool = False):
         self.handle_call_response(result, node)

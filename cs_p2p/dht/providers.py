@@ -122,6 +122,11 @@ class ProviderStore:
             del self._data[key]
         return True
 
+    def drop(self, key: bytes) -> None:
+        """Every record under `key` (a purged digest's)."""
+        for node_id in list(self._data.get(key, {})):
+            self.remove(key, node_id)
+
     def get(self, key: bytes, now: float | None = None) -> list[ProviderRecord]:
         now = time.time() if now is None else now
         recs = self._data.get(key)

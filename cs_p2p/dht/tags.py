@@ -1,7 +1,10 @@
 """Tag records: which manifest a `registry/name:tag` pointed at, as nodes saw it.
 
 A node that resolved a tag through the registry publishes (reference -> manifest digest,
-media type, size, when).  Readers take the newest record: the registry stays the source of
+media type, size, when, and whether it asked without any credentials: then the repository is
+public).  A manifest the registry confirmed by digest is published the same way under
+`registry/name@digest`: during an outage, such records are what says, cluster-wide, that a
+digest belongs to a repository and whether anyone may read it (`mirror.access`).  Readers take the newest record: the registry stays the source of
 freshness, the records are the fallback while it is unreachable.  Nothing secret goes in:
 a reference and a digest, never credentials.  Each node keeps one record per reference and
 publisher, like provider records.
@@ -34,17 +37,23 @@ class TagRecord:
     size: int
     seen: float  # unix time the publisher got this answer from the registry
     sig: bytes = b""  # the publisher's signature (key-pair mode, `identity`)
+    public: bool = False  # the registry answered a request without credentials
 
     def to_wire(self) -> list:
         fields = [self.node_id, self.digest, self.media_type, self.size, self.seen]
+        if self.public:
+            return fields + [self.sig, True]
         return fields + [self.sig] if self.sig else fields
 
     @classmethod
     def from_wire(cls, value: object) -> "TagRecord":
-        if not isinstance(value, (list, tuple)) or len(value) not in (5, 6):
-            raise ValueError("tag record must have 5 or 6 fields")
+        if not isinstance(value, (list, tuple)) or len(value) not in (5, 6, 7):
+            raise ValueError("tag record must have 5 to 7 fields")
         node_id, digest, media_type, size, seen = value[:5]
-        sig = value[5] if len(value) == 6 else b""
+        sig = value[5] if len(value) >= 6 else b""
+        public = value[6] if len(value) == 7 else False
+        if not isinstance(public, bool):
+            raise ValueError("tag public flag must be a boolean")
         if not (isinstance(node_id, bytes) and len(node_id) == 20):
             raise ValueError("tag node id must be 20 bytes")
         if not isinstance(digest, str):
@@ -61,7 +70,7 @@ class TagRecord:
             raise ValueError("tag time must be a number")
         if not (isinstance(sig, bytes) and len(sig) in (0, 64)):
             raise ValueError("tag signature must be 64 bytes")
-        return cls(node_id, digest, media_type, size, float(seen), sig)
+        return cls(node_id, digest, media_type, size, float(seen), sig, public)
 
 
 class TagStore:
@@ -89,3 +98,8 @@ class TagStore:
         live = {nid: r for nid, r in recs.items() if r.seen > horizon}
         self._data[key] = live
         return sorted(live.values(), key=lambda r: -r.seen)
+
+    def drop_digests(self, digests: set[str]) -> None:
+        """Every record that names one of `digests` (purged)."""
+        for key in list(self._data):
+            self._data[key] = {nid: r for nid, r in self._data[key].items() if r.digest not in digests}

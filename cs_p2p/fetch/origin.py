@@ -78,12 +78,12 @@ class Origins:
         if where is not None:
             return where
         for manifest, where in reversed(self._manifests.items()):
-            if digest in self._referenced_by(manifest):
+            if digest in self.references(manifest):
                 self.blob_seen(where.host, where.repo, digest)
                 return where
         return None
 
-    def _referenced_by(self, manifest: str) -> frozenset[str]:
+    def references(self, manifest: str) -> frozenset[str]:
         """Config, layers and child manifests (with theirs) of a manifest in the local store."""
         known = self._references.get(manifest)
         if known is not None:
@@ -100,6 +100,8 @@ class Origins:
             pending.extend(own.children)
         result = frozenset(refs)
         if complete:
+            if len(self._references) >= 2 * self.max_entries:
+                self._references.clear()  # asked of manifests the tables forgot (`mirror.access`)
             self._references[manifest] = result
         return result
 

@@ -9,6 +9,11 @@ as the next host) and adds `?ns=<registry host>` to every request, which names t
   does not exist, that is the answer.
 - Manifests by digest and blobs: the local store, then peers, then upstream.  Whatever comes
   from elsewhere is verified against its digest before it is served.
+- Nothing is served for a repository before the registry confirmed that the request's own
+  credentials may read that digest there (`access`): digests are not secrets, and the store
+  and the peers hold every private image any node pulled.  While the registry is down,
+  outage records decide (`access.Grants.outage_refusal`).  Purged blobs (`purges`) are not
+  served at all.
 
 Answers 404 (with an OCI error body) when it cannot help, so containerd moves on to the next
 host; never writes.
@@ -21,6 +26,7 @@ belongs to (`fetch.origin`), so that a peer fetch that fails is finished from th
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -39,7 +45,9 @@ from ..errors import InvalidArgument
 from ..fetch.fetcher import FetchFailed
 from ..fetch.origin import Origins
 from ..httpserve import SentFileResponse, start_site
+from ..purges import PurgeList
 from ..store import LocalStore
+from .access import ANONYMOUS, NODE, Grants
 from .upstream import MAX_MANIFEST, Manifest, Upstream, UpstreamNotFound, UpstreamUnauthorized, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -118,8 +126,11 @@ def media_type_of(body: bytes) -> str:
 
 class Mirror:
     def __init__(self, store: LocalStore, registries: list[MirrorRegistry], dht: "DhtNode | None" = None,
-                 peers: "PeerSource | None" = None) -> None:
+                 peers: "PeerSource | None" = None, confirm_ttl: float = 60.0, outage_window: float = 6 * 3600.0,
+                 purges: PurgeList | None = None) -> None:
         self.store = store
+        self.purges = purges
+        self.refusals: collections.Counter[str] = collections.Counter()  # by reason, for `status`
         self.registries = {r.host: r for r in registries}
         self.dht = dht
         self.peers = peers
@@ -127,6 +138,7 @@ class Mirror:
         # Resolved manifests may sit in the cache (preheat puts them there).
         self.origins = Origins(lambda digest: store.served_path(parse_digest(digest))
                                or store.blobs.blob_path(parse_digest(digest)))
+        self.grants = Grants(os.path.join(store.root, "access"), confirm_ttl, outage_window, self.origins.references)
         self.tmp = os.path.join(store.root, "mirror")
         os.makedirs(self.tmp, exist_ok=True)
         for name in os.listdir(self.tmp):  # left by a crash
@@ -188,12 +200,13 @@ class Mirror:
         """A manifest by tag or digest, as containerd gets it through this mirror; where it came
         from is remembered (`origins`).  Failures raise OCI errors (HTTP exceptions).
         `authorization`: what containerd sent, passed upstream for this request only."""
+        who = self.grants.who(authorization, upstream.has_credentials)
         try:
             if reference.startswith("sha256:"):
                 manifest = await self._manifest_by_digest(upstream, name, reference, accept, media_type="",
-                                                          authorization=authorization)
+                                                          authorization=authorization, who=who)
             elif _TAG.match(reference):
-                manifest = await self._manifest_by_tag(upstream, name, reference, accept, head, authorization)
+                manifest = await self._manifest_by_tag(upstream, name, reference, accept, head, authorization, who)
             else:
                 raise oci_error(web.HTTPBadRequest, "MANIFEST_INVALID", f"invalid reference {reference!r}")
         except UpstreamUnauthorized as exc:
@@ -211,10 +224,11 @@ class Mirror:
         return upstream
 
     async def _manifest_by_tag(self, upstream: Upstream, name: str, tag: str, accept: str, head: bool,
-                               authorization: str | None) -> Manifest:
+                               authorization: str | None, who: str) -> Manifest:
         reference = f"{upstream.registry.host}/{name}:{tag}"
         try:
             manifest = await upstream.manifest(name, tag, accept, head, authorization)
+            self.grants.confirm(who, upstream.registry.host, name, manifest.digest)
         except UpstreamNotFound:
             raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN", f"{reference} does not exist upstream") from None
         except UpstreamUnavailable as exc:
@@ -224,15 +238,29 @@ class Mirror:
                 raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN",
                                 f"{reference}: registry unreachable ({exc}) and no peer has resolved it") from None
             log.info("tag resolved from peers", extra={"ref": reference, "digest": record.digest})
+            self.grants.note_record(upstream.registry.host, name, record.digest, record.seen, record.public)
+            self._allow_in_outage(upstream, name, record.digest, who, str(exc))
             return await self._manifest_by_digest(upstream, name, record.digest, accept, record.media_type,
-                                                  allow_upstream=False)
-        if self.dht:
-            self._spawn(self.dht.publish_tag(reference, manifest.digest, manifest.media_type, manifest.size))
+                                                  allow_upstream=False, who=who, checked=True)
+        self._publish(reference, manifest.digest, manifest.media_type, manifest.size, who)
+        self._publish(f"{upstream.registry.host}/{name}@{manifest.digest}", manifest.digest, manifest.media_type,
+                      manifest.size, who)
         return manifest
 
+    def _publish(self, reference: str, digest: str, media_type: str, size: int, who: str) -> None:
+        """The registry just resolved `reference` (`host/name:tag` or `host/name@digest`) for `who`:
+        a record for every node, for outages (`dht.tags`, `access.Grants.note_record`)."""
+        if self.dht and media_type and 0 < size <= MAX_MANIFEST:
+            self._spawn(self.dht.publish_tag(reference, digest, media_type, size, public=who == ANONYMOUS))
+
     async def _manifest_by_digest(self, upstream: Upstream, name: str, digest: str, accept: str, media_type: str,
-                                  allow_upstream: bool = True, authorization: str | None = None) -> Manifest:
+                                  allow_upstream: bool = True, authorization: str | None = None, who: str = "",
+                                  checked: bool = False) -> Manifest:
+        """`checked`: access was decided already (a tag record during an outage)."""
         self._check_digest(digest)
+        self._not_purged(digest, "MANIFEST_UNKNOWN")
+        if not checked:
+            await self._check_access(upstream, name, "manifests", digest, who, authorization, accept)
         path = await self._local_or_peers(digest)
         if path is not None and os.path.getsize(path) <= MAX_MANIFEST:
             with open(path, "rb") as f:
@@ -248,6 +276,72 @@ class Mirror:
         except UpstreamUnavailable as exc:
             raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN",
                             f"manifest {digest}: not held by peers and registry unreachable ({exc})") from None
+
+    def _not_purged(self, digest: str, code: str) -> None:
+        if self.purges is not None and self.purges.purged(digest):
+            self._refuse("purged")
+            raise oci_error(web.HTTPNotFound, code, f"{digest} was purged from this cluster (`cs-p2p purge`): "
+                                                    "only the registry serves it")
+
+    def _refuse(self, reason: str) -> None:
+        self.refusals[reason] += 1
+        metrics.MIRROR_REFUSALS.labels(reason=reason).inc()
+
+    async def _check_access(self, upstream: Upstream, name: str, kind: str, digest: str, who: str,
+                            authorization: str | None, accept: str = "") -> None:
+        """Return if `who` may read `digest` in repository `name` (`access`); raise the OCI error
+        that says why not."""
+        host = upstream.registry.host
+        if self.grants.confirmed(who, host, name, digest):
+            metrics.MIRROR_ACCESS_CHECKS.labels(result="cached").inc()
+            return
+        code = "MANIFEST_UNKNOWN" if kind == "manifests" else "BLOB_UNKNOWN"
+        try:
+            media_type, size = await upstream.readable(name, kind, digest, authorization, accept)
+        except UpstreamUnauthorized as exc:
+            metrics.MIRROR_ACCESS_CHECKS.labels(result="registry").inc()
+            self._refuse("unauthorized")
+            raise _unauthorized(exc) from None
+        except UpstreamNotFound:
+            metrics.MIRROR_ACCESS_CHECKS.labels(result="registry").inc()
+            self._refuse("not_in_repository")
+            raise oci_error(web.HTTPNotFound, code, f"{digest} is not in {host}/{name}") from None
+        except UpstreamUnavailable as exc:
+            if kind == "manifests" and self.dht:  # a member's record of it in this repository, if any
+                record = await self.dht.find_tag(f"{host}/{name}@{digest}")
+                if record is not None and record.digest == digest:
+                    self.grants.note_record(host, name, digest, record.seen, record.public)
+            self._allow_in_outage(upstream, name, digest, who, str(exc))
+            return
+        metrics.MIRROR_ACCESS_CHECKS.labels(result="registry").inc()
+        self.grants.confirm(who, host, name, digest)
+        if kind == "manifests":
+            self._publish(f"{host}/{name}@{digest}", digest, media_type, size, who)
+
+    def _allow_in_outage(self, upstream: Upstream, name: str, digest: str, who: str, why: str) -> None:
+        """The registry cannot be asked: return if outage records allow it, else raise why not."""
+        host = upstream.registry.host
+        metrics.MIRROR_ACCESS_CHECKS.labels(result="outage").inc()
+        reason = self.grants.outage_refusal(who, host, name, digest)
+        if reason is None:
+            return
+        self._refuse(reason)
+        hours = self.grants.outage_window / 3600
+        if reason == "outage_not_in_repository":
+            log.warning("refused during registry outage: digest never confirmed in this repository",
+                        extra={"repository": f"{host}/{name}", "digest": digest})
+            raise oci_error(web.HTTPNotFound, "MANIFEST_UNKNOWN",
+                            f"registry {host} unreachable ({why}) and {digest} was not confirmed in {name} "
+                            f"within the last {hours:g} h")
+        whose = "these credentials" if who not in (ANONYMOUS, NODE) else "requests without credentials"
+        log.warning("refused during registry outage: credentials not accepted for this repository before",
+                    extra={"repository": f"{host}/{name}", "digest": digest})
+        err = oci_error(web.HTTPUnauthorized, "UNAUTHORIZED",
+                        f"registry {host} unreachable ({why}) and {name} is private: {whose} were not accepted for "
+                        f"it within the last {hours:g} h")
+        if upstream.last_challenge and who in (ANONYMOUS, NODE):
+            err.headers["WWW-Authenticate"] = upstream.last_challenge  # containerd may have credentials to send
+        raise err
 
     async def _local_or_peers(self, digest: str) -> str | None:
         """The path of `digest` in the local store, fetched from peers first if need be."""
@@ -275,6 +369,10 @@ class Mirror:
         upstream, name = self._route(request)
         digest = request.match_info["digest"]
         self._check_digest(digest)
+        self._not_purged(digest, "BLOB_UNKNOWN")
+        authorization = request.headers.get("Authorization")
+        await self._check_access(upstream, name, "blobs", digest,
+                                 self.grants.who(authorization, upstream.has_credentials), authorization)
         self.origins.blob_seen(upstream.registry.host, name, digest)
         headers = {"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"}
         path = await self._local_or_peers(digest)
@@ -284,7 +382,7 @@ class Mirror:
                 metrics.MIRROR_BYTES.labels(source="local").inc(os.path.getsize(path))
             return web.FileResponse(path, headers=headers)
         try:
-            upstream_resp = await upstream.open_blob(name, digest, request.headers.get("Authorization"))
+            upstream_resp = await upstream.open_blob(name, digest, authorization)
         except UpstreamUnauthorized as exc:
             raise _unauthorized(exc) from None
         except UpstreamNotFound:

@@ -68,6 +68,12 @@ class Upstream:
         self._tokens: dict[str, str] = {}  # repository -> bearer token
         self._credentials = read_credentials(registry.credentials_file) if registry.credentials_file else None
         self._basic: str | None = None  # set once the registry asked for Basic and we have credentials
+        self.last_challenge = ""  # the registry's latest WWW-Authenticate: asked of containerd while it is down
+
+    @property
+    def has_credentials(self) -> bool:
+        """The operator gave this node credentials of its own for the registry."""
+        return self._credentials is not None
 
     def _auth_header(self, repo: str) -> str | None:
         if repo in self._tokens:
@@ -93,6 +99,7 @@ class Upstream:
                 raise UpstreamUnavailable(f"{self.registry.host}: {exc!r}") from None
             if resp.status == 401:
                 challenge = resp.headers.get("WWW-Authenticate", "")
+                self.last_challenge = challenge or self.last_challenge
                 resp.release()
                 if attempt == 0 and not authorization and await self._authorize(repo, challenge):
                     continue
@@ -167,6 +174,20 @@ class Upstream:
         if expected and expected != actual:
             raise UpstreamUnavailable(f"{self.registry.host}: manifest {reference} does not match {expected}")
         return Manifest(actual, media_type, len(body), body)
+
+    async def readable(self, repo: str, kind: str, digest: str, authorization: str | None,
+                       accept: str = "") -> tuple[str, int]:
+        """Whether these credentials may read `digest` in `repo` (`kind`: manifests or blobs): a
+        HEAD; returns its media type and size if the registry says yes, raises its no (or that
+        it cannot be asked)."""
+        resp = await self._request("HEAD", repo, f"{kind}/{digest}", {"Accept": accept} if accept else {},
+                                   authorization)
+        resp.release()
+        try:
+            size = int(resp.headers.get("Content-Length", "0"))
+        except ValueError:
+            size = 0
+        return resp.headers.get("Content-Type", "").split(";")[0].strip(), size
 
     async def open_blob(self, repo: str, digest: str, authorization: str | None = None) -> aiohttp.ClientResponse:
         """The registry's response for blob `digest` (the caller reads and releases it)."""

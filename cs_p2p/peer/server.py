@@ -90,8 +90,9 @@ class PeerServer:
                  tls: ssl.SSLContext | None = None, limits: PeerLimits | None = None,
                  signer: Callable[[bytes], bytes] | None = None, on_served: Callable[[str], None] | None = None,
                  ledger: Ledger | None = None, slot_wait: float | None = None,
-                 stall_seconds: float = STALL_SECONDS) -> None:
+                 stall_seconds: float = STALL_SECONDS, purged: Callable[[str], bool] = lambda digest: False) -> None:
         self.store = store
+        self.purged = purged  # digest -> purged from the cluster (`purges`): never served again
         self.stall_seconds = stall_seconds  # a growing blob with no new byte this long: the upload ends
         self.ledger = ledger or Ledger()  # what each peer gave us: who gets a contended slot
         self.on_served = on_served  # a GET of a held blob (its demand, `dht.demand`)
@@ -185,6 +186,8 @@ class PeerServer:
             hex_ = parse_digest(digest)
         except InvalidArgument as exc:
             raise web.HTTPBadRequest(text=str(exc))
+        if self.purged(digest):
+            raise web.HTTPNotFound(text=f"blob {digest} was purged from this cluster")
         path = self.store.served_path(hex_)
         if path is None:  # not held: perhaps being written here, then committed to blob_path
             blob_path = self.store.blobs.blob_path(hex_)

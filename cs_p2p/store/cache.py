@@ -85,6 +85,17 @@ class BlobCache:
             del self._sizes[hex_]
         return True
 
+    def drop(self, hex_: str) -> bool:
+        """Delete a cached blob (purged); False if the cache does not hold it."""
+        with self._lock:
+            if self._sizes.pop(hex_, None) is None:
+                return False
+            try:
+                os.unlink(self.path(hex_))
+            except FileNotFoundError:
+                pass
+        return True
+
     def _make_room(self, size: int) -> list[str]:
         """Evict the least valuable blobs (least recently used among equals) until `size` more
         bytes fit."""
