@@ -26,7 +26,8 @@ def exported(tmp_path) -> dict[str, set[str]]:
             families.setdefault(family.name, set())
         # Labelled families have no sample until first used: their names and labels from the metric.
         for metric in (metrics.FETCHED_BYTES, metrics.MIRROR_BYTES, metrics.MIRROR_REQUESTS, metrics.FETCHES,
-                       metrics.PROVIDERS_BANNED, metrics.DHT_LOOKUPS, metrics.INFO_LATENCY, metrics.GRPC_CALLS):
+                       metrics.PROVIDERS_BANNED, metrics.DHT_LOOKUPS, metrics.INFO_LATENCY, metrics.GRPC_CALLS,
+                       metrics.MIRROR_REFUSALS, metrics.MIRROR_ACCESS_CHECKS):
             names = metric._labelnames
             for suffix in ("", "_total", "_bucket", "_count", "_sum"):
                 families.setdefault(metric._name + suffix, set()).update(names)
