@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 from aiohttp import web
 
 from . import __version__, metrics
+from .addresses import join_host_port
+from .httpserve import start_site
 from .membership import Membership
 
 if TYPE_CHECKING:
@@ -65,7 +67,8 @@ class NodeView:
             "open_on_network": self.open_on_network,
             "uptime_seconds": round(time.time() - self.started, 1),
             "listeners": self.listeners,
-            "peers": sorted(f"{n.ip}:{n.port}" for n in self.dht.contacts()) if self.dht else [],
+            "peers": sorted(join_host_port(n.ip, n.port) for n in self.dht.contacts()) if self.dht else [],
+            "dht_alone": self.dht.alone if self.dht else "",
             "blobs": {"count": usage.blobs, "bytes": usage.blob_bytes},
             "cache": {"count": usage.cached, "bytes": usage.cached_bytes, "budget_bytes": self.store.cache.max_bytes},
             "ingests_open": usage.ingests,
@@ -127,12 +130,9 @@ class AdminServer:
     async def start_metrics(self, host: str, port: int) -> int:
         app = web.Application()
         app.router.add_get(METRICS_PATH, _metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        runner, port = await start_site(app, host, port)
         self._runners.append(runner)
-        return site._server.sockets[0].getsockname()[1]  # the port, when 0 was asked
+        return port
 
     async def stop(self) -> None:
         for runner in self._runners:

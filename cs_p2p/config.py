@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .addresses import is_unspecified, join_host_port
+
 DEFAULT_SOCKET = "/run/cs-p2p/content.sock"
 DEFAULT_ROOT = "/var/lib/cs-p2p"
 
@@ -293,17 +295,25 @@ def socket_gid(group: str) -> int:
 
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[v6]:PORT`; port 0 lets the system choose."""
+    """`HOST:PORT` or `[v6]:PORT`; port 0 lets the system choose.  An IPv6 literal must be in
+    brackets: `fd00::1:5001` could be an address or an address and a port.  An IPv4 address in
+    brackets is taken too (`[$(NODE_IP)]:5001` serves a manifest for both families)."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{what} must be HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
+        raise ConfigError(f"{what} must be HOST:PORT or [IPV6]:PORT, got {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ConfigError(f"{what}: unbalanced brackets in {value!r}")
+        return host[1:-1], int(port)
+    if ":" in host:
+        raise ConfigError(f"{what}: an IPv6 address goes in brackets, [IPV6]:PORT, got {value!r}")
+    return host, int(port)
 
 
 def peer_advertised(cfg: Config) -> str:
     """The `host:port` other nodes fetch from: advertise-addr, or peer-listen's own host."""
     host, port = parse_host_port(cfg.peer_listen, "peer-listen")
-    host = cfg.advertise_addr or host
-    if host in ("0.0.0.0", "::", ""):
+    host = (cfg.advertise_addr or host).strip("[]")
+    if is_unspecified(host):
         raise ConfigError("peer-listen is a wildcard address: set advertise-addr to this node's address")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(host, port)

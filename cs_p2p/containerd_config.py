@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from .config import MirrorRegistry
+from .addresses import join_host_port
+from .config import MirrorRegistry, parse_host_port
 
 PLUGIN_NAME = "cs-p2p"  # the content proxy plugin
 DIFF_PLUGIN_NAME = "cs-p2p-diff"  # the layer applier (containerd 2.x)
@@ -162,7 +163,9 @@ def containerd_config(socket: str, release: str = "2", hosts_dir: str | None = N
 
 
 def hosts_toml(registry: MirrorRegistry, mirror_addr: str) -> str:
-    """The mirror first (pull + resolve), the registry itself kept as the next host."""
+    """The mirror first (pull + resolve), the registry itself kept as the next host.  An IPv6
+    mirror address is written in brackets, as a URL needs."""
+    mirror_addr = join_host_port(*parse_host_port(mirror_addr, "mirror-listen"))
     return (
         "# cs-p2p: pull and resolve through this node's mirror; the registry stays the fallback.\n"
         f'server = "{registry.base_url}"\n'

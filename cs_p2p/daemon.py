@@ -183,7 +183,8 @@ async def serve(cfg: Config) -> None:
     admin = AdminServer(view)
     collector = metrics.register_node(store.usage, lambda: store.cache.max_bytes,
                                       lambda: len(dht.contacts()) if dht else 0,
-                                      lambda: len(fetcher.inflight) if fetcher else 0, membership_mode(member))
+                                      lambda: len(fetcher.inflight) if fetcher else 0, membership_mode(member),
+                                      lambda: bool(dht and dht.alone))
     try:
         await admin.start_socket(admin_socket(store.root))
     except OSError as exc:  # e.g. a root whose path is too long for a unix socket: serve without

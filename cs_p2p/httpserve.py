@@ -4,19 +4,28 @@ handler."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 
 from aiohttp import web
+
+from .addresses import dual_stack_socket, is_unspecified
 
 MAX_LINE = 4096  # request line and each header: ours are short, anything longer is refused (400)
 
 
 async def start_site(app: web.Application, host: str, port: int,
                      tls: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port (port 0 picks one): its runner, to clean up, and the port."""
+    """Serve `app` on host:port (port 0 picks one): its runner, to clean up, and the port.
+    `::` serves IPv6 and IPv4 on one socket (asyncio alone would make it IPv6-only)."""
     runner = web.AppRunner(app, access_log=None, max_line_size=MAX_LINE, max_field_size=MAX_LINE)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls)
+    if ":" in host and is_unspecified(host):
+        sock = dual_stack_socket(socket.SOCK_STREAM, port)
+        sock.listen(128)
+        site: web.BaseSite = web.SockSite(runner, sock, ssl_context=tls)
+    else:
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
     return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

@@ -115,7 +115,9 @@ class NodeCollector(Collector):
     every layer writes to, knows none of them."""
 
     def __init__(self, usage: Callable[[], Any], cache_budget: Callable[[], int], peers_known: Callable[[], int],
-                 inflight: Callable[[], int], membership: str = "open") -> None:
+                 inflight: Callable[[], int], membership: str = "open",
+                 dht_alone: Callable[[], bool] = lambda: False) -> None:
+        self.dht_alone = dht_alone  # the DHT found no other node (`DhtNode.alone`)
         self.usage = usage  # -> an object with blob_bytes, cached_bytes, ingest_bytes, blobs, cached, ingests
         self.cache_budget = cache_budget
         self.peers_known = peers_known
@@ -145,6 +147,9 @@ class NodeCollector(Collector):
         yield mode
         yield GaugeMetricFamily("cs_p2p_peers_known", "Nodes in this node's DHT routing table.",
                                 value=self.peers_known())
+        yield GaugeMetricFamily("cs_p2p_dht_alone", "1 while this node's DHT has found no other node (bootstrap "
+                                "contacts unreachable, wrong, or of another address family): every pull then goes "
+                                "to the registry.", value=int(self.dht_alone()))
 
 
 def exposition() -> bytes:
@@ -152,7 +157,8 @@ def exposition() -> bytes:
 
 
 def register_node(usage: Callable[[], Any], cache_budget: Callable[[], int], peers_known: Callable[[], int],
-                  inflight: Callable[[], int], membership: str = "open") -> NodeCollector:
-    collector = NodeCollector(usage, cache_budget, peers_known, inflight, membership)
+                  inflight: Callable[[], int], membership: str = "open",
+                  dht_alone: Callable[[], bool] = lambda: False) -> NodeCollector:
+    collector = NodeCollector(usage, cache_budget, peers_known, inflight, membership, dht_alone)
     REGISTRY.register(collector)
     return collector

@@ -99,6 +99,8 @@ def render(st: dict) -> str:
         f"{human(max(st['cache']['budget_bytes'], 0))}",
         f"ingests    {st['ingests_open']} open",
     ]
+    if st.get("dht_alone"):
+        lines += ["", f"WARNING    the DHT found no other node: {st['dht_alone']}; every pull goes to the registry"]
     if st.get("open_on_network"):
         lines += ["", "WARNING    open membership on the network (" + ", ".join(st["open_on_network"]) + "): any host "
                   "that reaches them downloads every blob this node holds; configure cluster-token-file or "

@@ -11,6 +11,7 @@ from typing import Iterator
 import grpc
 import pytest
 
+from cs_p2p.addresses import join_host_port
 from cs_p2p.api import content_pb2 as pb
 from cs_p2p.api import content_pb2_grpc
 from cs_p2p_dev.processes import Containerd, CsP2P, Registry, free_port, wait_for
@@ -39,6 +40,12 @@ def workdir() -> Iterator[str]:
 
 
 @pytest.fixture
+def loopback() -> str:
+    """The address the nodes of a test listen on; tests/integration/test_ipv6.py makes it ::1."""
+    return "127.0.0.1"
+
+
+@pytest.fixture
 def daemon(workdir: str) -> Iterator[CsP2P]:
     cs = CsP2P(os.path.join(workdir, "cs")).start()
     yield cs
@@ -46,13 +53,13 @@ def daemon(workdir: str) -> Iterator[CsP2P]:
 
 
 @pytest.fixture
-def p2p_node(workdir: str):
+def p2p_node(workdir: str, loopback: str):
     """Start daemons with a peer server and a DHT node on loopback: `start(name, args,
     bootstrap)` -> (daemon, peer address, DHT address)."""
     made: list[CsP2P] = []
 
     def start(name: str, args: list[str], bootstrap: str | None = None) -> tuple[CsP2P, str, str]:
-        peer, dht = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        peer, dht = join_host_port(loopback, free_port()), join_host_port(loopback, free_port())
         argv = ["--peer-listen", peer, "--dht-listen", dht, *args] + (["--bootstrap", bootstrap] if bootstrap else [])
         cs = CsP2P(os.path.join(workdir, name), argv).start()
         made.append(cs)

@@ -22,6 +22,7 @@ from kademlia.node import Node, NodeHeap
 
 from .. import metrics
 from ..auth import Sealer
+from ..addresses import dual_stack_socket, is_unspecified, join_host_port, unmapped
 from ..config import parse_host_port
 from ..identity import KeySealer
 from ..purges import MAX_DIGESTS, PURGE_KEY, PurgeList, PurgeRecord
@@ -68,6 +69,17 @@ class _KademliaServer(Server):
     def _create_protocol(self) -> ProviderProtocol:
         return ProviderProtocol(self.node, self.storage, self.ksize, self._wait_timeout, self._sealer, self._client)
 
+    async def listen(self, port: int, interface: str = "0.0.0.0") -> None:
+        """As kademlia's, except that `::` takes IPv4 too (one dual-stack socket)."""
+        loop = asyncio.get_running_loop()
+        if ":" in interface and is_unspecified(interface):
+            endpoint = loop.create_datagram_endpoint(self._create_protocol,
+                                                     sock=dual_stack_socket(socket.SOCK_DGRAM, port))
+        else:
+            endpoint = loop.create_datagram_endpoint(self._create_protocol, local_addr=(interface, port))
+        self.transport, self.protocol = await endpoint
+        self.refresh_table()
+
 
 class DhtNode:
     def __init__(self, node_id: bytes, peer_addr: str, ttl: float = DEFAULT_TTL, ksize: int = 20, alpha: int = 3,
@@ -87,6 +99,7 @@ class DhtNode:
         self._republisher: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self.purges: PurgeList | None = None
+        self.alone = ""  # why this node's DHT has found no other node, while it has not (`keep_joined`)
 
     def keep_purges(self, purges: PurgeList) -> None:
         """Take part in purges (`purges`): forget what `purges` names, learn and hand on new ones."""
@@ -171,8 +184,20 @@ class DhtNode:
         self._republisher = asyncio.get_running_loop().create_task(self._republish_loop())
         return port
 
+    def families(self) -> set[int]:
+        """The address families this node's socket reaches: IPv4, IPv6, or both (`[::]`)."""
+        sock = self.server.transport.get_extra_info("socket") if self.server.transport else None
+        if sock is None or sock.family == socket.AF_INET:
+            return {socket.AF_INET}
+        if sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            return {socket.AF_INET6}
+        return {socket.AF_INET, socket.AF_INET6}
+
     async def _resolve(self, addrs: list[str]) -> set[tuple[str, int]]:
+        """Bootstrap contacts as addresses this node's socket can reach (a name may resolve to
+        both families; an IPv4 node skips the IPv6 ones and the other way round)."""
         loop = asyncio.get_running_loop()
+        families = self.families()
         resolved: set[tuple[str, int]] = set()
         for addr in addrs:
             host, port = parse_host_port(addr, "bootstrap")
@@ -181,7 +206,12 @@ class DhtNode:
             except socket.gaierror as exc:
                 log.warning("bootstrap address does not resolve", extra={"addr": addr, "error": str(exc)})
                 continue
-            resolved.update((info[4][0], info[4][1]) for info in infos if info[0] == socket.AF_INET)
+            reachable = {(unmapped(info[4][0]), info[4][1]) for info in infos if info[0] in families}
+            if not reachable and infos:
+                log.warning("bootstrap address is of another address family than dht-listen",
+                            extra={"addr": addr, "dht_listen_families": sorted(
+                                "ipv6" if f == socket.AF_INET6 else "ipv4" for f in families)})
+            resolved.update(reachable)
         return resolved
 
     async def bootstrap(self, addrs: list[str]) -> int:
@@ -193,15 +223,21 @@ class DhtNode:
         return len(found)
 
     async def keep_joined(self, addrs: Callable[[], list[str]], interval: float = 5.0,
-                          sparse_interval: float = 60.0) -> None:
+                          sparse_interval: float = 60.0, alone_after: float = 30.0) -> None:
         """Bootstrap again until a bootstrap contact is in the routing table (contacts may start
         after us, and passing clients fill the table without joining us to the cluster), then
         now and then while the table holds fewer than k nodes.  `addrs` is asked each time: the
-        contacts may be a file the installer rewrites as the cluster changes."""
+        contacts may be a file the installer rewrites as the cluster changes.
+
+        A node that meets nobody says so (`alone`: a warning, `cs-p2p status`, the metric
+        `cs_p2p_dht_alone`) instead of quietly sending every pull to the registry: at once when
+        no bootstrap contact answered, after `alone_after` seconds when it has none to ask."""
+        started = time.monotonic()
         while True:
             contacts = self.protocol.router.find_neighbors(Node(self.node_id), self.server.ksize)
             known = {(n.ip, n.port) for n in contacts}
-            resolved = await self._resolve(addrs())
+            configured = addrs()
+            resolved = await self._resolve(configured)
             joined = bool(known & resolved)
             if not joined or len(contacts) < self.server.ksize:
                 met = await self.server.bootstrap(sorted(resolved)) if resolved else []
@@ -212,7 +248,31 @@ class DhtNode:
                     for digest, size in list(self.held.items()):
                         await self.announce(digest, size)
                     joined = True
+            self._check_alone(configured, resolved, time.monotonic() - started >= alone_after)
             await asyncio.sleep(sparse_interval if joined else interval)
+
+    def _check_alone(self, configured: list[str], resolved: set[tuple[str, int]], waited: bool) -> None:
+        if self.contacts():
+            if self.alone:
+                log.info("dht no longer alone", extra={"peers": len(self.contacts())})
+            self.alone = ""
+            return
+        if configured and not resolved:
+            why = (f"no bootstrap contact resolves to an address dht-listen can reach ({', '.join(configured)}; "
+                   f"dht-listen {self._listening()})")
+        elif configured:
+            why = f"no bootstrap contact answered ({', '.join(join_host_port(*a) for a in sorted(resolved))})"
+        elif waited:
+            why = "no bootstrap contact is configured and no other node has joined this one"
+        else:
+            return
+        if why != self.alone:
+            log.warning("dht alone: every pull goes to the registry", extra={"reason": why})
+        self.alone = why
+
+    def _listening(self) -> str:
+        sock = self.server.transport.get_extra_info("sockname") if self.server.transport else None
+        return join_host_port(sock[0], sock[1]) if sock else "?"
 
     def contacts(self) -> list[Node]:
         """Every node in the routing table."""

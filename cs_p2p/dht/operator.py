@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from ..addresses import join_host_port
 from ..config import ConfigError
 from ..digests import parse_digest
 from ..errors import InvalidArgument
@@ -22,7 +23,10 @@ async def _joined_client(bootstrap: list[str], member: Membership | None) -> Dht
     member = member or Membership()
     node_id = member.identity.node_id if member.identity else os.urandom(20)
     node = DhtNode(node_id, "0.0.0.0:0", sealer=member.dht_sealer, client=True)
-    await node.listen("0.0.0.0", 0)
+    try:
+        await node.listen("::", 0)  # both families: the contacts may be IPv4 or IPv6
+    except OSError:  # a host without IPv6
+        await node.listen("0.0.0.0", 0)
     try:
         met = await node.bootstrap(bootstrap)
     except ConfigError as exc:
@@ -79,6 +83,6 @@ async def peers(bootstrap: list[str], member: Membership | None = None) -> int:
         node.stop()
     print(f"{'NODE':<40} DHT ADDRESS")
     for n in sorted(contacts, key=lambda n: n.id):
-        print(f"{n.id.hex():<40} {n.ip}:{n.port}")
+        print(f"{n.id.hex():<40} {join_host_port(n.ip, n.port)}")
     print(f"{len(contacts)} nodes")
     return 0

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import socket
 from typing import Any, Callable
 
 import umsgpack
@@ -37,6 +38,7 @@ import umsgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
+from ..addresses import join_host_port, unmapped
 from ..auth import AuthError, Sealer
 from ..expiring import Expiring
 from ..identity import Identity, IdentityError, KeySealer, Member
@@ -99,10 +101,13 @@ class ProviderProtocol(KademliaProtocol):
         self.on_purge: Callable[[PurgeRecord, bytes], None] | None = None  # a new purge, from that node
 
     def connection_made(self, transport) -> None:
-        super().connection_made(_SealingTransport(transport, self.sealer) if self.sealer else transport)
+        super().connection_made(_Transport(transport, self.sealer))
 
     def datagram_received(self, data: bytes, addr) -> None:
-        peer = f"{addr[0]}:{addr[1]}"
+        # An IPv6 socket gives (host, port, flowinfo, scope): nodes are (host, port), and an
+        # IPv4 peer on a dual-stack socket is known by its IPv4 address (`addresses`).
+        addr = (unmapped(addr[0]), addr[1])
+        peer = join_host_port(*addr)
         if not self.limits.allow(peer):  # banned, or over its rate
             self.dropped += 1
             return
@@ -125,7 +130,7 @@ class ProviderProtocol(KademliaProtocol):
         except Exception as exc:  # undecodable or malformed: drop, as if never received
             reason = repr(exc)
         self.dropped += 1
-        log.debug("malformed datagram dropped", extra={"from": f"{addr[0]}:{addr[1]}", "reason": reason})
+        log.debug("malformed datagram dropped", extra={"from": join_host_port(addr[0], addr[1]), "reason": reason})
 
     async def _solve_datagram(self, datagram: bytes, address) -> None:
         """rpcudp's dispatch, except that a datagram is answered or raises (and is counted as
@@ -153,7 +158,8 @@ class ProviderProtocol(KademliaProtocol):
             await super()._accept_request(msg_id, data, address)
         except Exception as exc:
             self.dropped += 1
-            log.debug("malformed request dropped", extra={"from": f"{address[0]}:{address[1]}", "reason": repr(exc)})
+            log.debug("malformed request dropped", extra={"from": join_host_port(address[0], address[1]),
+                                                          "reason": repr(exc)})
 
     def welcome_if_new(self, node: Node) -> None:
         """kademlia calls this for the sender of every request: a new one is pinged first and
@@ -550,15 +556,30 @@ class _Sender(tuple):
         return self
 
 
-class _SealingTransport:
-    """The datagram transport as rpcudp sees it: everything sent is sealed first."""
+class _Transport:
+    """The datagram transport as rpcudp sees it: everything sent is sealed first (with a
+    sealer), and sent in the family of the socket: an IPv4 address as IPv4-mapped on a
+    dual-stack IPv6 socket; an address the socket cannot reach is dropped (the call times out,
+    as for a node that is gone)."""
 
-    def __init__(self, inner, sealer: Sealer) -> None:
+    def __init__(self, inner, sealer: Sealer | KeySealer | None) -> None:
         self._inner = inner
         self._sealer = sealer
+        sock = inner.get_extra_info("socket")
+        self._v6 = sock is not None and sock.family == socket.AF_INET6
+        self._v6_only = self._v6 and bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
 
     def sendto(self, data: bytes, addr=None) -> None:
-        self._inner.sendto(self._sealer.seal(data), tuple(addr) if addr is not None else None)
+        if addr is not None:
+            host, port = addr[0], addr[1]
+            if self._v6 and ":" not in host:
+                if self._v6_only:
+                    return
+                host = "::ffff:" + host
+            elif not self._v6 and ":" in host:
+                return
+            addr = (host, port)
+        self._inner.sendto(self._sealer.seal(data) if self._sealer else data, addr)
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)

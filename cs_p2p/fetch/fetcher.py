@@ -38,6 +38,7 @@ from typing import Awaitable, Callable, Protocol
 import aiohttp
 
 from .. import metrics
+from ..addresses import family_of
 from ..auth import HEADER, Sealer
 from ..digests import parse_digest
 from ..dht.providers import ProviderRecord
@@ -151,8 +152,9 @@ class Fetch:
 
 
 def _host(addr: str) -> str:
-    """The host of a provider's `host:port` (the ledger's key)."""
-    return addr.rsplit(":", 1)[0]
+    """The host of a provider's `host:port` or `[v6]:port` (the ledger's key: the address the
+    peer's own server sees us by, `peer.server._remote`)."""
+    return addr.rsplit(":", 1)[0].strip("[]")
 
 class Fetcher:
     def __init__(self, store: LocalStore, on_committed: Callable[[str, int], None] | None = None,
@@ -184,17 +186,20 @@ class Fetcher:
         self.proven: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._reachable_until: dict[str, float] = {}  # provider -> until when a HEAD is skipped
         self._probe_failures: dict[str, int] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
 
-    def _client(self) -> aiohttp.ClientSession:
+    def _client(self, addr: str = "") -> aiohttp.ClientSession:
         """One session for every fetch and probe: connections to peers stay open (keep-alive),
-        so a lookup rarely pays a TCP and TLS handshake."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
+        so a lookup rarely pays a TCP and TLS handshake.  Connections leave from `local_host`
+        where the peer is of its address family (another session for the rest)."""
+        bind = bool(self.local_host) and family_of(_host(addr)) in (None, family_of(self.local_host))
+        session = self._sessions.get(bind)
+        if session is None:
+            session = self._sessions[bind] = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout),
                 connector=aiohttp.TCPConnector(ssl=self.tls if self.tls else False, keepalive_timeout=60,
-                                               local_addr=(self.local_host, 0) if self.local_host else None))
-        return self._session
+                                               local_addr=(self.local_host, 0) if bind else None))
+        return session
 
     def _trusted(self, addr: str) -> bool:
         return addr == ORIGIN or addr in self.proven
@@ -259,7 +264,7 @@ class Fetcher:
         headers = dict(headers or {})
         if self.sealer:
             headers[HEADER] = self.sealer.request_header(method, path)
-        return self._client().request(method, f"{'https' if self.tls else 'http'}://{addr}{path}", headers=headers,
+        return self._client(addr).request(method, f"{'https' if self.tls else 'http'}://{addr}{path}", headers=headers,
                                       **kw)
 
     async def _probe(self, digest: str, rec: ProviderRecord, timeout: float = PROBE_TIMEOUT) -> bool:
@@ -331,8 +336,8 @@ class Fetcher:
         for fetch in list(self.inflight.values()):
             if fetch.task:
                 fetch.task.cancel()
-        if self._session:
-            await self._session.close()
+        for session in self._sessions.values():
+            await session.close()
 
     async def _run(self, fetch: Fetch, providers: list[ProviderRecord],
                    more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> None:

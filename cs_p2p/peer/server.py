@@ -42,6 +42,7 @@ from typing import Callable
 from aiohttp import web
 
 from .. import metrics
+from ..addresses import unmapped
 from ..httpserve import SentFileResponse, start_site
 from ..auth import HEADER, AuthError, Sealer
 from ..digests import parse_digest
@@ -127,7 +128,7 @@ class PeerServer:
     @contextlib.asynccontextmanager
     async def _upload_slot(self, request: web.Request):
         """Hold one of the upload slots for a response (503 if none comes free in time)."""
-        if not await self.slots.acquire(request.remote or "?"):
+        if not await self.slots.acquire(_remote(request)):
             raise web.HTTPServiceUnavailable(text="upload slots full", headers={"Retry-After": "1"})
         try:
             yield
@@ -135,7 +136,7 @@ class PeerServer:
             self.slots.release()
 
     def _sent(self, request: web.Request, n: int) -> None:
-        self.ledger.sent(request.remote or "?", n)
+        self.ledger.sent(_remote(request), n)
         metrics.UPLOADED_BYTES.inc(n)
 
     async def stop(self) -> None:
@@ -146,7 +147,7 @@ class PeerServer:
     async def _admit(self, request: web.Request, handler) -> web.StreamResponse:
         """Banned peers get nothing; peers over their rate get 429; with a cluster token, a
         request without a fresh MAC gets nothing and counts against its peer."""
-        peer = request.remote or "?"
+        peer = _remote(request)
         if self.limits.banned(peer):
             _hang_up(request)
         if not self.limits.allow(peer):
@@ -320,6 +321,12 @@ class PeerServer:
         finally:
             if not wait.done():
                 wait.cancel()
+
+
+def _remote(request: web.Request) -> str:
+    """The peer's address as the ledger and the limits know it (an IPv4 peer reaching a
+    dual-stack listener by its IPv4 address, `addresses.unmapped`)."""
+    return unmapped(request.remote) if request.remote else "?"
 
 
 def _head(size: int, digest: str) -> web.Response:

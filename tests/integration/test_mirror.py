@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from cs_p2p.api import cri_pb2, cri_pb2_grpc
+from cs_p2p.addresses import join_host_port
 from cs_p2p.config import MirrorRegistry
 from cs_p2p.containerd_config import write_hosts_dir
 from cs_p2p_dev.images import build_image, build_multiarch_image, push_image
@@ -28,8 +29,9 @@ class MirrorNode:
     def __init__(self, workdir: str, registry: Registry, bootstrap: str | None, extra: list[str] | None = None,
                  ip: str = "127.0.0.1") -> None:
         """`ip`: the loopback address of its peer server and DHT node (peers tell nodes apart by it)."""
-        self.peer, self.dht = f"{ip}:{free_port()}", f"{ip}:{free_port()}"
-        self.mirror = f"127.0.0.1:{free_port()}"
+        self.peer, self.dht = join_host_port(ip, free_port()), join_host_port(ip, free_port())
+        # on IPv6, the mirror too: containerd reaches it at http://[::1]:PORT
+        self.mirror = join_host_port(ip if ":" in ip else "127.0.0.1", free_port())
         args = ["--peer-listen", self.peer, "--dht-listen", self.dht, "--mirror-listen", self.mirror,
                 "--mirror-registry", f"http://{registry.addr}", "--mirror-timeout-ms", "1000"]
         args += (["--bootstrap", bootstrap] if bootstrap else []) + (extra or [])
@@ -59,11 +61,11 @@ def own_registry(workdir):
 
 
 @pytest.fixture
-def nodes(workdir, own_registry):
+def nodes(workdir, own_registry, loopback):
     made: list[MirrorNode] = []
     try:
-        made.append(MirrorNode(os.path.join(workdir, "n1"), own_registry, None))
-        made.append(MirrorNode(os.path.join(workdir, "n2"), own_registry, made[0].dht))
+        made.append(MirrorNode(os.path.join(workdir, "n1"), own_registry, None, ip=loopback))
+        made.append(MirrorNode(os.path.join(workdir, "n2"), own_registry, made[0].dht, ip=loopback))
         yield made
     finally:
         for n in made:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from cs_p2p.addresses import join_host_port
 from cs_p2p_dev.images import build_image, push_image
 from cs_p2p_dev.processes import free_port, wait_for
 from cs_p2p_dev.releases import release
@@ -22,15 +23,16 @@ pytestmark = requires_containerd
 class P2PNode(Node):
     """A node with its peer transfer server and DHT node on free loopback ports."""
 
-    def __init__(self, workdir: str, name: str, registry, bootstrap: str | None, extra: list[str] | None = None) -> None:
-        self.peer = f"127.0.0.1:{free_port()}"
-        self.dht = f"127.0.0.1:{free_port()}"
+    def __init__(self, workdir: str, name: str, registry, bootstrap: str | None, extra: list[str] | None = None,
+                 ip: str = "127.0.0.1") -> None:
+        self.peer = join_host_port(ip, free_port())
+        self.dht = join_host_port(ip, free_port())
         args = ["--peer-listen", self.peer, "--dht-listen", self.dht] + (["--bootstrap", bootstrap] if bootstrap else [])
         super().__init__(os.path.join(workdir, name), registry, args + (extra or []))
 
 
 @pytest.fixture
-def cluster(workdir, registry):
+def cluster(workdir, registry, loopback):
     """Three nodes; node 1 uploads at 8 MiB/s, so a transfer from it lasts long enough to cut,
     and keeps no cache, so that containerd's GC there withdraws what it deletes.  Node 3, the
     puller the tests watch, keeps no cache either: with one, the replication floor may pick it
@@ -38,10 +40,10 @@ def cluster(workdir, registry):
     nodes: list[P2PNode] = []
     no_cache = ["--cache-max-bytes", "0"]
     try:
-        first = P2PNode(workdir, "n1", registry, None, ["--peer-rate-limit", str(8 << 20), *no_cache])
+        first = P2PNode(workdir, "n1", registry, None, ["--peer-rate-limit", str(8 << 20), *no_cache], loopback)
         nodes.append(first)
-        nodes.append(P2PNode(workdir, "n2", registry, first.dht))
-        nodes.append(P2PNode(workdir, "n3", registry, first.dht, no_cache))
+        nodes.append(P2PNode(workdir, "n2", registry, first.dht, ip=loopback))
+        nodes.append(P2PNode(workdir, "n3", registry, first.dht, no_cache, loopback))
         yield nodes
     finally:
         for n in nodes:
@@ -81,7 +83,7 @@ def test_second_and_third_node_pull_from_peers_not_the_registry(cluster, registr
     for node in (n2, n3):
         node.ctr("image", "pull", "--plain-http", ref)
         assert node.cs.blob_digests() == set(img.digests)
-        assert_unpacked(node, img, ref, os.path.join(workdir, f"mnt-{node.dht.split(':')[1]}"))
+        assert_unpacked(node, img, ref, os.path.join(workdir, f"mnt-{node.dht.rsplit(':', 1)[1]}"))
     # Not one more blob byte left the registry: config and layers came from peers.
     assert registry.blob_bytes_served() == from_registry
     logs = open(n2.cs.proc.log_path).read() + open(n3.cs.proc.log_path).read()
@@ -254,6 +256,6 @@ def test_nodes_pulling_at_once_get_each_blob_from_the_registry_about_once(cluste
     assert sent == sizes, "the registry sent a blob to more than one of the 3 nodes"
     for node in cluster:
         assert node.cs.blob_digests() == set(img.digests)
-        assert_unpacked(node, img, ref, os.path.join(workdir, f"mnt-at-once-{node.dht.split(':')[1]}"))
+        assert_unpacked(node, img, ref, os.path.join(workdir, f"mnt-at-once-{node.dht.rsplit(':', 1)[1]}"))
     logs = "".join(open(n.cs.proc.log_path).read() for n in cluster)
     assert logs.count("fetched from peers") == 2 * len(img.digests)  # the other two nodes, every blob

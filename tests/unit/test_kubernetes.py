@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cs_p2p.cli import _parser
-from cs_p2p.config import load_config
+from cs_p2p.config import load_config, parse_host_port, peer_advertised
 from cs_p2p.install.contacts import CONTACTS_FILE
 from cs_p2p.install.host import BUILD_FILE
 
@@ -60,14 +60,14 @@ def expand(argv: list[str], env: dict[str, str]) -> list[str]:
     return out
 
 
-def pod_env(docs: list[dict], c: dict) -> dict[str, str]:
+def pod_env(docs: list[dict], c: dict, node_ip: str = NODE_IP) -> dict[str, str]:
     cm = one(docs, "ConfigMap")
     env = {}
     for e in c.get("env", []):
         src = e["valueFrom"]
         if "fieldRef" in src:
             assert src["fieldRef"]["fieldPath"] == "status.hostIP"
-            env[e["name"]] = NODE_IP
+            env[e["name"]] = node_ip
         else:
             ref = src["configMapKeyRef"]
             assert ref["name"] == cm["metadata"]["name"] and ref["key"] in cm["data"]
@@ -82,12 +82,12 @@ def host_mounts(spec: dict, c: dict) -> dict[str, str]:
             if "hostPath" in volumes[m["name"]]}
 
 
-def install_args(docs: list[dict]):
+def install_args(docs: list[dict], node_ip: str = NODE_IP):
     """The installer's parsed command and the daemon's Config it installs (ConfigMap TOML plus
     the serve flags), the files its flags name stood in for."""
     spec = pod_spec(docs)
     init = container(spec, "install")
-    args = _parser().parse_args(expand(init["command"][1:], pod_env(docs, init)))
+    args = _parser().parse_args(expand(init["command"][1:], pod_env(docs, init, node_ip)))
     assert init["command"][0] == "cs-p2p" and args.command == "host-install"
     mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
     cm_volume = next(v for v in spec["volumes"] if v["name"] == mounts[os.path.dirname(args.config)])
@@ -103,6 +103,16 @@ def daemon_config(docs: list[dict], args, tmp_path: pathlib.Path):
     serve.pop("config")
     files = {k: serve[k] for k in ("cluster_token_file", "node_key_file", "node_cert_file", "cluster_ca_file")}
     return load_config(str(toml), serve), files  # (the files are read when the daemon starts)
+
+
+def test_on_an_ipv6_node_the_daemon_listens_and_advertises_its_ipv6_address(tmp_path):
+    docs = render("overlays/token")
+    args, _ = install_args(docs, node_ip="fd00:10::7")
+    cfg, _ = daemon_config(docs, args, tmp_path)
+    assert parse_host_port(cfg.peer_listen, "peer-listen") == ("fd00:10::7", 5001)
+    assert parse_host_port(cfg.dht_listen, "dht-listen") == ("fd00:10::7", 5002)
+    assert parse_host_port(cfg.metrics_listen, "metrics-listen") == ("fd00:10::7", 5003)
+    assert peer_advertised(cfg) == "[fd00:10::7]:5001"  # what provider records carry
 
 
 @pytest.mark.parametrize("overlay", ["token", "key-pair"])
@@ -131,8 +141,9 @@ def test_every_overlay_renders_an_installer_that_would_install(overlay, tmp_path
     # The daemon the installer sets up: settings and flags `cs-p2p serve` accepts, node-local
     # addresses, the store and socket where the installer's mounts put them.
     cfg, files = daemon_config(docs, args, tmp_path)
-    assert cfg.peer_listen == f"{NODE_IP}:5001" and cfg.dht_listen == f"{NODE_IP}:5002"
-    assert cfg.metrics_listen == f"{NODE_IP}:5003" and cfg.mirror_registry
+    assert cfg.peer_listen == f"[{NODE_IP}]:5001" and cfg.dht_listen == f"[{NODE_IP}]:5002"
+    assert cfg.metrics_listen == f"[{NODE_IP}]:5003" and cfg.mirror_registry
+    assert peer_advertised(cfg) == f"{NODE_IP}:5001"
     assert cfg.root.startswith("/var/lib/") and os.path.dirname(cfg.socket) == "/run/cs-p2p"
     assert args.containerd_root.startswith("/var/lib/")
 
@@ -196,7 +207,7 @@ def test_the_installer_puts_the_rendered_settings_on_a_host(tmp_path):
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr
     unit = (host / "etc/systemd/system/cs-p2p.service").read_text()
-    assert f"--peer-listen={NODE_IP}:5001" in unit and "--cluster-token-file=/etc/cs-p2p/cluster-token" in unit
+    assert f"--peer-listen=[{NODE_IP}]:5001" in unit and "--cluster-token-file=/etc/cs-p2p/cluster-token" in unit
     drop_in = (host / "etc/containerd/conf.d/cs-p2p.toml").read_text()
     assert 'address = "/run/cs-p2p/content.sock"' in drop_in
     assert (host / "etc/containerd/certs.d/registry.internal/hosts.toml").exists()
