@@ -1,5 +1,6 @@
 """The daemon's admin endpoint: `/status` (what `cs-p2p status` prints), `/metrics`
-(Prometheus) and `/purge` (`cs-p2p purge`: only root on a member node purges), on a unix socket in the root that only root (or the root's owner) can open —
+(Prometheus), `/timeline` (`cs-p2p status --timeline`) and `/purge` (`cs-p2p purge`: only root
+on a member node purges), on a unix socket in the root that only root (or the root's owner) can open —
 status names peers and blobs, which is nobody else's business.  `--metrics-listen` serves
 `/metrics` alone on TCP for Prometheus to scrape.
 """
@@ -18,6 +19,7 @@ from . import __version__, metrics
 from .addresses import join_host_port
 from .httpserve import start_site
 from .membership import Membership
+from .timeline import TIMELINE
 
 if TYPE_CHECKING:
     from .dht.node import DhtNode
@@ -28,6 +30,7 @@ SOCKET_NAME = "admin.sock"
 STATUS_PATH = "/status"
 METRICS_PATH = "/metrics"
 PURGE_PATH = "/purge"
+TIMELINE_PATH = "/timeline"
 
 
 def admin_socket(root: str) -> str:
@@ -96,6 +99,13 @@ class AdminServer:
     async def _status(self, _request: web.Request) -> web.Response:
         return web.json_response(self.view.status())
 
+    async def _timeline(self, request: web.Request) -> web.Response:
+        try:
+            since = float(request.query.get("since", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="since: unix time, seconds") from None
+        return web.json_response(TIMELINE.events(since))
+
     async def _purge(self, request: web.Request) -> web.Response:
         if self.view.purge is None:
             raise web.HTTPConflict(text="this node has no DHT: a purge needs the cluster (dht-listen)")
@@ -115,6 +125,7 @@ class AdminServer:
         app = web.Application()
         app.router.add_get(STATUS_PATH, self._status)
         app.router.add_post(PURGE_PATH, self._purge)
+        app.router.add_get(TIMELINE_PATH, self._timeline)
         app.router.add_get(METRICS_PATH, _metrics)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

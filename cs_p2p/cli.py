@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--root", help=f"the daemon's store directory (default {Config.root})")
     st.add_argument("--admin-socket", help="the admin socket itself (default ROOT/admin.sock)")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.add_argument("--timeline", type=float, metavar="SECONDS",
+                    help="print what the node did and waited on in the last SECONDS instead: Info claims, each "
+                         "fetch's sources with their first and last byte, applies, and every wait with its reason")
 
     pg = sub.add_parser("purge", help="stop the whole cluster sharing an image or blob (a leaked secret, a bad release)",
                         description="The local daemon (through its admin socket) purges TARGET from the cluster so that every "
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         if args.command == "purge":
             return purge(path, args.target, args.json)
-        return status(path, args.json)
+        return status(path, args.json, timeline=args.timeline)
     if args.command == "preheat":
         from .placement.preheat_client import preheat
 

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import IO
 
-from .admin import PURGE_PATH, STATUS_PATH
+from .admin import PURGE_PATH, STATUS_PATH, TIMELINE_PATH
 from .placement.preheat_client import human
 
 
@@ -27,6 +27,39 @@ class _UnixConnection(http.client.HTTPConnection):
 
 def fetch_status(path: str, timeout: float = 10.0) -> dict:
     return _ask(path, "GET", STATUS_PATH, None, timeout)
+
+
+def fetch_timeline(path: str, since: float = 0.0, timeout: float = 10.0) -> list[dict]:
+    return _ask(path, "GET", f"{TIMELINE_PATH}?since={since}", None, timeout)  # type: ignore[return-value]
+
+
+def render_timeline(events: list[dict], t0: float | None = None) -> str:
+    """The events one a line, in seconds from `t0` (default: the first event), then the waits
+    summed by reason: where a pull's time went."""
+    if not events:
+        return "no events\n"
+    t0 = events[0]["at"] if t0 is None else t0
+    lines = []
+    waits: dict[str, list[float]] = {}
+    for e in events:
+        at = f"{e['at'] - t0:+8.3f}"
+        digest = _short(e.get("digest") or "")
+        if e["kind"] == "wait":
+            waits.setdefault(e["reason"], []).append(e["seconds"])
+            if e["seconds"] >= 0.05:  # the small ones only in the sums below
+                lines.append(f"{at}  wait {e['reason']:<13} {e['seconds']:7.3f} s  {digest}"
+                             + (f"  {e['addr']}" if e.get("addr") else ""))
+        elif e["kind"] == "fetch_done":
+            sources = ", ".join(f"{addr} {first - t0:+.2f}..{last - t0:+.2f} {human(n)}"
+                                for addr, (first, last, n) in sorted(e["sources"].items(), key=lambda kv: kv[1][0]))
+            lines.append(f"{at}  fetch_done          {digest}  started {e['started'] - t0:+.2f}; {sources}")
+        else:
+            extra = "  ".join(f"{k}={v}" for k, v in e.items() if k not in ("at", "kind", "digest"))
+            lines.append(f"{at}  {e['kind']:<19} {digest}  {extra}".rstrip())
+    lines.append("waits by reason: " + (", ".join(f"{r} {sum(v):.2f} s ({len(v)}x, longest {max(v):.2f} s)"
+                                                  for r, v in sorted(waits.items(), key=lambda kv: -sum(kv[1])))
+                                        or "none"))
+    return "\n".join(lines) + "\n"
 
 
 class Refused(Exception):
@@ -128,8 +161,13 @@ def render(st: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def status(path: str, as_json: bool, out: IO[str] = sys.stdout) -> int:
+def status(path: str, as_json: bool, out: IO[str] = sys.stdout, timeline: float | None = None) -> int:
+    """`timeline`: print the events of the last that many seconds instead (`cs_p2p.timeline`)."""
     try:
+        if timeline is not None:
+            events = fetch_timeline(path, time.time() - timeline)
+            out.write(json.dumps(events, indent=1) + "\n" if as_json else render_timeline(events))
+            return 0
         st = fetch_status(path)
     except (OSError, ValueError) as exc:
         print(f"cs-p2p: no daemon answered at {path} ({exc}); is `cs-p2p serve` running with this root?",

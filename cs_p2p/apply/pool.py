@@ -16,12 +16,14 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import time
 import uuid
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
 from ..errors import Aborted, LayerRejected
 from ..fetch.fetcher import Fetch, FetchFailed
+from ..timeline import TIMELINE
 from . import worker
 from .layerfs import InvalidLayer
 from .worker import Target
@@ -42,6 +44,7 @@ class ApplyPool:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(fifo_dir, name))
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._slots = asyncio.Semaphore(workers)
         # FIFO feeders block (on open until a worker reads, on a full pipe): threads of their
         # own, so that queued applies never starve the default executor Read and Write use.
         self._feeders = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="apply-feed")
@@ -134,6 +137,13 @@ class ApplyPool:
 
     async def _run(self, source: str, target: Target, sync_fs: bool) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        async with self._slots:  # one layer per worker: the wait for a free one is measured
+            TIMELINE.waited("apply_worker", time.monotonic() - t0)
+            return await self._apply(loop, source, target, sync_fs)
+
+    async def _apply(self, loop: asyncio.AbstractEventLoop, source: str, target: Target,
+                     sync_fs: bool) -> tuple[str, int]:
         try:
             return await loop.run_in_executor(self._executor(), worker.apply_layer, source, target, sync_fs)
         except BrokenProcessPool:

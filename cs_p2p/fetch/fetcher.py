@@ -45,6 +45,7 @@ from ..dht.providers import ProviderRecord
 from ..proofs import SIG_HEADER, Challenge
 from ..store import LocalStore
 from ..store.blobs import sha256_of_fd
+from ..timeline import TIMELINE
 
 
 class Ledger(Protocol):
@@ -116,6 +117,9 @@ class Fetch:
     origin: Origin | None = None  # set once peers failed and the registry finishes the blob
     whole_body: "asyncio.Future | None" = None  # the registry ignored Range: one response streams it all
     repaired: bool = False  # pieces were written again: what was streamed of them may be wrong
+    started: float = field(default_factory=time.time)  # unix time (the timeline's clock)
+    first_byte: dict[str, float] = field(default_factory=dict)  # source -> unix time of its first byte
+    last_byte: dict[str, float] = field(default_factory=dict)  # source -> unix time its last piece ended
 
     def covered(self, offset: int, n: int, trusted_only: bool = False) -> bool:
         first, last = offset // PIECE, (offset + max(n, 1) - 1) // PIECE
@@ -329,6 +333,7 @@ class Fetcher:
                       trusted=self._trusted)
         self.inflight[digest] = fetch
         metrics.FETCHES_STARTED.inc()
+        TIMELINE.mark("fetch_start", digest, size=size, providers=[p.addr for p in providers])
         fetch.task = asyncio.get_running_loop().create_task(self._run(fetch, providers, more))
         return fetch
 
@@ -356,6 +361,9 @@ class Fetcher:
             fetch.committed = True
             for addr in set(fetch.source.values()) - {ORIGIN}:
                 self._remember(self.proven, addr, None)
+            TIMELINE.mark("fetch_done", fetch.digest, size=fetch.size, started=fetch.started, sources={
+                addr: [fetch.first_byte.get(addr, fetch.started), fetch.last_byte.get(addr, fetch.started), n]
+                for addr, n in fetch.bytes_from.items()})
             log.info("fetched from peers" if ORIGIN not in fetch.bytes_from else "fetched from peers and the registry",
                      extra={"digest": fetch.digest, "size": fetch.size, "seconds": round(time.monotonic() - t0, 3),
                             "sources": fetch.bytes_from})
@@ -423,8 +431,10 @@ class Fetcher:
         pieces, fetched elsewhere, make the blob verify is the one that lied, and is banned.
         """
         loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
         try:
             await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
+            TIMELINE.waited("verify", time.monotonic() - t0, fetch.digest)
             return
         except FetchFailed as mismatch:
             first_error = mismatch
@@ -483,7 +493,9 @@ class Fetcher:
                     continue  # written by the registry's whole body
                 add_found()
                 if not alive and finding is not None:
+                    t0 = time.monotonic()
                     await asyncio.wait([finding])  # the full lookup may still bring providers
+                    TIMELINE.waited("lookup", time.monotonic() - t0, fetch.digest, by="fetch")
                     add_found()
                 if not alive:
                     raise FetchFailed(f"no provider left to fetch from{last_error}")
@@ -511,7 +523,9 @@ class Fetcher:
                     if isinstance(exc, ProviderBusy):
                         busy[addr] = busy.get(addr, 0) + 1
                         if busy[addr] % BUSY_BEFORE_FAILURE:
-                            await asyncio.sleep(min(0.02 * busy[addr], 0.5))
+                            pause = min(0.02 * busy[addr], 0.5)
+                            await asyncio.sleep(pause)
+                            TIMELINE.waited("provider_busy", pause, fetch.digest, addr=addr)
                             continue
                     failures[addr] = failures.get(addr, 0) + 1
                     if failures[addr] >= FAILURES_BEFORE_DROP and addr in alive:
@@ -585,8 +599,13 @@ class Fetcher:
                 chunk = await resp.content.read(min(1 << 20, end - offset))
                 if not chunk:
                     raise FetchFailed(f"{addr} closed the connection at {offset}")
+                if offset == start:
+                    if relay:  # until a node still downloading the blob had this piece's first bytes
+                        TIMELINE.waited("relay", time.monotonic() - t0, fetch.digest, addr=addr)
+                    fetch.first_byte.setdefault(addr, time.time())
                 os.pwrite(fd, chunk, offset)
                 offset += len(chunk)
+            fetch.last_byte[addr] = time.time()
         fetch.bytes_from[addr] = fetch.bytes_from.get(addr, 0) + (end - start)
         metrics.FETCHED_BYTES.labels(source="registry" if addr == ORIGIN else "inflight_peer" if relay
                                      else "peer").inc(end - start)

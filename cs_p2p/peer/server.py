@@ -53,6 +53,7 @@ from .ledger import Ledger, UploadSlots, queue_wait
 from ..proofs import SIG_HEADER, answer, parse_challenge, signable
 from ..store import IngestWriter, LocalStore
 from ..store.progress import IngestGone
+from ..timeline import TIMELINE
 
 log = logging.getLogger("cs_p2p.peer")
 
@@ -128,7 +129,11 @@ class PeerServer:
     @contextlib.asynccontextmanager
     async def _upload_slot(self, request: web.Request):
         """Hold one of the upload slots for a response (503 if none comes free in time)."""
-        if not await self.slots.acquire(_remote(request)):
+        t0 = time.monotonic()
+        granted = await self.slots.acquire(_remote(request))
+        TIMELINE.waited("upload_slot", time.monotonic() - t0, request.match_info.get("digest", ""),
+                        peer=_remote(request))
+        if not granted:
             raise web.HTTPServiceUnavailable(text="upload slots full", headers={"Retry-After": "1"})
         try:
             yield

@@ -28,6 +28,7 @@ from ..fetch.fetcher import Fetch, FetchFailed
 from ..filters import info_adaptor, parse_filters, status_adaptor
 from ..store import BlobInfo, IngestStatus, IngestWriter, LocalStore
 from ..store.ingest import digest_in_ref
+from ..timeline import TIMELINE
 from .errors import check_request, grpc_errors
 from .wire import WriteRequest
 
@@ -94,10 +95,14 @@ class ContentService(pb_grpc.ContentServicer):
                 if self._restore(request.digest):  # let go of by GC, kept in the cache: back at once
                     return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
                 timed.result = "peers"
+                t0 = time.monotonic()
                 fetch = await self.peers.locate(request.digest) if self.peers else None
+                TIMELINE.waited("lookup", time.monotonic() - t0, request.digest, by="info")
                 if fetch is None:
                     timed.result = "not_found"
+                    TIMELINE.mark("info_not_found", request.digest)
                     raise self._not_found(request.digest) from None
+        TIMELINE.mark("info_claimed", fetch.digest, size=fetch.size)
         # Held by peers: containerd records it as present and reads it through Read, which
         # streams the bytes as the background fetch brings them.
         now = time.time_ns()
@@ -165,7 +170,11 @@ class ContentService(pb_grpc.ContentServicer):
                     try:
                         # Stream pieces as they arrive, those of providers not yet proven honest
                         # once the blob verified (`fetch.fetcher`).
+                        held_back = fetch.covered(offset, n) and not fetch.covered(offset, n, trusted_only=True)
+                        t0 = time.monotonic()
                         await fetch.wait_range(offset, n, trusted_only=True)
+                        if held_back:  # on disk, but from a provider not proven honest yet
+                            TIMELINE.waited("unverified", time.monotonic() - t0, request.digest)
                     except FetchFailed as exc:
                         raise Aborted(f"fetching {request.digest} from peers failed: {exc}") from None
                 if n <= _INLINE_IO:
@@ -297,6 +306,7 @@ class ContentService(pb_grpc.ContentServicer):
         log.info("blob committed", extra={"digest": digest, "size": writer.offset, "ref": writer.ref,
                                           "messages": writer.messages})
         metrics.WRITTEN_BYTES.inc(writer.offset)
+        TIMELINE.mark("write_committed", digest, size=writer.offset)  # containerd downloaded it itself
         if self.events:
             self.events.committed(digest, writer.offset)
 

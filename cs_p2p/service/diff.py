@@ -29,6 +29,7 @@ from ..apply.worker import target_for
 from ..digests import parse_digest
 from ..errors import InvalidArgument, NotFound, Unimplemented
 from ..store import LocalStore
+from ..timeline import TIMELINE
 from .errors import grpc_errors
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class DiffService(pb_grpc.DiffServicer):
             raise InvalidArgument("apply: no mounts")
         target = target_for([(m.type, m.source, tuple(m.options)) for m in request.mounts])
         t0 = time.monotonic()
+        TIMELINE.mark("apply_start", desc.digest, size=desc.size)
         path = self.store.blobs.blob_path(hex_)
         fetch = None
         if not os.path.exists(path) and self.peers is not None:
@@ -82,6 +84,7 @@ class DiffService(pb_grpc.DiffServicer):
             diff_id, size = await self.pool.apply_file(path, target, request.sync_fs)
         else:  # a fetch that failed before containerd asked: say why, as Info and Read do
             raise self.peers.not_found(desc.digest) if self.peers else NotFound(f"content {desc.digest}: not found")
+        TIMELINE.mark("apply_done", desc.digest, source=source, seconds=round(time.monotonic() - t0, 3))
         log.info("layer applied", extra={"digest": desc.digest, "diff_id": diff_id, "size": size, "from": source,
                                          "target": target.kind, "seconds": round(time.monotonic() - t0, 3)})
         return pb.ApplyResponse(applied=types_pb2.Descriptor(media_type=MT_LAYER, digest=diff_id, size=size))

@@ -4,6 +4,7 @@ the same image from peers and the registry serves them no blob bytes at all."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -96,6 +97,19 @@ def test_second_and_third_node_pull_from_peers_not_the_registry(cluster, registr
         records = {r["digest"]: r["from"] for r in n2.cs.applied_layers()}
         assert sorted(records) == sorted(img.layer_digests)
         assert set(records.values()) <= {"peers", "local"} and "peers" in records.values(), records
+    # Node 3's timeline says where its pull's time went: each layer claimed through Info, fetched
+    # from node 1 or 2 (first and last byte of each), and the waits by reason.
+    events = json.loads(subprocess.run([sys.executable, "-m", "cs_p2p.cli", "status", "--root", n3.cs.root,
+                                        "--timeline", "600", "--json"], capture_output=True, text=True,
+                                       check=True).stdout)
+    claimed = {e["digest"] for e in events if e["kind"] == "info_claimed"}
+    fetched = {e["digest"]: e["sources"] for e in events if e["kind"] == "fetch_done"}
+    assert set(img.layer_digests) <= claimed and set(img.layer_digests) <= set(fetched)
+    for sources in fetched.values():
+        assert set(sources) <= {n1.peer, n2.peer} and all(first <= last for first, last, _ in sources.values())
+    text = subprocess.run([sys.executable, "-m", "cs_p2p.cli", "status", "--root", n3.cs.root, "--timeline", "600"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "fetch_done" in text and "waits by reason:" in text
 
 
 def held_by_two_nodes(cluster, registry, tmp_path, name: str, sizes: list[int]):
