@@ -206,3 +206,18 @@ async def test_an_upload_on_a_blob_that_stopped_growing_ends_and_frees_its_slot(
             assert srv.active == 0
     finally:
         w.close()
+
+
+async def test_a_download_that_ends_before_its_first_byte_is_a_503_to_ask_again(peer):
+    """A follower's ingest handed over (or abandoned) before it had a byte of the range: not a
+    response cut short, which fetchers count as the provider failing."""
+    store, srv, base = await peer()
+    w, digest = await growing_blob(store, 2 << 20, 0)
+    async with aiohttp.ClientSession() as s:
+        asking = asyncio.ensure_future(s.get(f"{base}/blobs/{digest}", headers={"Range": "bytes=0-1023"}))
+        await wait_until(lambda: srv.active == 1, 10, "the request to wait for bytes")
+        w.close()  # the download ends without a byte
+        r = await asking
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+        r.close()
+    assert srv.active == 0

@@ -290,13 +290,25 @@ class PeerServer:
 
     async def _send_growing(self, request: web.Request, fd: int, digest: str, start: int, stop: int, size: int,
                             available) -> web.StreamResponse:
+        """The response starts with the first bytes: a download that ends before it has any of
+        the range (a follower's ingest handed over to its fetch, an abandoned one) is a 503, to
+        be asked again, not a response cut short that a fetcher counts as the provider failing
+        (eight nodes starting at once dropped every provider that way, and a pull failed)."""
+        try:
+            end = await self._next_bytes(request, available, start, stop)
+        except (IngestGone, FetchFailed):
+            end = None
+        if end is None:
+            raise web.HTTPServiceUnavailable(text=f"blob {digest}: the download this node serves it from has "
+                                                  "stopped; ask again", headers={"Retry-After": "1"})
         resp = await _start_body(request, digest, start, stop, size)
         offset = start
         while offset < stop:
-            try:
-                end = await self._next_bytes(request, available, offset, stop)
-            except (IngestGone, FetchFailed):
-                end = None
+            if offset > start:
+                try:
+                    end = await self._next_bytes(request, available, offset, stop)
+                except (IngestGone, FetchFailed):
+                    end = None
             if end is None:
                 resp.force_close()  # short of Content-Length: the client sees it failed
                 return resp
