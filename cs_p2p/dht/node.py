@@ -107,9 +107,13 @@ class DhtNode:
         self.protocol.purges = purges
         for rec_id in purges.ids():
             self._forget(purges.get(rec_id))
-        self.protocol.on_purge = lambda rec, from_id: (self._forget(rec), self._spawn(
-            self._spread(rec, {from_id}, PURGE_FANOUT), "hand on purge", rec.reference or rec.digests[0]))
+        self.protocol.on_purge = self._learnt
         self._spawn(self._purge_sync_loop(), "purge sync", "*")
+
+    def _learnt(self, rec: PurgeRecord, from_id: bytes) -> None:
+        """A purge new to this node, from node `from_id`: applied, and handed to a few contacts."""
+        self._forget(rec)
+        self._spawn(self._spread(rec, {from_id}, PURGE_FANOUT), "hand on purge", rec.reference or rec.digests[0])
 
     def _forget(self, rec: PurgeRecord) -> None:
         self.protocol.forget_purged(rec)
@@ -123,11 +127,10 @@ class DhtNode:
         if self.purges is None:
             raise RuntimeError("this node keeps no purges")
         records, reached = [], 0
-        chunks = [digests[i:i + MAX_DIGESTS] for i in range(0, len(digests), MAX_DIGESTS)] or [[]]
-        for chunk in chunks:
+        for chunk in (digests[i:i + MAX_DIGESTS] for i in range(0, len(digests), MAX_DIGESTS)):
             rec = self.protocol.sign("purge", PURGE_KEY, PurgeRecord(self.node_id, time.time(), reference,
                                                                      tuple(chunk)))
-            self.protocol.learn_purge(rec, self.node_id)  # no on_purge: this node tells every contact itself
+            self.purges.add(rec)  # not `learn_purge`: this node tells every contact itself, below
             self._forget(rec)
             reached = max(reached, await self._spread(rec, set(), 0))
             records.append(rec)
