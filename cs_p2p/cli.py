@@ -11,7 +11,7 @@ from . import __version__
 from .config import DEFAULT_SOCKET, Config, ConfigError, load_config
 from .config import MirrorRegistry
 from .containerd_config import (DEFAULT_CONTAINERD_CONFIG, DEFAULT_HOSTS_DIR, RELEASES, config_version_of,
-                                containerd_config, detect_release, write_hosts_dir)
+                                check_mirror_address, containerd_config, detect_release, write_hosts_dir)
 from .logs import setup_logging
 
 
@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             release = args.containerd_version or detect_release()
+            if registries:
+                check_mirror_address(release, args.mirror_listen)
             fragment = containerd_config(args.socket, release, args.hosts_dir if registries else None,
                                          args.max_concurrent_unpacks,
                                          root_version=config_version_of(args.containerd_config))

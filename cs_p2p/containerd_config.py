@@ -162,6 +162,17 @@ def containerd_config(socket: str, release: str = "2", hosts_dir: str | None = N
     return "\n".join(lines) + "\n"
 
 
+def check_mirror_address(release: str, mirror_addr: str) -> None:
+    """containerd 1.6 and 1.7 cannot read an IPv6 literal in hosts.toml (their TOML parser
+    refuses the `[host."http://[::1]:5080"]` table key: "table key cannot contain ']'"), and
+    would then ignore the mirror: say so instead."""
+    host, _ = parse_host_port(mirror_addr, "mirror-listen")
+    if ":" in host and not is_v2(release):
+        raise ValueError(f"containerd {release} cannot read an IPv6 address in hosts.toml (mirror-listen "
+                         f"{mirror_addr}): let the mirror listen on 127.0.0.1 (it serves this node's containerd "
+                         "only), or use containerd 2.x")
+
+
 def hosts_toml(registry: MirrorRegistry, mirror_addr: str) -> str:
     """The mirror first (pull + resolve), the registry itself kept as the next host.  An IPv6
     mirror address is written in brackets, as a URL needs."""

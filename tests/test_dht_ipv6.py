@@ -11,7 +11,7 @@ import pytest
 
 from cs_p2p.addresses import join_host_port, unmapped
 from cs_p2p.config import ConfigError, MirrorRegistry, parse_host_port
-from cs_p2p.containerd_config import hosts_toml
+from cs_p2p.containerd_config import check_mirror_address, hosts_toml
 from cs_p2p.dht.node import DhtNode
 
 D1, D2 = "sha256:" + "11" * 32, "sha256:" + "22" * 32
@@ -64,3 +64,7 @@ def test_addresses_are_written_with_brackets_and_read_back():
     with pytest.raises(ConfigError, match="brackets"):
         parse_host_port("fd00::1:5001", "peer-listen")
     assert '[host."http://[::1]:5080"]' in hosts_toml(MirrorRegistry("r.example"), "[::1]:5080")
+    check_mirror_address("2.3", "[::1]:5080")
+    with pytest.raises(ValueError, match="cannot read an IPv6 address in hosts.toml"):
+        check_mirror_address("1.7", "[::1]:5080")  # its TOML parser refuses the bracketed table key
+    check_mirror_address("1.7", "127.0.0.1:5080")

@@ -203,8 +203,10 @@ def install(host: Host, opts: InstallOptions, systemctl: Systemctl, log: Callabl
         systemctl("start", "containerd.service")
     elif upgraded or changed or unit_changed:
         if not _restarted(host, opts, systemctl):
+            back = (f"`ln -sfn {before} {unit.CURRENT}` and a restart roll back" if upgraded else
+                    "only its settings changed: install again with the previous ones to go back")
             raise InstallError(f"cs-p2p {build} did not answer on {opts.socket} within {opts.wait_seconds:.0f} s "
-                               f"(journalctl -u cs-p2p); `ln -sfn {before} {unit.CURRENT}` and a restart roll back")
+                               f"(journalctl -u cs-p2p); {back}")
     else:
         systemctl("start", "cs-p2p.service")  # a no-op when it runs
     for name in os.listdir(opt):  # keep this build and the one before, for a rollback

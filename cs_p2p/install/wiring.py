@@ -22,8 +22,8 @@ import tomllib
 from dataclasses import dataclass
 
 from ..config import MirrorRegistry
-from ..containerd_config import (DEFAULT_HOSTS_DIR, config_version_of, containerd_config, hosts_toml,
-                                 native_config_version)
+from ..containerd_config import (DEFAULT_HOSTS_DIR, check_mirror_address, config_version_of, containerd_config,
+                                 hosts_toml, native_config_version)
 from .files import write_if_changed
 
 ORIG_SUFFIX = ".cs-p2p-orig"
@@ -118,6 +118,8 @@ def wire(files: ContainerdFiles, socket: str, release: str, registries: list[Mir
          mirror_listen: str) -> bool:
     """Make cs-p2p the host's containerd's content store (and applier, and mirror).  Returns
     whether anything changed: containerd must then be restarted to see it."""
+    if registries:
+        check_mirror_address(release, mirror_listen)  # before anything is written
     config_path = files.on_host(files.config)
     changed = False
     if os.path.exists(config_path):

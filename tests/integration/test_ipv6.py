@@ -13,16 +13,23 @@ import pytest
 
 from cs_p2p_dev.images import build_image, push_image
 from cs_p2p_dev.processes import wait_for
+from cs_p2p_dev.releases import release
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked
 from tests.integration.test_mirror import nodes, own_registry  # noqa: F401  (fixtures)
-from tests.integration.test_mirror import test_pulls_by_tag_and_digest_survive_a_registry_outage  # noqa: F401
+from tests.integration.test_mirror import test_pulls_by_tag_and_digest_survive_a_registry_outage as _outage
 from tests.integration.test_p2p_pull import P2PNode, cluster, located  # noqa: F401  (fixture)
 from tests.integration.test_p2p_pull import (  # noqa: F401
     test_nodes_pulling_at_once_get_each_blob_from_the_registry_about_once,
     test_second_and_third_node_pull_from_peers_not_the_registry)
 
 pytestmark = requires_containerd
+
+# containerd 1.6 and 1.7 cannot read an IPv6 mirror address in hosts.toml (`containerd-config`
+# refuses it for them: tests/test_dht_ipv6.py); the mirror outage over IPv6 runs on 2.x.
+@pytest.mark.skipif(not release().v2, reason="containerd 1.6/1.7 cannot read an IPv6 address in hosts.toml")
+def test_pulls_by_tag_and_digest_survive_a_registry_outage(nodes, own_registry, tmp_path, workdir):  # noqa: F811
+    _outage(nodes, own_registry, tmp_path, workdir)
 
 
 @pytest.fixture
