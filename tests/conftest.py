@@ -180,6 +180,15 @@ requires_containerd = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def own_registry(workdir: str) -> Iterator[Registry]:
+    """A registry of this test's own, which it may stop and restart (the session's stays up
+    for the others)."""
+    reg = Registry(os.path.join(workdir, "registry")).start()
+    yield reg
+    reg.stop()
+
+
 @pytest.fixture(scope="session")
 def registry() -> Iterator[Registry]:
     if not HAVE_CONTAINERD:

@@ -18,7 +18,7 @@ from cs_p2p_dev.images import build_image, push_image
 from cs_p2p_dev.processes import wait_for
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked
-from tests.integration.test_mirror import MirrorNode, own_registry, wait_shared  # noqa: F401 (a fixture)
+from tests.integration.test_mirror import MirrorNode, wait_shared
 from tests.integration.test_p2p_pull import holders_of, providers_of
 
 pytestmark = requires_containerd

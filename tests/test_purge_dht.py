@@ -5,8 +5,6 @@ counts."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import time
 
 import pytest
@@ -17,16 +15,10 @@ from cs_p2p.dht.tags import tag_key
 from cs_p2p.identity import KeySealer
 from cs_p2p.purges import PurgeList, PurgeRecord
 from tests.test_identity import MANIFEST, member
+from tests.test_peer_server import wait_until
 
 D1, D2 = "sha256:" + "11" * 32, "sha256:" + "22" * 32
 REF = "r.example/app:v1"
-
-
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -53,7 +45,7 @@ async def test_a_purge_reaches_every_node_and_its_records_are_gone_for_good(purg
 
     _, told = await nodes[0].purge(REF, [D1])
     assert told == len(nodes[0].contacts()) == 4
-    await until(lambda: all(n.purges.purged(D1) for n in nodes), 5, "every node to learn the purge")
+    await wait_until(lambda: all(n.purges.purged(D1) for n in nodes), 5, "every node to learn the purge")
     for n in nodes:
         assert n.protocol.providers.get(provider_key(D1)) == []
         assert await n.find_providers(D1) == []  # no node keeps or returns a record of it
@@ -98,5 +90,5 @@ async def test_in_key_pair_mode_only_a_purge_signed_by_its_issuer_counts(dht_nod
         assert ok and "error" in reply
     assert not first.purges.purged(D1)
     await rogue.purge("", [D1])  # a member's own, signed: counts everywhere
-    await until(lambda: first.purges.purged(D1) and honest.purges.purged(D1), 5, "the signed purge")
+    await wait_until(lambda: first.purges.purged(D1) and honest.purges.purged(D1), 5, "the signed purge")
     assert await first.find_providers(D1) == []

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from cs_p2p_dev.images import build_image, push_image
-from cs_p2p_dev.processes import Registry, free_port, wait_for
+from cs_p2p_dev.processes import free_port, wait_for
 from cs_p2p_dev.product_image import build_rootfs, pack
 from cs_p2p_dev.releases import release
 from cs_p2p.install.host import BUILD_FILE
@@ -61,13 +61,6 @@ def fake_host(workdir):
             wait_for(lambda: ctr(host, "task", "delete", task, check=False).returncode == 0, 30, "the task to go")
     host.stop_all()
     subprocess.run(["umount", "-R", host.path("/var/lib/containerd")], capture_output=True)
-
-
-@pytest.fixture
-def own_registry(workdir):
-    reg = Registry(os.path.join(workdir, "registry")).start()
-    yield reg
-    reg.stop()
 
 
 def ctr(host: FakeHost, *args: str, check: bool = True, text: bool = True) -> subprocess.CompletedProcess:

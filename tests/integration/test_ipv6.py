@@ -16,12 +16,13 @@ from cs_p2p_dev.processes import wait_for
 from cs_p2p_dev.releases import release
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked
-from tests.integration.test_mirror import nodes, own_registry  # noqa: F401  (fixtures)
+from tests.integration.test_mirror import nodes  # noqa: F401  (a fixture)
 from tests.integration.test_mirror import test_pulls_by_tag_and_digest_survive_a_registry_outage as _outage
 from tests.integration.test_p2p_pull import P2PNode, cluster, located  # noqa: F401  (fixture)
 from tests.integration.test_p2p_pull import (  # noqa: F401
     test_nodes_pulling_at_once_get_each_blob_from_the_registry_about_once,
     test_second_and_third_node_pull_from_peers_not_the_registry)
+from tests.test_secure_default import admin_metrics
 
 pytestmark = requires_containerd
 
@@ -85,17 +86,7 @@ def status(root: str) -> dict:
 
 
 def metric(root: str, name: str) -> str:
-    import http.client
-    import socket
-
-    class Conn(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.connect(os.path.join(root, "admin.sock"))
-
-    conn = Conn("localhost")
-    conn.request("GET", "/metrics")
-    body = conn.getresponse().read().decode()
+    body = admin_metrics(root)
     return next(line.split()[-1] for line in body.splitlines() if line.startswith(name + " "))
 
 

@@ -96,14 +96,6 @@ class Host:
 
 
 @pytest.fixture
-def own_registry(workdir):
-    """A registry this test may stop (the session's stays up for the others)."""
-    reg = Registry(os.path.join(workdir, "registry")).start()
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture
 def hosts(workdir, own_registry):
     made: list[Host] = []
 

@@ -53,14 +53,6 @@ class MirrorNode:
 
 
 @pytest.fixture
-def own_registry(workdir):
-    """A registry of this test's own: the tests stop and restart it."""
-    reg = Registry(os.path.join(workdir, "registry")).start()
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture
 def nodes(workdir, own_registry, loopback):
     made: list[MirrorNode] = []
     try:

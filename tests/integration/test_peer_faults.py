@@ -22,7 +22,7 @@ from cs_p2p_dev.processes import wait_for
 from tests.conftest import requires_containerd
 from tests.integration.faults import MODES, FaultyPeer
 from tests.integration.test_containerd import assert_unpacked
-from tests.integration.test_mirror import MirrorNode, own_registry  # noqa: F401 (a fixture)
+from tests.integration.test_mirror import MirrorNode
 
 pytestmark = requires_containerd
 

@@ -16,7 +16,7 @@ import pytest
 from cs_p2p_dev.images import ARCH, build_multiarch_image, push_image
 from tests.conftest import requires_containerd
 from tests.integration.test_containerd import assert_unpacked
-from tests.integration.test_mirror import MirrorNode, own_registry  # noqa: F401 (a fixture)
+from tests.integration.test_mirror import MirrorNode
 from tests.integration.test_p2p_pull import holders_of
 
 pytestmark = requires_containerd

@@ -57,13 +57,6 @@ def assert_purged_everywhere(nodes: list[MirrorNode], registry: Registry, repo: 
 
 
 @pytest.fixture
-def own_registry(workdir):
-    reg = Registry(os.path.join(workdir, "registry")).start()
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture
 def five(workdir, own_registry):
     made: list[MirrorNode] = []
     try:
