@@ -86,6 +86,9 @@ def test_any_datagram_is_handled_or_dropped(loop, data):
         def sendto(self, data, addr=None):
             sent.append(data)
 
+        def get_extra_info(self, name, default=None):
+            return default  # no socket: sends as on an IPv4 one
+
     proto.connection_made(Sink())
     loop.set_exception_handler(lambda _, context: errors.append(context))
 

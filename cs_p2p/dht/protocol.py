@@ -565,8 +565,7 @@ class _Transport:
     def __init__(self, inner, sealer: Sealer | KeySealer | None) -> None:
         self._inner = inner
         self._sealer = sealer
-        extra = getattr(inner, "get_extra_info", None)  # a transport without a socket (tests) is IPv4
-        sock = extra("socket") if extra is not None else None
+        sock = inner.get_extra_info("socket")
         self._v6 = sock is not None and sock.family == socket.AF_INET6
         self._v6_only = self._v6 and bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
 
