@@ -170,7 +170,7 @@ class ContentService(pb_grpc.ContentServicer):
                     try:
                         # Stream pieces as they arrive, those of providers not yet proven honest
                         # once the blob verified (`fetch.fetcher`).
-                        held_back = fetch.covered(offset, n) and not fetch.covered(offset, n, trusted_only=True)
+                        held_back = not fetch.covered(offset, n, trusted_only=True) and fetch.covered(offset, n)
                         t0 = time.monotonic()
                         await fetch.wait_range(offset, n, trusted_only=True)
                         if held_back:  # on disk, but from a provider not proven honest yet
