@@ -160,6 +160,7 @@ async def serve(cfg: Config) -> None:
                         purges)
         if fetcher and dht and peers:
             fetcher.origin = mirror.origin_for  # a fetch peers cannot finish ends at the registry
+            peers.origin_claim = mirror.claim  # what the mirror resolved, cs-p2p fetches itself
             preheater = Preheater(mirror, peers, dht, store, cfg.replicas, floor_wait(cfg.replica_check_interval),
                                   dht)
             mirror.app.router.add_post(PREHEAT_PATH, preheater.handle)

@@ -179,8 +179,70 @@ async def test_when_every_provider_dies_the_registry_finishes_the_blob(fetcher, 
     await fetch.wait_range(0, fetch.size, trusted_only=True)
     await fetch.task
     assert fetch.committed and open(fetcher.store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
-    assert fetch.bytes_from == {"registry": len(DATA)} and len(registry_origin.ranges) == fetch.pieces
+    assert fetch.bytes_from == {"registry": len(DATA)}
+    assert covered_once(registry_origin.ranges, len(DATA))  # a few long ranges, each byte asked once
     assert not fetcher.recently_failed(DIGEST)
+
+
+def covered_once(ranges: list[tuple[int, int]], size: int) -> bool:
+    at = 0
+    for start, end in sorted(ranges):
+        if start != at:
+            return False
+        at = end
+    return at == size
+
+
+def test_registry_requests_are_few_and_long():
+    from cs_p2p.fetch.fetcher import REGISTRY_SPAN, REGISTRY_STREAMS, registry_spans
+
+    big = 256 << 20
+    spans = registry_spans(list(range(big // PIECE)), big)
+    assert len(spans) == REGISTRY_STREAMS and spans[0] == (0, big // PIECE // REGISTRY_STREAMS - 1)
+    assert registry_spans([0, 1, 2], 3 * PIECE) == [(0, 2)]  # a small blob: one request
+    assert len(registry_spans(list(range(REGISTRY_SPAN // PIECE * 2)), 2 * REGISTRY_SPAN)) == 2
+    assert registry_spans([1, 2, 5, 7], 8 * PIECE) == [(1, 2), (5, 5), (7, 7)]  # gaps: holes left by peers
+
+
+async def test_a_registry_response_that_breaks_off_is_resumed_where_it_stopped(fetcher, tmp_path):
+    """The registry resets the connection halfway through its first answer: the fetch asks
+    again from the first piece it does not have, and the blob verifies."""
+    asked: list[tuple[int, int]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        rng = request.http_range
+        start, stop = rng.start or 0, rng.stop or len(DATA)
+        asked.append((start, stop))
+        resp = web.StreamResponse(status=206, headers={"Content-Length": str(stop - start)})
+        await resp.prepare(request)
+        if len(asked) == 1:
+            await resp.write(DATA[start:start + PIECE + 100])  # one piece and a bit, then gone
+            request.transport.close()
+            return resp
+        await resp.write(DATA[start:stop])
+        return resp
+
+    runner, addr = await serve_blobs(handler)
+    origin = HttpOrigin(f"http://{addr}")
+    try:
+        fetch = fetcher.start(DIGEST, len(DATA), [], origin=origin)
+        await fetch.task
+        assert fetch.committed and open(fetcher.store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
+        assert asked == [(0, len(DATA)), (PIECE, len(DATA))]  # the second answer starts after the piece it had
+    finally:
+        await origin.session.close()
+        await runner.cleanup()
+
+
+async def test_a_registry_that_refuses_fails_the_fetch_with_its_reason(fetcher):
+    class Refusing:
+        async def open_range(self, digest: str, start: int, end: int):
+            raise FetchFailed("registry.example: GET team/app/blobs/... answered 401 Unauthorized")
+
+    fetch = fetcher.start(DIGEST, len(DATA), [], origin=Refusing())
+    await asyncio.wait([fetch.task])
+    assert not fetch.committed and "401 Unauthorized" in fetch.error
+    assert "401 Unauthorized" in fetcher.recently_failed(DIGEST)  # what Info, Read and Apply say next
 
 
 async def test_corrupt_pieces_no_peer_can_replace_are_fetched_again_from_the_registry(fetcher, servers,

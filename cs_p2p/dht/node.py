@@ -493,15 +493,15 @@ class DhtNode:
             self.cached.add(digest)
             self._spawn(self.announce(digest, size), "announce cached", digest)
 
-    def fetching(self, digest: str, size: int, started: float) -> None:
+    def fetching(self, digest: str, size: int, started: float) -> asyncio.Task:
         """A fetch from peers began here: announce it in flight (its pieces are relayed)."""
-        self._spawn(self.announce(digest, size, started=started), "announce in-flight", digest)
+        return self._spawn(self.announce(digest, size, started=started), "announce in-flight", digest)
 
     def deleted(self, digest: str) -> None:
         self.cached.discard(digest)
         self._spawn(self.withdraw(digest), "withdraw", digest)
 
-    def _spawn(self, coro, what: str, digest: str) -> None:
+    def _spawn(self, coro, what: str, digest: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
 
@@ -511,6 +511,7 @@ class DhtNode:
                 log.warning(f"{what} failed", extra={"digest": digest, "error": repr(t.exception())})
 
         task.add_done_callback(done)
+        return task
 
     def join_and_announce(self, bootstrap: Callable[[], list[str]], held: list[tuple[str, int]],
                           cached: list[str] = ()) -> None:

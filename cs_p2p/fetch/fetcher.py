@@ -77,6 +77,31 @@ MAX_REMEMBERED = 4096  # providers remembered as proven, reachable or failing
 RECENT = 20  # fetches and bans `cs-p2p status` shows
 
 
+REGISTRY_SPAN = 16 << 20  # bytes a request to the registry asks for, at least
+REGISTRY_STREAMS = 4  # requests to the registry at once for one blob
+REGISTRY_RETRIES = 3  # times a broken-off registry response is resumed
+REGISTRY_CONNECTIONS = 8  # registry responses streaming at once, all blobs together
+
+
+def registry_spans(pieces: list[int], size: int) -> list[tuple[int, int]]:
+    """`pieces` as (first, last) runs of consecutive pieces, long runs cut so that up to
+    `REGISTRY_STREAMS` requests of at least `REGISTRY_SPAN` bytes share the blob."""
+    runs: list[list[int]] = []
+    for p in sorted(pieces):
+        if runs and runs[-1][1] == p - 1:
+            runs[-1][1] = p
+        else:
+            runs.append([p, p])
+    total = sum(b - a + 1 for a, b in runs)
+    per = max(REGISTRY_SPAN // PIECE, -(-total // REGISTRY_STREAMS))  # pieces per request
+    spans: list[tuple[int, int]] = []
+    for a, b in runs:
+        while a <= b:
+            spans.append((a, min(b, a + per - 1)))
+            a += per
+    return spans
+
+
 class FetchFailed(Exception):
     pass
 
@@ -114,7 +139,7 @@ class Fetch:
     bytes_from: dict[str, int] = field(default_factory=dict)
     source: dict[int, str] = field(default_factory=dict)  # piece -> provider that sent it
     trusted: Callable[[str], bool] = lambda addr: True  # whose unverified pieces `Read` may stream
-    origin: Origin | None = None  # set once peers failed and the registry finishes the blob
+    origin: Origin | None = None  # the registry, known from the start (a claim) or once peers failed
     whole_body: "asyncio.Future | None" = None  # the registry ignored Range: one response streams it all
     repaired: bool = False  # pieces were written again: what was streamed of them may be wrong
     started: float = field(default_factory=time.time)  # unix time (the timeline's clock)
@@ -191,6 +216,7 @@ class Fetcher:
         self._reachable_until: dict[str, float] = {}  # provider -> until when a HEAD is skipped
         self._probe_failures: dict[str, int] = {}
         self._sessions: dict[bool, aiohttp.ClientSession] = {}
+        self._registry_streams = asyncio.Semaphore(REGISTRY_CONNECTIONS)  # responses from registries at once
 
     def _client(self, addr: str = "") -> aiohttp.ClientSession:
         """One session for every fetch and probe: connections to peers stay open (keep-alive),
@@ -317,11 +343,14 @@ class Fetcher:
         return entry[1]
 
     def start(self, digest: str, size: int, providers: list[ProviderRecord],
-              more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> Fetch:
+              more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None,
+              origin: Origin | None = None) -> Fetch:
         """The fetch of `digest`, started unless one is already under way.
 
         `more` finds further providers: `Info` starts the fetch with the first one it met and
         the rest join as the full lookup returns, so one dying provider does not end it.
+        Without `providers`, `more` is asked first, and if it finds none the blob comes from
+        `origin` (or the one `self.origin` knows) alone.
         """
         existing = self.inflight.get(digest)
         if existing is not None:
@@ -330,7 +359,7 @@ class Fetcher:
         providers = [p for p in providers if self.banned.get(p.addr, 0) < now]
         hex_ = parse_digest(digest)
         fetch = Fetch(digest, size, os.path.join(self.dir, hex_ + ".partial"), max(1, -(-size // PIECE)),
-                      trusted=self._trusted)
+                      trusted=self._trusted, origin=origin)
         self.inflight[digest] = fetch
         metrics.FETCHES_STARTED.inc()
         TIMELINE.mark("fetch_start", digest, size=size, providers=[p.addr for p in providers])
@@ -352,7 +381,11 @@ class Fetcher:
             os.ftruncate(fd, fetch.size)
             providers = list(providers)
             try:
-                if not providers and more is None:
+                if not providers and more is not None:
+                    t1 = time.monotonic()
+                    providers = list(await more())
+                    TIMELINE.waited("lookup", time.monotonic() - t1, fetch.digest, by="fetch")
+                if not providers:
                     raise NoPeers()
                 await self._download(fetch, fd, providers, range(fetch.pieces), more)
                 await self._verify_or_find_liar(fetch, fd, providers)
@@ -394,7 +427,7 @@ class Fetcher:
     async def _finish_from_origin(self, fetch: Fetch, fd: int, failure: FetchFailed) -> None:
         """Peers could not deliver the blob: the registry it came from fills in what is missing,
         and, if the blob still does not verify, every piece a peer sent."""
-        origin = self.origin(fetch.digest) if self.origin else None
+        origin = fetch.origin or (self.origin(fetch.digest) if self.origin else None)
         if origin is None:
             raise failure
         fetch.origin = origin
@@ -404,25 +437,98 @@ class Fetcher:
             log.info("no peer holds it: fetching from the registry", extra=extra)
         else:
             log.warning("peers failed: finishing from the registry", extra=extra)
-        registry = [ProviderRecord(bytes(20), ORIGIN, fetch.size, float("inf"))]
         loop = asyncio.get_running_loop()
         try:
-            missing = [p for p in range(fetch.pieces) if p not in fetch.done_pieces]
-            # one request first: a registry that ignores Range answers it with the whole blob
-            # (`_whole_body`), and only one response may carry it; the rest go in parallel
-            await self._download(fetch, fd, registry, missing[:1])
-            missing = [p for p in missing[1:] if p not in fetch.done_pieces]
-            if missing:
-                await self._download(fetch, fd, registry, missing)
+            await self._from_registry(fetch, fd, [p for p in range(fetch.pieces) if p not in fetch.done_pieces])
             try:
                 await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
                 return
             except FetchFailed:
                 pass  # a peer's piece was wrong, and no other peer was left to tell whose
-            await self._download(fetch, fd, registry, [p for p in range(fetch.pieces) if fetch.source.get(p) != ORIGIN])
+            await self._from_registry(fetch, fd, [p for p in range(fetch.pieces) if fetch.source.get(p) != ORIGIN])
             await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
         except FetchFailed as exc:
             raise FetchFailed(f"{failure}; then the registry {origin} failed too: {exc}") from None
+
+    async def _from_registry(self, fetch: Fetch, fd: int, pieces: list[int]) -> None:
+        """Download `pieces` from the registry in a few long ranges at once (`registry_spans`):
+        each request costs the registry and this loop far more than its bytes, and several
+        streams still fill a link that one connection does not.  The first request goes
+        alone: a registry that ignores Range answers it with the whole blob (`_whole_body`)."""
+        for p in pieces:
+            if p in fetch.done_pieces:
+                fetch.repaired = True  # written again: what was streamed of it may be wrong
+        spans = registry_spans(pieces, fetch.size)
+        if not spans:
+            return
+        opened = asyncio.Event()
+        first = asyncio.ensure_future(self._span_retried(fetch, fd, *spans[0], opened))
+        tasks = [first]
+        try:
+            await asyncio.wait([first, asyncio.ensure_future(opened.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if len(spans) > 1 and not (first.done() and first.exception()) and fetch.whole_body is None:
+                tasks += [asyncio.ensure_future(self._span_retried(fetch, fd, a, b)) for a, b in spans[1:]]
+            for t in asyncio.as_completed(tasks):
+                await t  # the first failure (after its retries) fails the rest
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _span_retried(self, fetch: Fetch, fd: int, first: int, last: int,
+                            opened: asyncio.Event | None = None) -> None:
+        """Pieces `first`..`last` from the registry, resumed from the first piece not yet
+        written if a response breaks off (`REGISTRY_RETRIES` times)."""
+        for attempt in range(REGISTRY_RETRIES + 1):
+            todo = [p for p in range(first, last + 1) if fetch.source.get(p) != ORIGIN or p not in fetch.done_pieces]
+            if not todo:
+                return
+            try:
+                await self._span(fetch, fd, todo[0], last, opened)
+                return
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, FetchFailed) as exc:
+                metrics.PIECE_RETRIES.inc()
+                if opened is not None:
+                    opened.set()
+                if attempt == REGISTRY_RETRIES:
+                    raise exc if isinstance(exc, FetchFailed) else FetchFailed(repr(exc)) from None
+                log.info("registry response broke off: resuming", extra={"digest": fetch.digest, "error": repr(exc),
+                                                                        "piece": todo[0]})
+                await asyncio.sleep(0.1 * (attempt + 1))
+
+    async def _span(self, fetch: Fetch, fd: int, first: int, last: int, opened: asyncio.Event | None) -> None:
+        """One range request for pieces `first`..`last`; each piece is marked as its last byte
+        lands, so readers and the applier follow the stream."""
+        assert fetch.origin is not None
+        start, end = first * PIECE, min(fetch.size, (last + 1) * PIECE)
+        async with self._registry_streams, await fetch.origin.open_range(fetch.digest, start, end) as resp:
+            if opened is not None:
+                opened.set()
+            if resp.status == 200:
+                return await self._whole_body(fetch, fd, resp)
+            if resp.status != 206:
+                raise FetchFailed(f"{ORIGIN} answered {resp.status}")
+            offset = start
+            fetch.first_byte.setdefault(ORIGIN, time.time())
+            while offset < end:
+                # what arrived, as it arrived: no joining of buffers into bigger ones (a copy,
+                # and memory the allocator keeps), however many responses stream at once
+                chunk = await resp.content.readany()
+                if not chunk:
+                    raise FetchFailed(f"{ORIGIN} closed the connection at {offset}")
+                if len(chunk) > end - offset:
+                    raise FetchFailed(f"{ORIGIN} sent more than the range asked for")
+                os.pwrite(fd, chunk, offset)
+                offset += len(chunk)
+                done = range(first, (offset // PIECE) if offset < end else last + 1)
+                for piece in done:
+                    fetch.done_pieces.add(piece)
+                    fetch.source[piece] = ORIGIN
+                metrics.FETCHED_BYTES.labels(source="registry").inc(len(chunk))
+                fetch.bytes_from[ORIGIN] = fetch.bytes_from.get(ORIGIN, 0) + len(chunk)
+                if len(done):
+                    first = done.stop
+                    await fetch._notify()
+            fetch.last_byte[ORIGIN] = time.time()
 
     async def _verify_or_find_liar(self, fetch: Fetch, fd: int, providers: list[ProviderRecord]) -> None:
         """Verify; on a mismatch, re-fetch one suspect's pieces from the others at a time.

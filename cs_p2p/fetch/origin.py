@@ -8,6 +8,10 @@ through it names its registry (`?ns=`) and repository.  Those manifests end up i
 store, and their config, layers and (for an index) child manifests are the blobs containerd
 asks `Info` about next: a blob's repository is that of a resolved manifest that references
 it.  Memory is bounded: the newest `max_entries` manifests and blobs are remembered.
+
+`named` answers, from memory, which repository and size the newest resolved manifest gives a
+config or layer: what `Info` needs to claim a blob that cs-p2p then fetches itself (from peers,
+else from that registry), so that containerd never downloads it (`fetch.source.PeerSource.claim`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,17 @@ class Location:
 class Refs:
     children: frozenset[str]  # child manifests (an index's)
     blobs: frozenset[str]  # config and layers
+    sizes: tuple[tuple[str, int], ...] = ()  # config and layers with the sizes their descriptors give
+
+
+@dataclass(frozen=True)
+class Named:
+    """A config or layer as a resolved manifest describes it."""
+    where: Location
+    size: int
+    manifest: str  # the manifest naming it
+
+MAX_PENDING = 64  # resolved manifests not in the local store yet, looked for on the next `named`
 
 
 class Origins:
@@ -47,6 +62,9 @@ class Origins:
         self._references: dict[str, frozenset[str]] = {}  # manifest -> what it references, once complete
         # a document's own references, parsed once (content-addressed: they never change)
         self._parsed: collections.OrderedDict[str, Refs] = collections.OrderedDict()
+        # config or layer -> what the newest manifest resolved here says of it (`named`)
+        self._named: collections.OrderedDict[str, Named] = collections.OrderedDict()
+        self._pending: collections.OrderedDict[str, Location] = collections.OrderedDict()
 
     def _remember(self, table: collections.OrderedDict, digest: str, where: Location) -> None:
         table[digest] = where
@@ -59,6 +77,40 @@ class Origins:
         """The mirror resolved or served manifest `digest` of `host/repo`."""
         self._remember(self._manifests, digest, Location(host, repo))
         self._remember(self._blobs, digest, Location(host, repo))
+        self._pending[digest] = Location(host, repo)  # its blobs are indexed once it is in the store
+        self._pending.move_to_end(digest)
+        while len(self._pending) > MAX_PENDING:
+            self._pending.popitem(last=False)
+
+    def manifest_body(self, host: str, repo: str, digest: str, body: bytes) -> None:
+        """The mirror holds manifest `digest` of `host/repo` (checked against its digest): its
+        config and layers are indexed now, before containerd writes it into the store."""
+        self.manifest_seen(host, repo, digest)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return
+        if isinstance(doc, dict):
+            self._index(digest, Location(host, repo), self._parse(digest, doc))
+
+    def named(self, digest: str) -> Named | None:
+        """Repository and size of config or layer `digest` by the newest manifest resolved here
+        that names it; None if none does.  Memory only, but for manifests resolved since the
+        last call, each read once from the local store (`Info` runs inside containerd's
+        metadata transaction: no network)."""
+        for manifest in list(self._pending):
+            refs = self._refs(manifest)
+            if refs is not None:
+                self._index(manifest, self._pending.pop(manifest), refs)
+        named = self._named.get(digest)
+        if named is not None:
+            self._named.move_to_end(digest)
+        return named
+
+    def _index(self, manifest: str, where: Location, refs: Refs) -> None:
+        self._pending.pop(manifest, None)
+        for digest, size in refs.sizes:
+            self._remember(self._named, digest, Named(where, size, manifest))
 
     def blob_seen(self, host: str, repo: str, digest: str) -> None:
         self._remember(self._blobs, digest, Location(host, repo))
@@ -115,11 +167,19 @@ class Origins:
         doc = self._load(digest)
         if doc is None:
             return None
+        return self._parse(digest, doc)
+
+    def _parse(self, digest: str, doc: dict) -> Refs:
+        refs = self._parsed.get(digest)
+        if refs is not None:
+            return refs
         children = frozenset(c["digest"] for c in doc.get("manifests") or []
                              if isinstance(c, dict) and isinstance(c.get("digest"), str))
-        blobs = frozenset(d["digest"] for d in [doc.get("config"), *(doc.get("layers") or [])]
-                          if isinstance(d, dict) and isinstance(d.get("digest"), str))
-        refs = self._parsed[digest] = Refs(children, blobs)
+        described = [d for d in [doc.get("config"), *(doc.get("layers") or [])]
+                     if isinstance(d, dict) and isinstance(d.get("digest"), str)]
+        sizes = tuple((d["digest"], d["size"]) for d in described
+                      if isinstance(d.get("size"), int) and not isinstance(d["size"], bool) and d["size"] > 0)
+        refs = self._parsed[digest] = Refs(children, frozenset(d["digest"] for d in described), sizes)
         while len(self._parsed) > self.max_entries:
             self._parsed.popitem(last=False)
         return refs

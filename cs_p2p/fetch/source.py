@@ -17,6 +17,14 @@ earlier ones, no two wait on each other.  A fetch that `Info` started is announc
 the same way, so that nodes asking later spread over every earlier node instead of all
 fetching from the first provider (the difference between 28 s and 20 s for eight nodes in
 docs/benchmarks.md).
+
+The cheapest way in is `claim`: for a config or layer of a manifest the node's mirror has
+just resolved (`origin_claim`: its size and registry are known, and credentials the
+registry accepted for that repository), `Info` answers at once from memory and cs-p2p fetches
+the blob itself, so no byte of it crosses containerd's `Write`.  The fetch is announced in
+flight, looks for holders and earlier in-flight providers (the same order as `share`, so of
+eight nodes claiming at once one downloads and the others follow it) and, if there are none,
+downloads from the registry in parallel ranges.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from typing import Callable
 from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
 from ..errors import NotFound
-from .fetcher import Fetch, Fetcher
+from .fetcher import Fetch, Fetcher, Origin
 
 log = logging.getLogger("cs_p2p.fetch")
 
@@ -61,10 +69,13 @@ async def _earlier_only(lookup, size: int, started: float, node_id: bytes) -> li
 
 
 class PeerSource:
-    def __init__(self, dht: DhtNode, fetcher: Fetcher, lookup_timeout: float = 1.0) -> None:
+    def __init__(self, dht: DhtNode, fetcher: Fetcher, lookup_timeout: float = 1.0,
+                 origin_claim: Callable[[str], tuple[int, Origin] | None] | None = None) -> None:
         self.dht = dht
         self.fetcher = fetcher
         self.lookup_timeout = lookup_timeout
+        # digest -> its size and a registry cs-p2p may fetch it from itself (the mirror knows)
+        self.origin_claim = origin_claim
         self._relaying: set[str] = set()  # digests fetched here and announced in flight
         # Digest -> start of this node's own in-flight record while containerd downloads it.
         self._downloading: dict[str, float] = {}
@@ -109,6 +120,43 @@ class PeerSource:
         if fetch.task is not None and digest not in self._relaying:
             self._relay(fetch, started)
         return fetch
+
+    def claim(self, digest: str) -> Fetch | None:
+        """The fetch of `digest` if cs-p2p can bring it in itself without asking the network
+        first (a config or layer of a manifest resolved through the mirror), started if need
+        be; None otherwise (then `locate`).  Memory only: `Info` runs inside containerd's
+        metadata transaction."""
+        if self.origin_claim is None or digest in self.fetcher.inflight or self.fetcher.recently_failed(digest):
+            return None
+        found = self.origin_claim(digest)
+        if found is None:
+            return None
+        size, origin = found
+        started = self._downloading.get(digest, time.time())
+        announced: list[asyncio.Task] = []
+        fetch = self.fetcher.start(digest, size, [], origin=origin,
+                                   more=lambda: self._earlier(digest, size, started, announced))
+        if fetch.task is not None and digest not in self._relaying:
+            announced.append(self._relay(fetch, started))
+        log.info("claimed: fetching it here", extra={"digest": digest, "size": size, "registry": str(origin)})
+        return fetch
+
+    async def _earlier(self, digest: str, size: int, started: float, announced: list[asyncio.Task]
+                       ) -> list[ProviderRecord]:
+        """Holders and in-flight providers that began before `started`, reachable; [] if none.
+        Our own in-flight announce is finished first (or given `ANNOUNCE_WAIT`): of two nodes
+        that start together, at least the later one then sees the earlier one's record."""
+        if announced:
+            await asyncio.wait(announced, timeout=ANNOUNCE_WAIT)
+        try:
+            found = await self.dht.find_providers(digest, round_timeout=LOOKUP_ROUND, within=LOOKUP_WITHIN)
+        except Exception as exc:  # a failing DHT: the registry, as if alone
+            log.warning("lookup failed", extra={"digest": digest, "error": repr(exc)})
+            return []
+        earlier = [r for r in found if may_follow(r, size, started, self.dht.node_id)]
+        if earlier and not await self.fetcher.reachable(digest, earlier, within=FOLLOW_PROBE):
+            return []
+        return earlier
 
     async def replicate(self, digest: str, size: int = 0) -> Fetch | None:
         """Fetch `digest` for the cluster (`placement`: the replication floor, preheat) rather
@@ -164,7 +212,7 @@ class PeerSource:
             log.info("no provider reachable", extra={"digest": digest, "providers": [p.addr for p in providers]})
         return providers, []
 
-    def _relay(self, fetch: Fetch, started: float) -> None:
+    def _relay(self, fetch: Fetch, started: float) -> asyncio.Task:
         """Announce this fetch as an in-flight provider, so that nodes asking later fetch
         from us too (the peer server relays its pieces) rather than all from the first
         provider; withdrawn if the fetch fails, replaced by the holder record if it commits.
@@ -172,7 +220,7 @@ class PeerSource:
         wait on each other's pieces."""
         digest = fetch.digest
         self._relaying.add(digest)
-        self.dht.fetching(digest, fetch.size, started)
+        announce = self.dht.fetching(digest, fetch.size, started)
 
         def ended(_task: asyncio.Task) -> None:
             self._relaying.discard(digest)
@@ -181,6 +229,7 @@ class PeerSource:
 
         assert fetch.task is not None
         fetch.task.add_done_callback(ended)
+        return announce
 
     def share(self, digest: str, size: int, started: float) -> "SharedIngest":
         """Announce an ingest of `digest` that is starting now (see the module docstring)."""

@@ -19,8 +19,11 @@ Answers 404 (with an OCI error body) when it cannot help, so containerd moves on
 host; never writes.
 
 It also remembers which registry and repository each manifest and blob it was asked for
-belongs to (`fetch.origin`), so that a peer fetch that fails is finished from the registry
-(`origin_for`) with this mirror's upstream client.
+belongs to (`fetch.origin`), and with which credentials the registry accepted the request
+(`readers`).  That lets `Info` claim the config and layers of a manifest just resolved here,
+which cs-p2p then fetches itself (`claim`: from peers, else from the registry, several ranges
+at once) instead of containerd downloading them through this mirror and its `Write` path; and
+a peer fetch that fails is finished from the registry (`origin_for`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from ..httpserve import SentFileResponse, start_site
 from ..purges import PurgeList
 from ..store import LocalStore
 from .access import ANONYMOUS, NODE, Grants
+from .readers import Readers
 from .upstream import MAX_MANIFEST, Manifest, Upstream, UpstreamNotFound, UpstreamUnauthorized, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -139,6 +143,7 @@ class Mirror:
         self.origins = Origins(lambda digest: store.served_path(parse_digest(digest))
                                or store.blobs.blob_path(parse_digest(digest)))
         self.grants = Grants(os.path.join(store.root, "access"), confirm_ttl, outage_window, self.origins.references)
+        self.readers = Readers(confirm_ttl)
         self.tmp = os.path.join(store.root, "mirror")
         os.makedirs(self.tmp, exist_ok=True)
         for name in os.listdir(self.tmp):  # left by a crash
@@ -171,7 +176,22 @@ class Mirror:
         upstream = self.upstreams.get(where.host) if where else None
         if upstream is None or where is None:
             return None
-        return RegistryOrigin(upstream, where.repo, manifest=self.origins.is_manifest(digest))
+        reader = self.readers.current(where.host, where.repo)
+        return RegistryOrigin(upstream, where.repo, manifest=self.origins.is_manifest(digest),
+                              authorization=reader.authorization if reader else None)
+
+    def claim(self, digest: str) -> "tuple[int, RegistryOrigin] | None":
+        """Size and origin of config or layer `digest` if cs-p2p may fetch it itself: a manifest
+        resolved here names it, and the registry accepted a request for that repository within
+        `readers.ttl` (whose credentials the fetch uses).  Memory only: `Info` asks it."""
+        named = self.origins.named(digest)
+        if named is None or (self.purges is not None and self.purges.purged(digest)):
+            return None
+        upstream = self.upstreams.get(named.where.host)
+        reader = self.readers.current(named.where.host, named.where.repo) if upstream else None
+        if upstream is None or reader is None:
+            return None
+        return named.size, RegistryOrigin(upstream, named.where.repo, authorization=reader.authorization)
 
     async def base(self, request: web.Request) -> web.Response:
         return web.json_response({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
@@ -211,7 +231,12 @@ class Mirror:
                 raise oci_error(web.HTTPBadRequest, "MANIFEST_INVALID", f"invalid reference {reference!r}")
         except UpstreamUnauthorized as exc:
             raise _unauthorized(exc) from None
-        self.origins.manifest_seen(upstream.registry.host, name, manifest.digest)
+        host = upstream.registry.host
+        if manifest.body is not None:
+            self.origins.manifest_body(host, name, manifest.digest, manifest.body)
+        else:
+            self.origins.manifest_seen(host, name, manifest.digest)
+        self.readers.accepted(host, name, authorization)
         return manifest
 
     def upstream_of(self, host: str, name: str) -> Upstream:
@@ -443,17 +468,19 @@ class Mirror:
 class RegistryOrigin:
     """A blob's repository at its registry, as a fetch's last source (`fetch.fetcher.Origin`)."""
 
-    def __init__(self, upstream: Upstream, repo: str, manifest: bool = False) -> None:
+    def __init__(self, upstream: Upstream, repo: str, manifest: bool = False, authorization: str | None = None) -> None:
         self.upstream = upstream
         self.repo = repo
         self.manifest = manifest
+        self.authorization = authorization  # containerd's, accepted for this repository (`readers`)
 
     def __str__(self) -> str:
         return f"{self.upstream.registry.host}/{self.repo}"
 
     async def open_range(self, digest: str, start: int, end: int) -> aiohttp.ClientResponse:
         try:
-            return await self.upstream.open_range(self.repo, digest, start, end, self.manifest, DEFAULT_ACCEPT)
+            return await self.upstream.open_range(self.repo, digest, start, end, self.manifest, DEFAULT_ACCEPT,
+                                                  self.authorization)
         except (UpstreamUnavailable, UpstreamNotFound, UpstreamUnauthorized) as exc:
             raise FetchFailed(str(exc)) from None
 

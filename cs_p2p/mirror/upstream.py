@@ -6,8 +6,8 @@ registry is slow or down, so waiting long for it would only delay that.
 Authentication answers the registry's challenge: `Basic` with the registry's configured
 credentials (`credentials-file`), `Bearer realm=…` (Docker Hub-style) with a token from
 that realm, asked for anonymously or with those credentials and cached per repository.
-The `Authorization` containerd sent the mirror, if any, goes upstream for that request only
-and is neither cached nor reused.  A 401 that cannot be answered is `UpstreamUnauthorized`,
+The `Authorization` containerd sent the mirror, if any, goes upstream with that request, and
+with the blob fetches cs-p2p makes for that pull (`readers`); it is never cached here.  A 401 that cannot be answered is `UpstreamUnauthorized`,
 carrying the registry's challenge so that the mirror can pass it on to containerd.
 Nothing from here is ever logged with its secret or published to the DHT.
 """
@@ -194,14 +194,15 @@ class Upstream:
         return await self._request("GET", repo, f"blobs/{digest}", {}, authorization)
 
     async def open_range(self, repo: str, digest: str, start: int, end: int, manifest: bool = False,
-                         accept: str = "") -> aiohttp.ClientResponse:
+                         accept: str = "", authorization: str | None = None) -> aiohttp.ClientResponse:
         """Bytes [start, end) of blob `digest`: a 206, or a 200 with the whole blob from a
         registry that ignores Range (the caller skips to `start`).  Manifests are asked for
         where registries keep them (`/manifests/`; not every registry serves them as blobs)."""
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if manifest:
             headers["Accept"] = accept
-        return await self._request("GET", repo, f"{'manifests' if manifest else 'blobs'}/{digest}", headers)
+        return await self._request("GET", repo, f"{'manifests' if manifest else 'blobs'}/{digest}", headers,
+                                   authorization)
 
     async def chunks(self, resp: aiohttp.ClientResponse, digest: str):
         """The body of `open_blob`'s response in order, each chunk held back until the next

@@ -94,17 +94,22 @@ class ContentService(pb_grpc.ContentServicer):
                 timed.result = "cache"
                 if self._restore(request.digest):  # let go of by GC, kept in the cache: back at once
                     return pb.InfoResponse(info=_info_pb(self.store.blobs.info(request.digest)))
-                timed.result = "peers"
-                t0 = time.monotonic()
-                fetch = await self.peers.locate(request.digest) if self.peers else None
-                TIMELINE.waited("lookup", time.monotonic() - t0, request.digest, by="info")
+                # Known to the mirror: fetched here, answered from memory (no network).
+                fetch = self.peers.claim(request.digest) if self.peers else None
+                timed.result = "origin"
+                if fetch is None:
+                    timed.result = "peers"
+                    t0 = time.monotonic()
+                    fetch = await self.peers.locate(request.digest) if self.peers else None
+                    TIMELINE.waited("lookup", time.monotonic() - t0, request.digest, by="info")
                 if fetch is None:
                     timed.result = "not_found"
                     TIMELINE.mark("info_not_found", request.digest)
                     raise self._not_found(request.digest) from None
         TIMELINE.mark("info_claimed", fetch.digest, size=fetch.size)
-        # Held by peers: containerd records it as present and reads it through Read, which
-        # streams the bytes as the background fetch brings them.
+        # Held by peers or fetched from its registry here: containerd records it as present
+        # and reads it through Read (or has it applied, `diff`), which streams the bytes as
+        # the background fetch brings them.
         now = time.time_ns()
         return pb.InfoResponse(info=_info_pb(BlobInfo(fetch.digest, fetch.size, now, now, {})))
 

@@ -110,3 +110,80 @@ class FaultyPeer:
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+class FlakyRegistry:
+    """A registry's front that passes requests through to the real one (`upstream`, host:port),
+    except blob downloads, which in mode
+
+    - cut: break off after `cut_after` bytes, once per blob (a registry or its storage failing
+      mid-blob);
+    - fail: answer 500 with a reason of its own (a registry that fails after the manifest resolved).
+
+    Runs on its own event loop in a thread; `addr` is where it listens."""
+
+    REASON = "storage backend unavailable (flaky test registry)"
+
+    def __init__(self, upstream: str, mode: str, cut_after: int = 1 << 20) -> None:
+        assert mode in ("cut", "fail")
+        self.upstream, self.mode, self.cut_after = upstream, mode, cut_after
+        self.cut: set[str] = set()
+        self.blob_gets = 0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30), "flaky registry did not start"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._forward)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.addr = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        blob = "/blobs/sha256:" in request.path and request.method == "GET"
+        if blob:
+            self.blob_gets += 1
+        if blob and self.mode == "fail":
+            return web.Response(status=500, text=self.REASON)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "authorization", "range")}
+        async with self.session.request(request.method, f"http://{self.upstream}{request.path_qs}", headers=headers,
+                                        allow_redirects=False) as up:
+            resp = web.StreamResponse(status=up.status, headers={
+                k: v for k, v in up.headers.items() if k.lower() not in ("transfer-encoding", "connection")})
+            await resp.prepare(request)
+            digest = request.path.rsplit("/", 1)[-1]
+            cut = blob and digest not in self.cut and (up.content_length or 0) > self.cut_after
+            sent = 0
+            async for chunk in up.content.iter_chunked(64 << 10):
+                if cut and sent + len(chunk) > self.cut_after:
+                    self.cut.add(digest)
+                    await resp.write(chunk[: self.cut_after - sent])
+                    request.transport.abort()
+                    return resp
+                await resp.write(chunk)
+                sent += len(chunk)
+            await resp.write_eof()
+            return resp
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            await self.runner.cleanup()
+            await self.session.close()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

@@ -68,11 +68,19 @@ def assert_pulled(node: MirrorNode, img, ref: str, workdir: str) -> None:
     assert_unpacked(node.containerd, img, ref, os.path.join(workdir, f"mnt-{os.urandom(4).hex()}"))
 
 
+# Two ways a blob is claimed: by what the mirror resolved (cs-p2p fetches it, from peers if
+# there are any, `test_claim.py`), and by a provider found in the DHT, where the mirror cannot
+# claim (mirror-confirm-ttl 0 keeps no credentials to fetch with).
+CLAIMS = {"origin": [], "peers": ["--mirror-confirm-ttl", "0"]}
+
+
+@pytest.mark.parametrize("claim", CLAIMS)
 @pytest.mark.parametrize("mode", MODES)
-def test_a_provider_that_fails_does_not_fail_the_pull(mode, make_node, own_registry, token_file, tmp_path, workdir):
+def test_a_provider_that_fails_does_not_fail_the_pull(mode, claim, make_node, own_registry, token_file, tmp_path,
+                                                      workdir):
     img = build_image(str(tmp_path / "oci"), [6 << 20, 5 << 20])
     ref = push_image(img, own_registry.addr, f"faults/{mode}")
-    node = make_node("n")
+    node = make_node("n", extra=CLAIMS[claim])
     blobs = {d: img.blob_bytes(d) for d in [img.config_digest, *img.layer_digests]}
     peer = FaultyPeer(mode, node.dht, token_file, blobs, os.path.join(workdir, "faulty"))
     try:
@@ -86,7 +94,15 @@ def test_a_provider_that_fails_does_not_fail_the_pull(mode, make_node, own_regis
         peer.stop()
     assert_pulled(node, img, ref, workdir)
     fetched = {r["digest"]: r["sources"] for r in log_records(node, "fetched from peers and the registry")}
-    if mode in ("tls", "refuse"):
+    if claim == "origin":
+        # Claimed at once; the fetch checked the peer (unreachable, or failing once used) and
+        # the registry sent the rest, each blob once.
+        assert {r["digest"] for r in log_records(node, "claimed: fetching it here")} == set(blobs)
+        assert set(fetched) == set(blobs) and all(src.get("registry", 0) > 0 for src in fetched.values()), fetched
+        if mode in ("tls", "refuse"):
+            assert all(src == {"registry": len(blobs[d])} for d, src in fetched.items()), fetched
+        assert all(own_registry.blob_bytes_served().get(d, 0) <= len(b) for d, b in blobs.items())
+    elif mode in ("tls", "refuse"):
         # Never claimed: Info answered NOT_FOUND and containerd downloaded through the mirror.
         unreachable = {r["digest"] for r in log_records(node, "no provider reachable")}
         assert set(blobs) <= unreachable and not fetched
