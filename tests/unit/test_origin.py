@@ -70,3 +70,38 @@ def test_each_manifest_is_read_from_disk_once_however_often_it_is_asked(tmp_path
             origins._blobs.pop(layer, None)  # as if forgotten: located through the manifests again
             assert origins.locate(layer) == Location("r", f"team/app{i}")
     assert len(loads) == len(set(loads)) == 100  # 50 indexes and their 50 manifests, once each
+
+
+def test_named_gives_size_and_repository_from_memory_the_newest_manifest_winning(tmp_path, monkeypatch):
+    """What `Info` claims with: a GET's body is indexed at once; a manifest the mirror only
+    answered a HEAD for is read once it is in the store; nothing is read twice."""
+    files: dict[str, bytes] = {}
+
+    def path(digest: str) -> str:
+        p = tmp_path / digest.replace(":", "_")
+        if digest in files and not p.exists():
+            p.write_bytes(files[digest])
+        return str(p)
+
+    layer, config = "sha256:" + "a" * 64, "sha256:" + "c" * 64
+    doc = {"config": {"digest": config, "size": 7}, "layers": [{"digest": layer, "size": 1234},
+                                                              {"digest": "sha256:" + "b" * 64, "size": True}]}
+    origins = Origins(path)
+    assert origins.named(layer) is None
+    body = json.dumps(doc).encode()
+    origins.manifest_body("r", "team/app", "sha256:" + hashlib.sha256(body).hexdigest(), body)
+    named = origins.named(layer)
+    assert (named.where, named.size) == (Location("r", "team/app"), 1234) and origins.named(config).size == 7
+    assert origins.named("sha256:" + "b" * 64) is None  # no usable size: not claimable
+
+    later = blob(files, {**doc, "annotations": {"x": "y"}})  # another repository names the same layer
+    origins.manifest_seen("r", "team/other", later)  # a HEAD: indexed once containerd wrote it
+    loads = []
+    real = Origins._load
+    monkeypatch.setattr(Origins, "_load", lambda self, d: loads.append(d) or real(self, d))
+    for _ in range(3):
+        assert origins.named(layer).where == Location("r", "team/other")
+    assert loads == [later]
+    missing = "sha256:" + "9" * 64  # resolved, never written: looked for, bounded
+    origins.manifest_seen("r", "team/gone", missing)
+    assert origins.named(layer).where == Location("r", "team/other")
