@@ -463,12 +463,12 @@ class Fetcher:
             return
         opened = asyncio.Event()
         first = asyncio.ensure_future(self._span_retried(fetch, fd, *spans[0], opened))
-        tasks = [first]
+        tasks = [first, asyncio.ensure_future(opened.wait())]
         try:
-            await asyncio.wait([first, asyncio.ensure_future(opened.wait())], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if len(spans) > 1 and not (first.done() and first.exception()) and fetch.whole_body is None:
                 tasks += [asyncio.ensure_future(self._span_retried(fetch, fd, a, b)) for a, b in spans[1:]]
-            for t in asyncio.as_completed(tasks):
+            for t in asyncio.as_completed(tasks[:1] + tasks[2:]):
                 await t  # the first failure (after its retries) fails the rest
         finally:
             for t in tasks:

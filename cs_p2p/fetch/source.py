@@ -135,23 +135,24 @@ class PeerSource:
         started = self._downloading.get(digest, time.time())
         announced: list[asyncio.Task] = []
         fetch = self.fetcher.start(digest, size, [], origin=origin,
-                                   more=lambda: self._earlier(digest, size, started, announced))
+                                   more=lambda: self.earlier(digest, size, started, announced))
         if fetch.task is not None and digest not in self._relaying:
             announced.append(self._relay(fetch, started))
         log.info("claimed: fetching it here", extra={"digest": digest, "size": size, "registry": str(origin)})
         return fetch
 
-    async def _earlier(self, digest: str, size: int, started: float, announced: list[asyncio.Task]
-                       ) -> list[ProviderRecord]:
-        """Holders and in-flight providers that began before `started`, reachable; [] if none.
-        Our own in-flight announce is finished first (or given `ANNOUNCE_WAIT`): of two nodes
+    async def earlier(self, digest: str, size: int, started: float, announced: list[asyncio.Task]
+                      ) -> list[ProviderRecord]:
+        """Holders and in-flight providers that began before `started`, if one of them can
+        deliver; [] otherwise.  Our own in-flight announce (`announced`) is finished first, or
+        given `ANNOUNCE_WAIT` (a dead contact can hold it up to the RPC timeout): of two nodes
         that start together, at least the later one then sees the earlier one's record."""
         if announced:
             await asyncio.wait(announced, timeout=ANNOUNCE_WAIT)
         try:
             found = await self.dht.find_providers(digest, round_timeout=LOOKUP_ROUND, within=LOOKUP_WITHIN)
-        except Exception as exc:  # a failing DHT: the registry, as if alone
-            log.warning("lookup failed", extra={"digest": digest, "error": repr(exc)})
+        except Exception as exc:  # a failing DHT: as if alone
+            log.warning("in-flight lookup failed", extra={"digest": digest, "error": repr(exc)})
             return []
         earlier = [r for r in found if may_follow(r, size, started, self.dht.node_id)]
         if earlier and not await self.fetcher.reachable(digest, earlier, within=FOLLOW_PROBE):
@@ -247,9 +248,6 @@ class SharedIngest:
         self._announce = asyncio.ensure_future(source.dht.announce(digest, size, started=started))
         source._downloading[digest] = started
 
-    def _earlier(self, rec: ProviderRecord) -> bool:
-        return may_follow(rec, self.size, self.started, self.source.dht.node_id)
-
     async def sources(self) -> list[ProviderRecord]:
         """Providers to follow instead of downloading; [] means this node is the source.
 
@@ -258,19 +256,10 @@ class SharedIngest:
         one then sees the earlier one's record.
         """
         self.decided = True
-        dht = self.source.dht
         if self.source.fetcher.recently_failed(self.digest):
             return []
-        await asyncio.wait([self._announce], timeout=ANNOUNCE_WAIT)
-        try:
-            found = await dht.find_providers(self.digest, round_timeout=LOOKUP_ROUND, within=LOOKUP_WITHIN)
-        except Exception as exc:  # a failing DHT: download as if alone
-            log.warning("in-flight lookup failed", extra={"digest": self.digest, "error": repr(exc)})
-            return []
-        earlier = [r for r in found if self._earlier(r)]
-        if earlier and not await self.source.fetcher.reachable(self.digest, earlier, within=FOLLOW_PROBE):
-            return []  # none can deliver: containerd downloads it
-        return earlier
+        # none that can deliver: containerd downloads it
+        return await self.source.earlier(self.digest, self.size, self.started, [self._announce])
 
     async def follow(self, providers: list[ProviderRecord]) -> bool:
         """Fetch the blob from `providers` (and any found later); True once it is committed
