@@ -382,9 +382,7 @@ class Fetcher:
             providers = list(providers)
             try:
                 if not providers and more is not None:
-                    t1 = time.monotonic()
                     providers = list(await more())
-                    TIMELINE.waited("lookup", time.monotonic() - t1, fetch.digest, by="fetch")
                 if not providers:
                     raise NoPeers()
                 await self._download(fetch, fd, providers, range(fetch.pieces), more)

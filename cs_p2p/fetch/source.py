@@ -39,6 +39,7 @@ from typing import Callable
 from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
 from ..errors import NotFound
+from ..timeline import TIMELINE
 from .fetcher import Fetch, Fetcher, Origin
 
 log = logging.getLogger("cs_p2p.fetch")
@@ -51,6 +52,10 @@ LOOKUP_ROUND = 0.5  # seconds a lookup round waits for replies
 LOOKUP_WITHIN = 2.0  # seconds the whole lookup may take; what it found by then counts
 FOLLOW_PROBE = 2.0  # seconds to check that a download to follow can deliver (a busy node is slow)
 MIN_PROBE_TIME = 0.2  # seconds the reachability check gets however long the lookup took
+# Claimed fetches that run at once on a node (containerd itself downloads 3 blobs at a time):
+# when every node claims every layer in the same millisecond, all of them at once left each
+# blob's relays serving 4 x 8 workers' requests and most requests queued for upload slots.
+CLAIMS_AT_ONCE = 3
 
 
 def precedes(rec: ProviderRecord, started: float, node_id: bytes) -> bool:
@@ -80,6 +85,7 @@ class PeerSource:
         # Digest -> start of this node's own in-flight record while containerd downloads it.
         self._downloading: dict[str, float] = {}
         self._for_cluster: set[str] = set()  # fetches for the replication floor nobody here asked for
+        self._claim_slots = asyncio.Semaphore(CLAIMS_AT_ONCE)
 
     def inflight(self, digest: str) -> Fetch | None:
         return self.fetcher.inflight.get(digest)
@@ -132,12 +138,28 @@ class PeerSource:
         if found is None:
             return None
         size, origin = found
-        started = self._downloading.get(digest, time.time())
-        announced: list[asyncio.Task] = []
-        fetch = self.fetcher.start(digest, size, [], origin=origin,
-                                   more=lambda: self.earlier(digest, size, started, announced))
-        if fetch.task is not None and digest not in self._relaying:
-            announced.append(self._relay(fetch, started))
+        fetch: Fetch | None = None
+        started: list[float] = []
+
+        async def providers() -> list[ProviderRecord]:
+            """Asked first inside the fetch's task: wait for a slot, then begin (announced in
+            flight, ordered by this start); asked again as the fetch goes on: the lookup alone."""
+            announced: list[asyncio.Task] = []
+            if not started:
+                t0 = time.monotonic()
+                await self._claim_slots.acquire()
+                TIMELINE.waited("claim_slot", time.monotonic() - t0, digest)
+                assert fetch is not None and fetch.task is not None
+                fetch.task.add_done_callback(lambda _task: self._claim_slots.release())
+                started.append(time.time())
+                if digest not in self._relaying:
+                    announced.append(self._relay(fetch, started[0]))
+            t0 = time.monotonic()
+            found = await self.earlier(digest, size, started[0], announced)
+            TIMELINE.waited("lookup", time.monotonic() - t0, digest, by="claim")
+            return found
+
+        fetch = self.fetcher.start(digest, size, [], origin=origin, more=providers)
         log.info("claimed: fetching it here", extra={"digest": digest, "size": size, "registry": str(origin)})
         return fetch
 
