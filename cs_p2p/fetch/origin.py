@@ -48,7 +48,7 @@ class Named:
     """A config or layer as a resolved manifest describes it."""
     where: Location
     size: int
-    manifest: str  # the manifest naming it
+
 
 MAX_PENDING = 64  # resolved manifests not in the local store yet, looked for on the next `named`
 
@@ -66,7 +66,7 @@ class Origins:
         self._named: collections.OrderedDict[str, Named] = collections.OrderedDict()
         self._pending: collections.OrderedDict[str, Location] = collections.OrderedDict()
 
-    def _remember(self, table: collections.OrderedDict, digest: str, where: Location) -> None:
+    def _remember(self, table: collections.OrderedDict, digest: str, where: Location | Named) -> None:
         table[digest] = where
         table.move_to_end(digest)
         while len(table) > self.max_entries:
@@ -110,7 +110,7 @@ class Origins:
     def _index(self, manifest: str, where: Location, refs: Refs) -> None:
         self._pending.pop(manifest, None)
         for digest, size in refs.sizes:
-            self._remember(self._named, digest, Named(where, size, manifest))
+            self._remember(self._named, digest, Named(where, size))
 
     def blob_seen(self, host: str, repo: str, digest: str) -> None:
         self._remember(self._blobs, digest, Location(host, repo))
