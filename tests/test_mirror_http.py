@@ -157,6 +157,48 @@ def test_upstream_bytes_that_do_not_match_their_digest_are_never_served_whole(wo
         liar.close()
 
 
+def test_a_manifest_that_arrives_in_pieces_is_read_whole(workdir):
+    """A large manifest (many layers) comes in several TCP reads: the mirror reads to its end
+    (it took the first read for the body, and the digest check then refused a good manifest)."""
+    import hashlib
+    import http.server
+    import json
+    import threading
+    import time
+
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": ACCEPT, "config": {"digest": "sha256:" + "c" * 64},
+                           "layers": [{"digest": "sha256:%064x" % i, "size": 4096} for i in range(300)]}).encode()
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", ACCEPT)
+            self.send_header("Docker-Content-Digest", digest)
+            self.send_header("Content-Length", str(len(manifest)))
+            self.end_headers()
+            self.wfile.write(manifest[:1000])
+            self.wfile.flush()
+            time.sleep(0.2)  # the rest later, as a slow link delivers it
+            self.wfile.write(manifest[1000:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    upstream = f"127.0.0.1:{server.server_address[1]}"
+    addr = f"127.0.0.1:{free_port()}"
+    cs = CsP2P(os.path.join(workdir, "cs"), ["--mirror-listen", addr, "--mirror-registry", f"http://{upstream}"])
+    cs.start()
+    try:
+        status, headers, body = call(f"http://{addr}/v2/x/manifests/v1?ns={upstream}", headers={"Accept": ACCEPT})
+        assert status == 200 and body == manifest and headers["Docker-Content-Digest"] == digest
+    finally:
+        cs.stop()
+        server.shutdown()
+
+
 def _https_registry_cert(d: str) -> tuple[str, str, str]:
     """A private CA and a certificate for 127.0.0.1 signed by it: (ca, cert, key) files."""
     import datetime

@@ -162,7 +162,12 @@ class Upstream:
                 if not digest or size < 0:  # not enough to describe it: GET it instead
                     return await self.manifest(repo, reference, accept, head=False, authorization=authorization)
                 return Manifest(digest, media_type, size)
-            body = await resp.content.read(MAX_MANIFEST + 1)
+            body = b""
+            while len(body) <= MAX_MANIFEST:  # a read returns what has arrived, not the whole body
+                chunk = await resp.content.read(MAX_MANIFEST + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
             if len(body) > MAX_MANIFEST:
                 raise UpstreamUnavailable(f"{self.registry.host}: manifest larger than {MAX_MANIFEST} bytes")
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
