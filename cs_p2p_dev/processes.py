@@ -44,10 +44,26 @@ def in_netns(netns: str | None, argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 and ::1 alike (tests bind either), and never the same
+    twice in one process: ports asked for one after another (a node's peer, DHT and mirror)
+    could come back equal, and the node then failed to start with "address already in use"."""
+    while True:
+        try:
+            s = socket.socket(socket.AF_INET6)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            addr: tuple = ("::", 0)
+        except OSError:  # no IPv6 here
+            s, addr = socket.socket(), ("127.0.0.1", 0)
+        with s:
+            s.bind(addr)
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _socket_ready(path: str) -> bool:
