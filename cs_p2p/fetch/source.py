@@ -69,8 +69,17 @@ def may_follow(rec: ProviderRecord, size: int, started: float, node_id: bytes) -
     return rec.size == size and precedes(rec, started, node_id)
 
 
+def nearest(recs: list[ProviderRecord], k: int = 1) -> list[ProviderRecord]:
+    """Holders, and of the in-flight providers (all earlier than us) the `k` that started last:
+    nodes that start together then form a chain, each forwarding to the next as it receives,
+    instead of every later node asking the first one, whose uplink then carried each piece
+    once per follower."""
+    relays = sorted((r for r in recs if r.inflight), key=lambda r: (r.started, r.node_id), reverse=True)
+    return [r for r in recs if not r.inflight] + relays[:k]
+
+
 async def _earlier_only(lookup, size: int, started: float, node_id: bytes) -> list[ProviderRecord]:
-    return [r for r in await lookup if may_follow(r, size, started, node_id)]
+    return nearest([r for r in await lookup if may_follow(r, size, started, node_id)])
 
 
 class PeerSource:
@@ -177,9 +186,13 @@ class PeerSource:
             log.warning("in-flight lookup failed", extra={"digest": digest, "error": repr(exc)})
             return []
         earlier = [r for r in found if may_follow(r, size, started, self.dht.node_id)]
-        if earlier and not await self.fetcher.reachable(digest, earlier, within=FOLLOW_PROBE):
-            return []
-        return earlier
+        chain = nearest(earlier)
+        if chain and await self.fetcher.reachable(digest, chain, within=FOLLOW_PROBE):
+            return chain
+        others = [r for r in earlier if r not in chain]
+        if others and await self.fetcher.reachable(digest, others, within=FOLLOW_PROBE):
+            return others  # the nearest did not answer: any earlier one rather than the registry
+        return []
 
     async def replicate(self, digest: str, size: int = 0) -> Fetch | None:
         """Fetch `digest` for the cluster (`placement`: the replication floor, preheat) rather
