@@ -20,7 +20,7 @@ def test_followers_of_nodes_that_start_together_form_a_chain():
     holder = rec("10.0.0.99:7001")
     me = os.urandom(20)
     for i in range(1, 8):
-        earlier = [r for r in [holder, *nodes] if may_follow(r, 100, t + i, me)]
+        earlier = [r for r in [holder, *nodes] if may_follow(r, 100, t + i - 0.5, me)]
         # a holder, and only the node that started just before: never the first node from all
         assert nearest(earlier) == [holder, nodes[i - 1]]
     assert nearest([holder]) == [holder] and nearest([]) == []
