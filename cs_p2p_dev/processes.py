@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable
 
+from cs_p2p.addresses import dual_stack_socket
 from cs_p2p.containerd_config import config_version_of, containerd_config
 from cs_p2p.install.host import socket_answers
 from .releases import Release
@@ -53,13 +54,11 @@ def free_port() -> int:
     could come back equal, and the node then failed to start with "address already in use"."""
     while True:
         try:
-            s = socket.socket(socket.AF_INET6)
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            addr: tuple = ("::", 0)
+            s = dual_stack_socket(socket.SOCK_STREAM, 0)
         except OSError:  # no IPv6 here
-            s, addr = socket.socket(), ("127.0.0.1", 0)
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
         with s:
-            s.bind(addr)
             port = s.getsockname()[1]
         if port not in _handed_out:
             _handed_out.add(port)
