@@ -46,7 +46,7 @@ from ..config import MirrorRegistry
 from ..digests import parse_digest
 from ..errors import InvalidArgument
 from ..fetch.fetcher import FetchFailed
-from ..fetch.origin import Origins
+from ..fetch.origin import Location, Origins
 from ..httpserve import SentFileResponse, start_site
 from ..purges import PurgeList
 from ..store import LocalStore
@@ -173,12 +173,7 @@ class Mirror:
     def origin_for(self, digest: str) -> "RegistryOrigin | None":
         """The registry repository `digest` was pulled from, if a manifest resolved here names it."""
         where = self.origins.locate(digest)
-        upstream = self.upstreams.get(where.host) if where else None
-        if upstream is None or where is None:
-            return None
-        reader = self.readers.current(where.host, where.repo)
-        return RegistryOrigin(upstream, where.repo, manifest=self.origins.is_manifest(digest),
-                              authorization=reader.authorization if reader else None)
+        return self._registry_origin(where, manifest=self.origins.is_manifest(digest)) if where else None
 
     def claim(self, digest: str) -> "tuple[int, RegistryOrigin] | None":
         """Size and origin of config or layer `digest` if cs-p2p may fetch it itself: a manifest
@@ -187,11 +182,18 @@ class Mirror:
         named = self.origins.named(digest)
         if named is None or (self.purges is not None and self.purges.purged(digest)):
             return None
-        upstream = self.upstreams.get(named.where.host)
-        reader = self.readers.current(named.where.host, named.where.repo) if upstream else None
-        if upstream is None or reader is None:
+        origin = self._registry_origin(named.where, reader_needed=True)
+        return (named.size, origin) if origin else None
+
+    def _registry_origin(self, where: Location, manifest: bool = False,
+                         reader_needed: bool = False) -> "RegistryOrigin | None":
+        """`where` at its registry, read with the credentials the registry accepted for that
+        repository lately (`readers`), or with the mirror's own if none (unless `reader_needed`)."""
+        upstream = self.upstreams.get(where.host)
+        reader = self.readers.current(where.host, where.repo)
+        if upstream is None or (reader_needed and reader is None):
             return None
-        return named.size, RegistryOrigin(upstream, named.where.repo, authorization=reader.authorization)
+        return RegistryOrigin(upstream, where.repo, manifest, reader.authorization if reader else None)
 
     async def base(self, request: web.Request) -> web.Response:
         return web.json_response({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
