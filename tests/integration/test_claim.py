@@ -14,19 +14,16 @@ import uuid
 
 import pytest
 
-from cs_p2p.config import MirrorRegistry
-from cs_p2p.containerd_config import write_hosts_dir
 from cs_p2p_dev.images import build_image_from_tars, push_image
-from cs_p2p_dev.processes import Containerd, CsP2P, Registry, free_port
+from cs_p2p_dev.processes import Registry, free_port
 from tests.conftest import requires_containerd
 from tests.integration.faults import FlakyRegistry
 from tests.integration.layers import TarBuilder
 from tests.integration.test_mirror import MirrorNode
+from tests.integration.test_private_registry import PASSWORD, USER, PrivateMirrorNode
+from tests.integration.test_private_registry import private_registry  # noqa: F401  (fixture)
 
 pytestmark = requires_containerd
-
-USER, PASSWORD = "puller", "s3cret-Pa55:with-colon"
-
 
 def runnable_image(workdir: str, extra_mib: int = 3):
     """busybox and a layer of random bytes (several pieces), gzip: an image that runs."""
@@ -80,49 +77,20 @@ def test_a_cold_pull_through_the_mirror_leaves_write_unused_for_config_and_layer
         node.stop()
 
 
-class PrivateNode(MirrorNode):
+def deployed_private_node(workdir: str, registry: Registry, credentials: str | None, extra: list[str] | None = None,
+                          upstream: str | None = None) -> PrivateMirrorNode:
     """A deployed node (DHT, peer server, mirror) in front of a registry that wants Basic auth;
     the mirror has credentials of its own only if `credentials` is set."""
-
-    def __init__(self, workdir: str, registry: Registry, credentials: str | None, extra: list[str] | None = None,
-                 upstream: str | None = None) -> None:
-        upstream = upstream or registry.addr
-        self.peer, self.dht, self.mirror = (f"127.0.0.1:{free_port()}" for _ in range(3))
-        os.makedirs(workdir, exist_ok=True)
-        entry = f'url = "http://{upstream}"'
-        if credentials is not None:
-            cred = os.path.join(workdir, "registry.cred")
-            with open(cred, "w") as f:
-                f.write(credentials + "\n")
-            os.chmod(cred, 0o600)
-            entry += f', credentials-file = "{cred}"'
-        config = os.path.join(workdir, "cs-p2p.toml")
-        with open(config, "w") as f:
-            f.write(f'[mirror]\nlisten = "{self.mirror}"\ntimeout-ms = 2000\nregistries = [{{{entry}}}]\n')
-        self.cs = CsP2P(os.path.join(workdir, "cs"), ["--config", config, "--peer-listen", self.peer,
-                                                      "--dht-listen", self.dht, *(extra or [])]).start()
-        hosts = os.path.join(workdir, "hosts")
-        write_hosts_dir(hosts, [MirrorRegistry(upstream, plain_http=True)], self.mirror)
-        self.containerd = Containerd(os.path.join(workdir, "ctd"), self.cs.socket, hosts_dir=hosts).start()
-
-    def pull(self, ref: str, *extra: str, timeout: float = 120):
-        args = self.containerd.pull_args(ref)
-        return self.containerd.ctr(*args[:-1], *extra, args[-1], check=False, timeout=timeout)
-
-
-@pytest.fixture
-def private(workdir):
-    reg = Registry(os.path.join(workdir, "private"), users={USER: PASSWORD}).start()
-    yield reg
-    reg.stop()
+    return PrivateMirrorNode(workdir, registry, credentials, upstream=upstream, extra=[
+        "--peer-listen", f"127.0.0.1:{free_port()}", "--dht-listen", f"127.0.0.1:{free_port()}", *(extra or [])])
 
 
 @pytest.fixture
 def make_node(workdir):
-    made: list[MirrorNode] = []
+    made: list[PrivateMirrorNode] = []
 
-    def make(name: str, *args, **kw) -> PrivateNode:
-        made.append(PrivateNode(os.path.join(workdir, name), *args, **kw))
+    def make(name: str, *args, **kw) -> PrivateMirrorNode:
+        made.append(deployed_private_node(os.path.join(workdir, name), *args, **kw))
         return made[-1]
 
     yield make
@@ -130,17 +98,17 @@ def make_node(workdir):
         n.stop()
 
 
-def test_a_private_registry_claims_with_the_credentials_the_registry_accepted(workdir, private, make_node):
+def test_a_private_registry_claims_with_the_credentials_the_registry_accepted(workdir, private_registry, make_node):
     img = runnable_image(workdir)
-    ref = push_image(img, private.addr, "private/app", creds=f"{USER}:{PASSWORD}")
+    ref = push_image(img, private_registry.addr, "private/app", creds=f"{USER}:{PASSWORD}")
     blobs = {img.config_digest, *img.layer_digests}
 
-    own = make_node("own", private, f"{USER}:{PASSWORD}")  # the mirror's own credentials-file
+    own = make_node("own", private_registry, f"{USER}:{PASSWORD}")  # the mirror's own credentials-file
     out = own.pull(ref)
     assert out.returncode == 0, out.stderr.decode()
     assert claimed(own) == blobs and not written(own) & blobs
 
-    theirs = make_node("theirs", private, None)  # only containerd has credentials (`ctr --user`)
+    theirs = make_node("theirs", private_registry, None)  # only containerd has credentials (`ctr --user`)
     out = theirs.pull(ref, "--user", f"{USER}:{PASSWORD}")
     assert out.returncode == 0, out.stderr.decode()
     assert claimed(theirs) == blobs and not written(theirs) & blobs
@@ -148,7 +116,7 @@ def test_a_private_registry_claims_with_the_credentials_the_registry_accepted(wo
     with open(theirs.cs.proc.log_path) as f:
         assert PASSWORD not in f.read()  # used for the fetches, never logged
 
-    nobody = make_node("nobody", private, None)  # no credentials anywhere: nothing claimed, nothing served
+    nobody = make_node("nobody", private_registry, None)  # no credentials anywhere: nothing claimed, nothing served
     assert nobody.pull(ref).returncode != 0
     assert not claimed(nobody) and not nobody.cs.blob_digests() & blobs
 

@@ -26,12 +26,16 @@ USER, PASSWORD = "puller", "s3cret-Pa55:with-colon"
 
 class PrivateMirrorNode:
     """containerd whose hosts.toml puts the node's mirror in front of the private registry;
-    the mirror has the registry's credentials if `credentials` is set."""
+    the mirror has the registry's credentials if `credentials` is set.  `upstream`: the
+    registry's address as nodes reach it (a front to it, `faults.FlakyRegistry`); `extra`:
+    more `cs-p2p serve` flags."""
 
-    def __init__(self, workdir: str, registry: Registry, credentials: str | None) -> None:
+    def __init__(self, workdir: str, registry: Registry, credentials: str | None, extra: list[str] | None = None,
+                 upstream: str | None = None) -> None:
+        upstream = upstream or registry.addr
         self.mirror = f"127.0.0.1:{free_port()}"
         os.makedirs(workdir, exist_ok=True)
-        entry = f'url = "http://{registry.addr}"'
+        entry = f'url = "http://{upstream}"'
         if credentials is not None:
             cred = os.path.join(workdir, "registry.cred")
             with open(cred, "w") as f:
@@ -41,9 +45,9 @@ class PrivateMirrorNode:
         config = os.path.join(workdir, "cs-p2p.toml")
         with open(config, "w") as f:
             f.write(f'[mirror]\nlisten = "{self.mirror}"\nregistries = [{{{entry}}}]\n')
-        self.cs = CsP2P(os.path.join(workdir, "cs"), ["--config", config]).start()
+        self.cs = CsP2P(os.path.join(workdir, "cs"), ["--config", config, *(extra or [])]).start()
         hosts = os.path.join(workdir, "hosts")
-        write_hosts_dir(hosts, [MirrorRegistry(registry.addr, plain_http=True)], self.mirror)
+        write_hosts_dir(hosts, [MirrorRegistry(upstream, plain_http=True)], self.mirror)
         self.containerd = Containerd(os.path.join(workdir, "ctd"), self.cs.socket, hosts_dir=hosts).start()
 
     def pull(self, ref: str, *extra: str):

@@ -16,14 +16,19 @@ def blob(store: dict, doc: dict) -> str:
     return digest
 
 
-def test_layers_of_a_resolved_manifest_and_of_an_index_child_are_located(tmp_path):
-    files: dict[str, bytes] = {}
-
+def store_at(tmp_path, files: dict[str, bytes]):
+    """The local store as Origins sees it: digest -> its file, written once `files` has it."""
     def path(digest: str) -> str:
         p = tmp_path / digest.replace(":", "_")
-        if digest in files:
+        if digest in files and not p.exists():
             p.write_bytes(files[digest])
         return str(p)
+    return path
+
+
+def test_layers_of_a_resolved_manifest_and_of_an_index_child_are_located(tmp_path):
+    files: dict[str, bytes] = {}
+    path = store_at(tmp_path, files)
 
     layer, config, other = "sha256:" + "a" * 64, "sha256:" + "c" * 64, "sha256:" + "f" * 64
     manifest = blob(files, {"config": {"digest": config}, "layers": [{"digest": layer}]})
@@ -46,12 +51,7 @@ def test_each_manifest_is_read_from_disk_once_however_often_it_is_asked(tmp_path
     """Every `Info` of a blob the node lacks asks where it lives; with thousands of manifests
     remembered, re-reading each from disk per question would stall the event loop."""
     files: dict[str, bytes] = {}
-
-    def path(digest: str) -> str:
-        p = tmp_path / digest.replace(":", "_")
-        if digest in files and not p.exists():
-            p.write_bytes(files[digest])
-        return str(p)
+    path = store_at(tmp_path, files)
 
     origins = Origins(path)
     layers = []
@@ -76,12 +76,7 @@ def test_named_gives_size_and_repository_from_memory_the_newest_manifest_winning
     """What `Info` claims with: a GET's body is indexed at once; a manifest the mirror only
     answered a HEAD for is read once it is in the store; nothing is read twice."""
     files: dict[str, bytes] = {}
-
-    def path(digest: str) -> str:
-        p = tmp_path / digest.replace(":", "_")
-        if digest in files and not p.exists():
-            p.write_bytes(files[digest])
-        return str(p)
+    path = store_at(tmp_path, files)
 
     layer, config = "sha256:" + "a" * 64, "sha256:" + "c" * 64
     doc = {"config": {"digest": config, "size": 7}, "layers": [{"digest": layer, "size": 1234},
