@@ -3,9 +3,14 @@
 A blob is cut into pieces; workers take pieces and download them with HTTP Range requests
 from the providers in turn, so several peers serve one blob at once.  A piece that fails is
 put back and tried at another provider; a provider that fails repeatedly is dropped for this
-fetch.  Bytes are hashed in order as the prefix grows, and the digest is verified before the
-file is committed into the store (fsync + rename) and announced.  `wait_range` lets `Read`
-stream bytes as soon as their piece is on disk.
+fetch.  Bytes are hashed in order as the prefix of whole pieces grows (`PrefixHash`), and
+the digest is verified before the file is committed into the store (fsync + rename) and
+announced.  `wait_range` lets `Read` stream bytes as soon as their piece is on disk.
+
+A node still fetching a blob relays it (the peer server, `wait_landed`): each byte as it
+lands, so a chain of nodes that started together forwards at the speed of its first link.
+Its responses say which pieces it has whole and which are arriving (`PIECES_HEADER`), and a
+follower asks for those first (`_next_piece`), with a few requests waiting there at once.
 
 Concurrent requests for one digest share one fetch.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import os
 import ssl
@@ -60,6 +66,8 @@ log = logging.getLogger("cs_p2p.fetch")
 
 PIECE = 4 << 20
 MAX_WORKERS = 8
+WORKERS_PER_HOLDER = 2
+WORKERS_PER_RELAY = 4
 FAILURES_BEFORE_DROP = 2
 BUSY_BEFORE_FAILURE = 100  # 503s in a row from one provider that count as one failure
 # A provider that stalls (no byte for `timeout` seconds) or trickles (a piece slower than
@@ -77,15 +85,17 @@ MAX_REMEMBERED = 4096  # providers remembered as proven, reachable or failing
 RECENT = 20  # fetches and bans `cs-p2p status` shows
 
 
+PIECES_HEADER = "X-CS-P2P-Pieces"  # a relay's pieces when its response began: "<whole>,<arriving>", hex bit masks
+RELAY_STEP = 256 << 10  # bytes of a piece that arrive between wake-ups of the relays forwarding it
 REGISTRY_SPAN = 16 << 20  # bytes a request to the registry asks for, at least
 REGISTRY_STREAMS = 4  # requests to the registry at once for one blob
 REGISTRY_RETRIES = 3  # times a broken-off registry response is resumed
 REGISTRY_CONNECTIONS = 8  # registry responses streaming at once, all blobs together
 
 
-def registry_spans(pieces: list[int], size: int) -> list[tuple[int, int]]:
+def registry_spans(pieces: list[int], size: int, streams: int = REGISTRY_STREAMS) -> list[tuple[int, int]]:
     """`pieces` as (first, last) runs of consecutive pieces, long runs cut so that up to
-    `REGISTRY_STREAMS` requests of at least `REGISTRY_SPAN` bytes share the blob."""
+    `streams` requests of at least `REGISTRY_SPAN` bytes share the blob."""
     runs: list[list[int]] = []
     for p in sorted(pieces):
         if runs and runs[-1][1] == p - 1:
@@ -93,13 +103,37 @@ def registry_spans(pieces: list[int], size: int) -> list[tuple[int, int]]:
         else:
             runs.append([p, p])
     total = sum(b - a + 1 for a, b in runs)
-    per = max(REGISTRY_SPAN // PIECE, -(-total // REGISTRY_STREAMS))  # pieces per request
+    per = max(REGISTRY_SPAN // PIECE, -(-total // max(1, streams)))  # pieces per request
     spans: list[tuple[int, int]] = []
     for a, b in runs:
         while a <= b:
             spans.append((a, min(b, a + per - 1)))
             a += per
     return spans
+
+
+def _next_piece(todo: list[int], whole: int, arriving: int) -> int:
+    """The index in `todo` of the piece to ask a provider for: the first one it was last
+    known to have whole, else one arriving there (its bytes are forwarded as they land), else
+    the first.  A relay fills its pieces in the order its own sources send them (a registry
+    sends a blob as a few ranges at once, a relay's follower takes what it has first): asking
+    in that order keeps a follower as far along as the node it follows, where asking in
+    order left it waiting on pieces the relay had not begun."""
+    for known in (whole, arriving):
+        if known:
+            for i, p in enumerate(todo):
+                if known >> p & 1:
+                    return i
+    return 0
+
+
+def _pieces_of(header: str) -> tuple[int, int]:
+    """(whole, arriving) bit masks of a relay's `PIECES_HEADER`; none if it is missing or bad."""
+    try:
+        whole, arriving = header.split(",")
+        return int(whole, 16), int(arriving, 16)
+    except ValueError:
+        return 0, 0
 
 
 class FetchFailed(Exception):
@@ -145,6 +179,9 @@ class Fetch:
     started: float = field(default_factory=time.time)  # unix time (the timeline's clock)
     first_byte: dict[str, float] = field(default_factory=dict)  # source -> unix time of its first byte
     last_byte: dict[str, float] = field(default_factory=dict)  # source -> unix time its last piece ended
+    landed: dict[int, int] = field(default_factory=dict)  # piece -> bytes of it written so far, from its start
+    prefix: "PrefixHash | None" = None  # the digest of the whole pieces from the start, as they land
+    relay_has: dict[str, tuple[int, int]] = field(default_factory=dict)  # relay -> its pieces (`pieces_mask`)
 
     def covered(self, offset: int, n: int, trusted_only: bool = False) -> bool:
         first, last = offset // PIECE, (offset + max(n, 1) - 1) // PIECE
@@ -165,6 +202,45 @@ class Fetch:
         if self.error is not None and not self.committed:
             raise FetchFailed(self.error)
 
+    def landed_end(self, offset: int) -> int:
+        """The end of the bytes written from `offset` on without a gap: whole pieces, then
+        what has arrived of the next one (none of it verified yet)."""
+        if self.committed:
+            return self.size
+        piece, end = offset // PIECE, offset
+        while piece < self.pieces and piece in self.done_pieces:
+            piece += 1
+            end = min(self.size, piece * PIECE)
+        if piece < self.pieces:
+            end = max(end, piece * PIECE + self.landed.get(piece, 0))
+        return end
+
+    async def wait_landed(self, offset: int) -> int:
+        """Return once bytes from `offset` on have been written, with the end of them;
+        FetchFailed if the fetch failed first.  Unverified, the last piece too: for a relay,
+        whose follower verifies the blob itself, so a chain of nodes forwards each byte as it
+        arrives instead of one piece, and the blob's verification, per hop."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.error is not None or self.landed_end(offset) > offset)
+        if self.error is not None and not self.committed:
+            raise FetchFailed(self.error)
+        return self.landed_end(offset)
+
+    async def arrived(self, piece: int, n: int) -> None:
+        """`n` bytes of `piece` are written from its start: relays waiting on them are woken
+        every `RELAY_STEP` bytes (each wake-up costs every waiter a check)."""
+        before = self.landed.get(piece, 0)
+        if n > before:
+            self.landed[piece] = n
+            if n // RELAY_STEP != before // RELAY_STEP:
+                await self._notify()
+
+    def pieces_mask(self) -> str:
+        """`PIECES_HEADER`: the pieces on disk whole, and those arriving (some bytes landed)."""
+        whole = sum(1 << p for p in self.done_pieces)
+        arriving = sum(1 << p for p, n in self.landed.items() if n and p not in self.done_pieces)
+        return f"{whole:x},{arriving:x}"
+
     def open(self, committed_path: str) -> int:
         """A read-only fd of the file this fetch writes into, or of the blob it has just been
         committed as; FetchFailed if it ended without a commit."""
@@ -178,6 +254,47 @@ class Fetch:
     async def _notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()
+
+
+class PrefixHash:
+    """The blob's sha256 over its whole pieces from the start, fed as they land, so that the
+    verification at the fetch's end reads only the rest instead of the whole blob again (on a
+    node also relaying and applying, 0.3-0.8 s for 64 MiB, on the pull's path: the applier's
+    last piece waits for it).  Only a shortcut: a fetch with pieces written again, or whose
+    shortcut does not match, is hashed whole.  Reads a duplicate of the fetch's fd, closed when
+    it stops, so the fetch may close its own whenever it ends."""
+
+    def __init__(self, fetch: Fetch, fd: int) -> None:
+        self.hasher = hashlib.sha256()
+        self.offset = 0  # bytes hashed
+        self.stopping = False
+        self._task = asyncio.get_running_loop().create_task(self._follow(fetch, os.dup(fd)))
+
+    def _prefix_end(self, fetch: Fetch) -> int:
+        piece = self.offset // PIECE
+        while piece in fetch.done_pieces:
+            piece += 1
+        return min(fetch.size, piece * PIECE)
+
+    async def _follow(self, fetch: Fetch, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.stopping and not fetch.repaired:
+                end = self._prefix_end(fetch)
+                if end > self.offset:
+                    self.hasher, self.offset = await loop.run_in_executor(None, sha256_of_fd, fd, self.hasher,
+                                                                          self.offset, end)
+                    continue
+                async with fetch.changed:
+                    await fetch.changed.wait_for(lambda: self.stopping or self._prefix_end(fetch) > self.offset)
+        finally:
+            os.close(fd)
+
+    async def stop(self, fetch: Fetch) -> None:
+        """Stop after the chunk being hashed, if any: the hasher is then the caller's."""
+        self.stopping = True
+        await fetch._notify()
+        await asyncio.wait([self._task])
 
 
 def _host(addr: str) -> str:
@@ -379,6 +496,7 @@ class Fetcher:
         t0 = time.monotonic()
         try:
             os.ftruncate(fd, fetch.size)
+            fetch.prefix = PrefixHash(fetch, fd)
             providers = list(providers)
             try:
                 if not providers and more is not None:
@@ -417,6 +535,8 @@ class Fetcher:
             log.warning("fetch from peers failed", extra={"digest": fetch.digest, "error": fetch.error})
         finally:
             os.close(fd)
+            if fetch.prefix is not None:
+                fetch.prefix.stopping = True  # ends at the notify below
             if not fetch.committed and os.path.exists(fetch.path):
                 os.unlink(fetch.path)  # partial data is discarded
             self.inflight.pop(fetch.digest, None)
@@ -439,12 +559,12 @@ class Fetcher:
         try:
             await self._from_registry(fetch, fd, [p for p in range(fetch.pieces) if p not in fetch.done_pieces])
             try:
-                await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
+                await self._verify(fetch, fd)
                 return
             except FetchFailed:
                 pass  # a peer's piece was wrong, and no other peer was left to tell whose
             await self._from_registry(fetch, fd, [p for p in range(fetch.pieces) if fetch.source.get(p) != ORIGIN])
-            await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
+            await self._verify(fetch, fd)
         except FetchFailed as exc:
             raise FetchFailed(f"{failure}; then the registry {origin} failed too: {exc}") from None
 
@@ -456,7 +576,7 @@ class Fetcher:
         for p in pieces:
             if p in fetch.done_pieces:
                 fetch.repaired = True  # written again: what was streamed of it may be wrong
-        spans = registry_spans(pieces, fetch.size)
+        spans = registry_spans(pieces, fetch.size, self._streams_per_blob())
         if not spans:
             return
         opened = asyncio.Event()
@@ -471,6 +591,15 @@ class Fetcher:
         finally:
             for t in tasks:
                 t.cancel()
+
+    def _streams_per_blob(self) -> int:
+        """Registry requests for one blob: `REGISTRY_STREAMS` for a blob fetched alone, fewer
+        the more fetches are under way, one from `REGISTRY_STREAMS` on.  Several blobs at once
+        fill the link already; a blob in one range arrives in its order, and a chain of nodes
+        relaying it forwards each byte as it lands.  Cut into ranges, it arrives at several
+        fronts, some slow (flows share a link unevenly), and followers waited on the slowest
+        front while the others' pieces were long there (8 nodes: 16.8 s instead of ~15 s)."""
+        return max(1, REGISTRY_STREAMS // max(1, len(self.inflight)))
 
     async def _span_retried(self, fetch: Fetch, fd: int, first: int, last: int,
                             opened: asyncio.Event | None = None) -> None:
@@ -526,6 +655,8 @@ class Fetcher:
                 if len(done):
                     first = done.stop
                     await fetch._notify()
+                if offset < end:
+                    await fetch.arrived(first, offset - first * PIECE)
             fetch.last_byte[ORIGIN] = time.time()
 
     async def _verify_or_find_liar(self, fetch: Fetch, fd: int, providers: list[ProviderRecord]) -> None:
@@ -537,7 +668,7 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         try:
-            await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
+            await self._verify(fetch, fd)
             TIMELINE.waited("verify", time.monotonic() - t0, fetch.digest)
             return
         except FetchFailed as mismatch:
@@ -549,7 +680,7 @@ class Fetcher:
                 break
             try:
                 await self._download(fetch, fd, others, pieces)
-                await loop.run_in_executor(None, self._verify_and_commit, fetch, fd)
+                await self._verify(fetch, fd)
             except FetchFailed:
                 continue
             self._ban(suspect, "sent corrupt data", fetch.digest)
@@ -558,9 +689,9 @@ class Fetcher:
 
     async def _download(self, fetch: Fetch, fd: int, providers: list[ProviderRecord], pieces,
                         more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> None:
-        queue: asyncio.Queue[int] = asyncio.Queue()
+        todo: list[int] = []  # pieces not yet asked for, in order
         for p in pieces:
-            queue.put_nowait(p)
+            todo.append(p)
             if p in fetch.done_pieces:
                 fetch.repaired = True
         alive = [p.addr for p in providers]
@@ -589,22 +720,23 @@ class Fetcher:
         async def worker() -> None:
             nonlocal turn, last_error
             while fetch.error is None:
-                try:
-                    piece = queue.get_nowait()
-                except asyncio.QueueEmpty:
+                if not todo:
                     return
-                if fetch.whole_body is not None and fetch.whole_body.done() and fetch.source.get(piece) == ORIGIN:
-                    continue  # written by the registry's whole body
                 add_found()
                 if not alive and finding is not None:
                     t0 = time.monotonic()
                     await asyncio.wait([finding])  # the full lookup may still bring providers
                     TIMELINE.waited("lookup", time.monotonic() - t0, fetch.digest, by="fetch")
                     add_found()
+                    if not todo:
+                        return
                 if not alive:
                     raise FetchFailed(f"no provider left to fetch from{last_error}")
                 addr = self._choose(alive, load, turn)
                 turn += 1
+                piece = todo.pop(_next_piece(todo, *fetch.relay_has.get(addr, (0, 0))))
+                if fetch.whole_body is not None and fetch.whole_body.done() and fetch.source.get(piece) == ORIGIN:
+                    continue  # written by the registry's whole body
                 load[addr] = load.get(addr, 0) + 1
                 try:
                     n = min(fetch.size, (piece + 1) * PIECE) - piece * PIECE
@@ -620,7 +752,7 @@ class Fetcher:
                     load[addr] -= 1
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, FetchFailed, ProviderBusy) as exc:
                     load[addr] -= 1
-                    queue.put_nowait(piece)
+                    todo.append(piece)
                     metrics.PIECE_RETRIES.inc()
                     if addr != ORIGIN and addr not in relays and not isinstance(exc, ProviderBusy):
                         self._answered(addr, False, fetch.digest)
@@ -642,14 +774,17 @@ class Fetcher:
                 fetch.source[piece] = addr
                 await fetch._notify()
 
-        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, min(MAX_WORKERS, queue.qsize(), 2 * len(alive))))]
+        # A relay's pieces come as it gets them: more requests wait there at once, one on each
+        # piece arriving, so that none waits behind a slow one while others have landed.
+        per = sum(WORKERS_PER_RELAY if a in relays else WORKERS_PER_HOLDER for a in alive)
+        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, min(MAX_WORKERS, len(todo), per)))]
         try:
             while workers:
                 done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
                 for w in done:
                     w.result()  # re-raise FetchFailed
                 workers = list(pending)
-                if not workers and not queue.empty():
+                if not workers and todo:
                     if not alive:
                         raise FetchFailed(f"no provider left to fetch from{last_error}")
                     workers = [asyncio.ensure_future(worker())]
@@ -694,6 +829,8 @@ class Fetcher:
                 raise ProviderBusy(addr)
             if resp.status not in (200, 206):
                 raise FetchFailed(f"{addr} answered {resp.status}")
+            if relay:
+                fetch.relay_has[addr] = _pieces_of(resp.headers.get(PIECES_HEADER, ""))
             if resp.status == 200:
                 if addr != ORIGIN:  # peer servers always honour Range
                     raise FetchFailed(f"{addr} ignored Range")
@@ -709,6 +846,7 @@ class Fetcher:
                     fetch.first_byte.setdefault(addr, time.time())
                 os.pwrite(fd, chunk, offset)
                 offset += len(chunk)
+                await fetch.arrived(piece, offset - start)
             fetch.last_byte[addr] = time.time()
         fetch.bytes_from[addr] = fetch.bytes_from.get(addr, 0) + (end - start)
         metrics.FETCHED_BYTES.labels(source="registry" if addr == ORIGIN else "inflight_peer" if relay
@@ -752,9 +890,21 @@ class Fetcher:
             waiting.exception()  # retrieved: only the workers waiting on it care
             raise
 
+    async def _verify(self, fetch: Fetch, fd: int) -> None:
+        if fetch.prefix is not None:
+            await fetch.prefix.stop(fetch)
+        await asyncio.get_running_loop().run_in_executor(None, self._verify_and_commit, fetch, fd)
+
     def _verify_and_commit(self, fetch: Fetch, fd: int) -> None:
-        """Hash what arrived; commit only the exact blob (fsync, read-only, atomic rename)."""
-        hasher, length = sha256_of_fd(fd)
+        """Hash what arrived (what the prefix hash has not covered, if no piece was written
+        again since, `PrefixHash`); commit only the exact blob (fsync, read-only, atomic rename)."""
+        prefix = fetch.prefix
+        if prefix is not None and prefix.offset and not fetch.repaired:
+            hasher, length = sha256_of_fd(fd, prefix.hasher.copy(), prefix.offset)
+            if length == fetch.size and "sha256:" + hasher.hexdigest() == fetch.digest:
+                self.store.blobs.commit_file(fd, fetch.path, fetch.digest, {})
+                return
+        hasher, length = sha256_of_fd(fd)  # the whole file: the shortcut cannot tell a liar's bytes
         got = "sha256:" + hasher.hexdigest()
         if length != fetch.size or got != fetch.digest:
             raise FetchFailed(f"peers sent bytes that do not match {fetch.digest} (got {got})")

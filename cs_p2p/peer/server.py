@@ -47,7 +47,7 @@ from ..httpserve import SentFileResponse, start_site
 from ..auth import HEADER, AuthError, Sealer
 from ..digests import parse_digest
 from ..errors import InvalidArgument
-from ..fetch.fetcher import PIECE, Fetch, Fetcher, FetchFailed
+from ..fetch.fetcher import PIECE, PIECES_HEADER, Fetch, Fetcher, FetchFailed
 from ..penalties import PeerLimits
 from .ledger import Ledger, UploadSlots, queue_wait
 from ..proofs import SIG_HEADER, answer, parse_challenge, signable
@@ -261,16 +261,15 @@ class PeerServer:
         return await self._growing(request, writer.total, writer.data_path, blob_path, digest, available)
 
     async def _relay(self, request: web.Request, fetch: Fetch, blob_path: str, digest: str) -> web.StreamResponse:
-        """Serve a blob this node is fetching, each piece once it has landed."""
+        """Serve a blob this node is fetching, its bytes as they land (`Fetch.wait_landed`)."""
         async def available(offset: int, stop: int) -> int:
-            n = min(stop, (offset // PIECE + 1) * PIECE) - offset
-            await fetch.wait_range(offset, n)
-            return offset + n
+            return min(stop, await fetch.wait_landed(offset))
 
-        return await self._growing(request, fetch.size, fetch.path, blob_path, digest, available)
+        return await self._growing(request, fetch.size, fetch.path, blob_path, digest, available,
+                                   lambda: {PIECES_HEADER: fetch.pieces_mask()})
 
     async def _growing(self, request: web.Request, size: int, data_path: str, blob_path: str, digest: str,
-                       available) -> web.StreamResponse:
+                       available, headers: Callable[[], dict[str, str]] = dict) -> web.StreamResponse:
         """Stream [start, stop) of a file still being written: `available(offset, stop)` waits
         until bytes up to some end past `offset` are there, or raises if they never will be."""
         if request.method == "HEAD":
@@ -284,12 +283,12 @@ class PeerServer:
             raise web.HTTPNotFound(text=f"blob {digest} not found") from None
         try:
             async with self._upload_slot(request):
-                return await self._send_growing(request, fd, digest, start, stop, size, available)
+                return await self._send_growing(request, fd, digest, start, stop, size, available, headers)
         finally:
             os.close(fd)
 
     async def _send_growing(self, request: web.Request, fd: int, digest: str, start: int, stop: int, size: int,
-                            available) -> web.StreamResponse:
+                            available, headers: Callable[[], dict[str, str]]) -> web.StreamResponse:
         """The response starts with the first bytes: a download that ends before it has any of
         the range (a follower's ingest handed over to its fetch, an abandoned one) is a 503, to
         be asked again, not a response cut short that a fetcher counts as the provider failing
@@ -301,7 +300,7 @@ class PeerServer:
         if end is None:
             raise web.HTTPServiceUnavailable(text=f"blob {digest}: the download this node serves it from has "
                                                   "stopped; ask again", headers={"Retry-After": "1"})
-        resp = await _start_body(request, digest, start, stop, size)
+        resp = await _start_body(request, digest, start, stop, size, headers())
         offset = start
         while offset < stop:
             if offset > start:
@@ -375,11 +374,12 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
     return start, stop
 
 
-async def _start_body(request: web.Request, digest: str, start: int, stop: int, size: int) -> web.StreamResponse:
+async def _start_body(request: web.Request, digest: str, start: int, stop: int, size: int,
+                      headers: dict[str, str] | None = None) -> web.StreamResponse:
     partial = request.headers.get("Range") is not None
     resp = web.StreamResponse(status=206 if partial else 200, headers={
         "Docker-Content-Digest": digest, "Content-Type": "application/octet-stream",
-        "Accept-Ranges": "bytes", "Content-Length": str(stop - start)})
+        "Accept-Ranges": "bytes", "Content-Length": str(stop - start), **(headers or {})})
     if partial:
         resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
     await resp.prepare(request)

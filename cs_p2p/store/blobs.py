@@ -61,8 +61,10 @@ _HASH_CHUNK = 1 << 20
 _buffers = threading.local()
 
 
-def sha256_of_fd(fd: int) -> tuple["hashlib._Hash", int]:
-    """Hash a file's contents from its start, in bounded chunks: (hasher, bytes read).
+def sha256_of_fd(fd: int, hasher: "hashlib._Hash | None" = None, start: int = 0,
+                 end: int | None = None) -> tuple["hashlib._Hash", int]:
+    """Hash a file's contents from `start` (its start) to `end` (its end), in bounded chunks,
+    into `hasher` (a new one): (hasher, the offset reached).
 
     Each thread reads into one buffer of its own, again and again: a fresh multi-MiB bytes
     object per chunk made every worker thread's malloc arena keep that much (the daemon's
@@ -70,9 +72,9 @@ def sha256_of_fd(fd: int) -> tuple["hashlib._Hash", int]:
     buf = getattr(_buffers, "buf", None)
     if buf is None:
         buf = _buffers.buf = memoryview(bytearray(_HASH_CHUNK))
-    hasher = hashlib.sha256()
-    offset = 0
-    while n := os.preadv(fd, [buf], offset):
+    hasher = hasher or hashlib.sha256()
+    offset = start
+    while (end is None or offset < end) and (n := os.preadv(fd, [buf if end is None else buf[:end - offset]], offset)):
         hasher.update(buf[:n])
         offset += n
     return hasher, offset
