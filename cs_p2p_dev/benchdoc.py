@@ -10,6 +10,7 @@ DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "d
 def write_section(path: str, section: str, head: str) -> None:
     """Replace the section starting at `head` (or append it), keeping the others."""
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
+    section = section.rstrip("\n") + "\n\n"  # a blank line before the next section
     if head in text:
         start = text.index(head)
         nxt = text.find("\n## ", start + len(head))

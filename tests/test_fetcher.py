@@ -7,6 +7,7 @@ import hashlib
 import os
 import time
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -14,7 +15,7 @@ from cs_p2p.dht.providers import ProviderRecord
 from cs_p2p.fetch.fetcher import PIECE, FetchFailed, Fetcher
 from cs_p2p.peer.server import PeerServer
 from cs_p2p.store import LocalStore
-from tests.test_peer_server import commit
+from tests.test_peer_server import commit, wait_until
 
 DATA = os.urandom(3 * PIECE + 12345)  # four pieces
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -152,8 +153,6 @@ class HttpOrigin:
     """The blob's registry, as the mirror's `RegistryOrigin` presents it: ranges over HTTP."""
 
     def __init__(self, base: str) -> None:
-        import aiohttp
-
         self.base = base
         self.session = aiohttp.ClientSession()
         self.ranges: list[tuple[int, int]] = []
@@ -324,8 +323,6 @@ async def test_a_registry_that_ignores_range_sends_the_blob_once_in_bounded_memo
     the file (registry bytes 1x the blob, not one blob per piece), none held in memory."""
     import tracemalloc
 
-    import aiohttp
-
     served = []
 
     async def whole(request: web.Request) -> web.StreamResponse:
@@ -354,3 +351,84 @@ async def test_a_registry_that_ignores_range_sends_the_blob_once_in_bounded_memo
     finally:
         await origin.session.close()
         await runner.cleanup()
+
+
+async def test_a_relay_forwards_what_has_landed_and_says_which_pieces_it_has(fetcher, tmp_path):
+    """A node fetching a blob serves it on as it lands: bytes of its last piece before that
+    piece is whole, and so before the blob is verified (the follower verifies it itself), with
+    the pieces it has whole and arriving in a header; its digest follows the whole pieces."""
+    from cs_p2p.fetch.fetcher import PIECES_HEADER
+
+    gate = asyncio.Event()
+    last = 3 * PIECE  # the last piece's first byte
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        rng = request.http_range
+        start, stop = rng.start or 0, rng.stop or len(DATA)
+        resp = web.StreamResponse(status=206, headers={"Content-Length": str(stop - start)})
+        await resp.prepare(request)
+        if start == last:  # the last piece: its first 8 KiB, then the rest once the test says so
+            await resp.write(DATA[start:start + 8192])
+            await gate.wait()
+            start += 8192
+        await resp.write(DATA[start:stop])
+        return resp
+
+    runner, addr = await serve_blobs(upstream)
+    relay = PeerServer(fetcher.store, fetcher=fetcher)
+    port = await relay.start("127.0.0.1", 0)
+    try:
+        fetch = fetcher.start(DIGEST, len(DATA), [record(addr)])
+        await wait_until(lambda: fetch.done_pieces == {0, 1, 2} and fetch.landed.get(3, 0) >= 8192, 10,
+                         "three pieces and the last one's first bytes")
+        await wait_until(lambda: fetch.prefix.offset == last, 10, "the digest to take in the three whole pieces")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/blobs/{DIGEST}", headers={"Range": f"bytes={last}-"}) as r:
+                assert r.status == 206 and r.headers[PIECES_HEADER] == "7,8"  # 0-2 whole, 3 arriving
+                assert await asyncio.wait_for(r.content.readexactly(8192), 10) == DATA[last:last + 8192]
+                assert not fetch.committed
+                gate.set()
+                assert await r.content.read() == DATA[last + 8192:]
+        await fetch.task
+        assert fetch.committed and open(fetcher.store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
+    finally:
+        gate.set()
+        await relay.stop()
+        await runner.cleanup()
+
+
+def test_a_follower_asks_a_relay_first_for_what_it_has_whole_then_for_what_is_arriving():
+    from cs_p2p.fetch.fetcher import _next_piece, _pieces_of
+
+    todo = [0, 1, 2, 5, 9]
+    whole, arriving = _pieces_of("220,2")  # pieces 5 and 9 whole, piece 1 arriving
+    assert todo[_next_piece(todo, whole, arriving)] == 5
+    assert todo[_next_piece(todo, 0, arriving)] == 1
+    assert _next_piece(todo, 0, 0) == 0  # nothing known (a holder, or a relay not asked yet): in order
+    assert _pieces_of("") == _pieces_of("zz,1") == (0, 0)  # no header, or a bad one: nothing known
+
+
+async def test_blobs_fetched_together_come_from_the_registry_in_one_range_each(tmp_path, monkeypatch):
+    """Alone, a blob comes in several ranges at once; four at once fill the link already and
+    come in one range each, so each arrives in order (what relaying nodes forward at once)."""
+    from cs_p2p.fetch import fetcher as fetcher_module
+
+    monkeypatch.setattr(fetcher_module, "REGISTRY_SPAN", PIECE)
+    store = LocalStore(str(tmp_path / "registry"))
+    blobs = [os.urandom(4 * PIECE) for _ in range(5)]
+    digests = [await commit(store, b, ref=f"r{i}") for i, b in enumerate(blobs)]
+    registry = PeerServer(store)
+    origin = HttpOrigin(f"http://127.0.0.1:{await registry.start('127.0.0.1', 0)}")
+    me = Fetcher(LocalStore(str(tmp_path / "me")))
+    try:
+        alone = me.start(digests[0], len(blobs[0]), [], origin=origin)
+        await alone.task
+        assert len(origin.ranges) == fetcher_module.REGISTRY_STREAMS
+        origin.ranges.clear()
+        together = [me.start(d, len(b), [], origin=origin) for d, b in zip(digests[1:], blobs[1:])]
+        await asyncio.gather(*(f.task for f in together))
+        assert all(f.committed for f in together) and sorted(origin.ranges) == [(0, 4 * PIECE)] * 4
+    finally:
+        await me.close()
+        await origin.session.close()
+        await registry.stop()
