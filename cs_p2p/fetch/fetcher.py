@@ -555,7 +555,6 @@ class Fetcher:
             log.info("no peer holds it: fetching from the registry", extra=extra)
         else:
             log.warning("peers failed: finishing from the registry", extra=extra)
-        loop = asyncio.get_running_loop()
         try:
             await self._from_registry(fetch, fd, [p for p in range(fetch.pieces) if p not in fetch.done_pieces])
             try:
@@ -665,7 +664,6 @@ class Fetcher:
         Without per-piece hashes the whole-blob digest is the only truth: the provider whose
         pieces, fetched elsewhere, make the blob verify is the one that lied, and is banned.
         """
-        loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         try:
             await self._verify(fetch, fd)
