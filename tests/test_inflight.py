@@ -172,6 +172,36 @@ def test_a_follower_relays_what_it_has_to_nodes_that_started_after_it(pair, thir
         ch.close()
 
 
+def test_a_node_whose_info_finds_only_downloads_in_flight_follows_the_last_to_start(pair, third,
+                                                                                    sessions):  # noqa: F811
+    """a's containerd downloads the blob, b follows a; c's Info finds both still in flight and
+    fetches from b alone (a chain), not from a, whose uplink would then carry it twice."""
+    a, a_peer, _, b, b_dht = pair
+    c, _ = third
+    first = half_written(sessions, a, a_peer, b_dht)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        second = sessions(b)
+        second.send(action=pb.STAT, ref=REF, total=len(DATA))
+        b_status = pool.submit(second.send, action=pb.STAT)  # b follows a
+        b_peer = wait_for(lambda: [ln.split()[1] for ln in locate(DIGEST, b_dht).splitlines()
+                                   if "in-flight" in ln and a_peer not in ln], 30, "b's in-flight record")[0]
+        ch, stub = content_stub(c)
+        try:
+            assert info_size(stub, DIGEST) == len(DATA)  # claimed: c fetches it
+        finally:
+            ch.close()
+        first.send(action=pb.WRITE, offset=HALF, data=DATA[HALF:])
+        first.send(action=pb.COMMIT, offset=len(DATA), total=len(DATA), expected=DIGEST)
+        assert b_status.result(timeout=60).offset == len(DATA)
+
+    def fetched() -> list[dict]:
+        return [json.loads(line) for line in open(c.proc.log_path) if "fetched from peers" in line]
+
+    wait_for(lambda: DIGEST in c.blob_digests() and fetched(), 60, "c's fetch to commit and be logged")
+    assert list(fetched()[-1]["sources"]) == [b_peer]
+    assert open(c.blob_path(DIGEST), "rb").read() == DATA
+
+
 def test_a_fetch_that_info_started_is_relayed_to_nodes_asking_later(p2p_node):
     """Node b's Info starts a fetch from a (slowed by a rate limit); b is announced in flight,
     and node c, asking after it, fetches from a and b instead of from a alone."""
