@@ -15,7 +15,8 @@ from aiohttp import web
 from cs_p2p.apply.pool import ApplyPool
 from cs_p2p.apply.worker import Target
 from cs_p2p.dht.providers import ProviderRecord
-from cs_p2p.fetch.fetcher import PIECE, Fetcher
+from cs_p2p.fetch.fetcher import Fetcher
+from cs_p2p.fetch.pieces import PIECE
 from cs_p2p.store import LocalStore
 from tests.test_diff_service import layer_tar
 from tests.test_fetcher import HttpOrigin, serve_blobs

@@ -12,7 +12,8 @@ import pytest
 from aiohttp import web
 
 from cs_p2p.dht.providers import ProviderRecord
-from cs_p2p.fetch.fetcher import PIECE, FetchFailed, Fetcher
+from cs_p2p.fetch.fetcher import Fetcher
+from cs_p2p.fetch.pieces import PIECE, FetchFailed
 from cs_p2p.peer.server import PeerServer
 from cs_p2p.store import LocalStore
 from tests.test_peer_server import commit, wait_until
@@ -357,7 +358,7 @@ async def test_a_relay_forwards_what_has_landed_and_says_which_pieces_it_has(fet
     """A node fetching a blob serves it on as it lands: bytes of its last piece before that
     piece is whole, and so before the blob is verified (the follower verifies it itself), with
     the pieces it has whole and arriving in a header; its digest follows the whole pieces."""
-    from cs_p2p.fetch.fetcher import PIECES_HEADER
+    from cs_p2p.fetch.pieces import PIECES_HEADER
 
     gate = asyncio.Event()
     last = 3 * PIECE  # the last piece's first byte
@@ -398,14 +399,14 @@ async def test_a_relay_forwards_what_has_landed_and_says_which_pieces_it_has(fet
 
 
 def test_a_follower_asks_a_relay_first_for_what_it_has_whole_then_for_what_is_arriving():
-    from cs_p2p.fetch.fetcher import _next_piece, _pieces_of
+    from cs_p2p.fetch.pieces import next_piece, pieces_of
 
     todo = [0, 1, 2, 5, 9]
-    whole, arriving = _pieces_of("220,2")  # pieces 5 and 9 whole, piece 1 arriving
-    assert todo[_next_piece(todo, whole, arriving)] == 5
-    assert todo[_next_piece(todo, 0, arriving)] == 1
-    assert _next_piece(todo, 0, 0) == 0  # nothing known (a holder, or a relay not asked yet): in order
-    assert _pieces_of("") == _pieces_of("zz,1") == (0, 0)  # no header, or a bad one: nothing known
+    whole, arriving = pieces_of("220,2")  # pieces 5 and 9 whole, piece 1 arriving
+    assert todo[next_piece(todo, whole, arriving)] == 5
+    assert todo[next_piece(todo, 0, arriving)] == 1
+    assert next_piece(todo, 0, 0) == 0  # nothing known (a holder, or a relay not asked yet): in order
+    assert pieces_of("") == pieces_of("zz,1") == (0, 0)  # no header, or a bad one: nothing known
 
 
 async def test_blobs_fetched_together_come_from_the_registry_in_one_range_each(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
 from ..errors import Aborted, LayerRejected
-from ..fetch.fetcher import Fetch, FetchFailed
+from ..fetch.pieces import Fetch, FetchFailed
 from ..timeline import TIMELINE
 from . import worker
 from .layerfs import InvalidLayer

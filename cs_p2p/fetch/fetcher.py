@@ -10,7 +10,7 @@ announced.  `wait_range` lets `Read` stream bytes as soon as their piece is on d
 A node still fetching a blob relays it (the peer server, `wait_landed`): each byte as it
 lands, so a chain of nodes that started together forwards at the speed of its first link.
 Its responses say which pieces it has whole and which are arriving (`PIECES_HEADER`), and a
-follower asks for those first (`_next_piece`), with a few requests waiting there at once.
+follower asks for those first (`next_piece`), with a few requests waiting there at once.
 
 Concurrent requests for one digest share one fetch.
 
@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import os
 import ssl
 import time
-from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
 import aiohttp
@@ -52,6 +50,7 @@ from ..proofs import SIG_HEADER, Challenge
 from ..store import LocalStore
 from ..store.blobs import sha256_of_fd
 from ..timeline import TIMELINE
+from .pieces import PIECE, PIECES_HEADER, Fetch, FetchFailed, Origin, PrefixHash, next_piece, pieces_of
 
 
 class Ledger(Protocol):
@@ -64,7 +63,6 @@ class Ledger(Protocol):
 
 log = logging.getLogger("cs_p2p.fetch")
 
-PIECE = 4 << 20
 MAX_WORKERS = 8
 WORKERS_PER_HOLDER = 2
 WORKERS_PER_RELAY = 4
@@ -85,8 +83,6 @@ MAX_REMEMBERED = 4096  # providers remembered as proven, reachable or failing
 RECENT = 20  # fetches and bans `cs-p2p status` shows
 
 
-PIECES_HEADER = "X-CS-P2P-Pieces"  # a relay's pieces when its response began: "<whole>,<arriving>", hex bit masks
-RELAY_STEP = 256 << 10  # bytes of a piece that arrive between wake-ups of the relays forwarding it
 REGISTRY_SPAN = 16 << 20  # bytes a request to the registry asks for, at least
 REGISTRY_STREAMS = 4  # requests to the registry at once for one blob
 REGISTRY_RETRIES = 3  # times a broken-off registry response is resumed
@@ -112,34 +108,6 @@ def registry_spans(pieces: list[int], size: int, streams: int = REGISTRY_STREAMS
     return spans
 
 
-def _next_piece(todo: list[int], whole: int, arriving: int) -> int:
-    """The index in `todo` of the piece to ask a provider for: the first one it was last
-    known to have whole, else one arriving there (its bytes are forwarded as they land), else
-    the first.  A relay fills its pieces in the order its own sources send them (a registry
-    sends a blob as a few ranges at once, a relay's follower takes what it has first): asking
-    in that order keeps a follower as far along as the node it follows, where asking in
-    order left it waiting on pieces the relay had not begun."""
-    for known in (whole, arriving):
-        if known:
-            for i, p in enumerate(todo):
-                if known >> p & 1:
-                    return i
-    return 0
-
-
-def _pieces_of(header: str) -> tuple[int, int]:
-    """(whole, arriving) bit masks of a relay's `PIECES_HEADER`; none if it is missing or bad."""
-    try:
-        whole, arriving = header.split(",")
-        return int(whole, 16), int(arriving, 16)
-    except ValueError:
-        return 0, 0
-
-
-class FetchFailed(Exception):
-    pass
-
-
 class NoPeers(FetchFailed):
     """A fetch started with no provider: one for the cluster (`placement`), straight to the registry."""
 
@@ -149,152 +117,6 @@ class NoPeers(FetchFailed):
 
 class ProviderBusy(Exception):
     """503: all upload slots taken.  Not the provider's fault; try again a little later."""
-
-
-class Origin(Protocol):
-    """Where a blob lives upstream: the registry and repository it was pulled from."""
-
-    async def open_range(self, digest: str, start: int, end: int) -> aiohttp.ClientResponse:
-        """A 206 with bytes [start, end), or a 200 with the whole blob; FetchFailed if not."""
-        ...
-
-
-@dataclass
-class Fetch:
-    digest: str
-    size: int
-    path: str
-    pieces: int
-    done_pieces: set[int] = field(default_factory=set)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    error: str | None = None
-    committed: bool = False
-    task: asyncio.Task | None = None
-    bytes_from: dict[str, int] = field(default_factory=dict)
-    source: dict[int, str] = field(default_factory=dict)  # piece -> provider that sent it
-    trusted: Callable[[str], bool] = lambda addr: True  # whose unverified pieces `Read` may stream
-    origin: Origin | None = None  # the registry, known from the start (a claim) or once peers failed
-    whole_body: "asyncio.Future | None" = None  # the registry ignored Range: one response streams it all
-    repaired: bool = False  # pieces were written again: what was streamed of them may be wrong
-    started: float = field(default_factory=time.time)  # unix time (the timeline's clock)
-    first_byte: dict[str, float] = field(default_factory=dict)  # source -> unix time of its first byte
-    last_byte: dict[str, float] = field(default_factory=dict)  # source -> unix time its last piece ended
-    landed: dict[int, int] = field(default_factory=dict)  # piece -> bytes of it written so far, from its start
-    prefix: "PrefixHash | None" = None  # the digest of the whole pieces from the start, as they land
-    relay_has: dict[str, tuple[int, int]] = field(default_factory=dict)  # relay -> its pieces (`pieces_mask`)
-
-    def covered(self, offset: int, n: int, trusted_only: bool = False) -> bool:
-        first, last = offset // PIECE, (offset + max(n, 1) - 1) // PIECE
-        return all(p in self.done_pieces and (not trusted_only or self.trusted(self.source.get(p, "")))
-                   for p in range(first, min(last, self.pieces - 1) + 1))
-
-    async def wait_range(self, offset: int, n: int, trusted_only: bool = False) -> None:
-        """Return when [offset, offset+n) is on disk; raise FetchFailed if the fetch failed.
-
-        A range that reaches the end of the blob waits for the digest check: a reader never
-        gets a whole blob before it is verified, so corrupt data cannot pass as complete.
-        With `trusted_only`, so does a range with pieces of providers not proven honest yet.
-        """
-        tail = offset + n >= self.size
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.error is not None or self.committed
-                                        or (not tail and self.covered(offset, n, trusted_only)))
-        if self.error is not None and not self.committed:
-            raise FetchFailed(self.error)
-
-    def landed_end(self, offset: int) -> int:
-        """The end of the bytes written from `offset` on without a gap: whole pieces, then
-        what has arrived of the next one (none of it verified yet)."""
-        if self.committed:
-            return self.size
-        piece, end = offset // PIECE, offset
-        while piece < self.pieces and piece in self.done_pieces:
-            piece += 1
-            end = min(self.size, piece * PIECE)
-        if piece < self.pieces:
-            end = max(end, piece * PIECE + self.landed.get(piece, 0))
-        return end
-
-    async def wait_landed(self, offset: int) -> int:
-        """Return once bytes from `offset` on have been written, with the end of them;
-        FetchFailed if the fetch failed first.  Unverified, the last piece too: for a relay,
-        whose follower verifies the blob itself, so a chain of nodes forwards each byte as it
-        arrives instead of one piece, and the blob's verification, per hop."""
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.error is not None or self.landed_end(offset) > offset)
-        if self.error is not None and not self.committed:
-            raise FetchFailed(self.error)
-        return self.landed_end(offset)
-
-    async def arrived(self, piece: int, n: int) -> None:
-        """`n` bytes of `piece` are written from its start: relays waiting on them are woken
-        every `RELAY_STEP` bytes (each wake-up costs every waiter a check)."""
-        before = self.landed.get(piece, 0)
-        if n > before:
-            self.landed[piece] = n
-            if n // RELAY_STEP != before // RELAY_STEP:
-                await self._notify()
-
-    def pieces_mask(self) -> str:
-        """`PIECES_HEADER`: the pieces on disk whole, and those arriving (some bytes landed)."""
-        whole = sum(1 << p for p in self.done_pieces)
-        arriving = sum(1 << p for p, n in self.landed.items() if n and p not in self.done_pieces)
-        return f"{whole:x},{arriving:x}"
-
-    def open(self, committed_path: str) -> int:
-        """A read-only fd of the file this fetch writes into, or of the blob it has just been
-        committed as; FetchFailed if it ended without a commit."""
-        for path in (self.path, committed_path):
-            try:
-                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-        raise FetchFailed(self.error or "the fetch ended without a commit")
-
-    async def _notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
-
-
-class PrefixHash:
-    """The blob's sha256 over its whole pieces from the start, fed as they land, so that the
-    verification at the fetch's end reads only the rest instead of the whole blob again (on a
-    node also relaying and applying, 0.3-0.8 s for 64 MiB, on the pull's path: the applier's
-    last piece waits for it).  Only a shortcut: a fetch with pieces written again, or whose
-    shortcut does not match, is hashed whole.  Reads a duplicate of the fetch's fd, closed when
-    it stops, so the fetch may close its own whenever it ends."""
-
-    def __init__(self, fetch: Fetch, fd: int) -> None:
-        self.hasher = hashlib.sha256()
-        self.offset = 0  # bytes hashed
-        self.stopping = False
-        self._task = asyncio.get_running_loop().create_task(self._follow(fetch, os.dup(fd)))
-
-    def _prefix_end(self, fetch: Fetch) -> int:
-        piece = self.offset // PIECE
-        while piece in fetch.done_pieces:
-            piece += 1
-        return min(fetch.size, piece * PIECE)
-
-    async def _follow(self, fetch: Fetch, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while not self.stopping and not fetch.repaired:
-                end = self._prefix_end(fetch)
-                if end > self.offset:
-                    self.hasher, self.offset = await loop.run_in_executor(None, sha256_of_fd, fd, self.hasher,
-                                                                          self.offset, end)
-                    continue
-                async with fetch.changed:
-                    await fetch.changed.wait_for(lambda: self.stopping or self._prefix_end(fetch) > self.offset)
-        finally:
-            os.close(fd)
-
-    async def stop(self, fetch: Fetch) -> None:
-        """Stop after the chunk being hashed, if any: the hasher is then the caller's."""
-        self.stopping = True
-        await fetch._notify()
-        await asyncio.wait([self._task])
 
 
 def _host(addr: str) -> str:
@@ -732,7 +554,7 @@ class Fetcher:
                     raise FetchFailed(f"no provider left to fetch from{last_error}")
                 addr = self._choose(alive, load, turn)
                 turn += 1
-                piece = todo.pop(_next_piece(todo, *fetch.relay_has.get(addr, (0, 0))))
+                piece = todo.pop(next_piece(todo, *fetch.relay_has.get(addr, (0, 0))))
                 if fetch.whole_body is not None and fetch.whole_body.done() and fetch.source.get(piece) == ORIGIN:
                     continue  # written by the registry's whole body
                 load[addr] = load.get(addr, 0) + 1
@@ -828,7 +650,7 @@ class Fetcher:
             if resp.status not in (200, 206):
                 raise FetchFailed(f"{addr} answered {resp.status}")
             if relay:
-                fetch.relay_has[addr] = _pieces_of(resp.headers.get(PIECES_HEADER, ""))
+                fetch.relay_has[addr] = pieces_of(resp.headers.get(PIECES_HEADER, ""))
             if resp.status == 200:
                 if addr != ORIGIN:  # peer servers always honour Range
                     raise FetchFailed(f"{addr} ignored Range")

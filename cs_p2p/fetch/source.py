@@ -40,7 +40,8 @@ from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
 from ..errors import NotFound
 from ..timeline import TIMELINE
-from .fetcher import Fetch, Fetcher, Origin
+from .fetcher import Fetcher
+from .pieces import Fetch, Origin
 
 log = logging.getLogger("cs_p2p.fetch")
 

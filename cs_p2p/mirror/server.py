@@ -45,7 +45,7 @@ from .. import __version__
 from ..config import MirrorRegistry
 from ..digests import parse_digest
 from ..errors import InvalidArgument
-from ..fetch.fetcher import FetchFailed
+from ..fetch.pieces import FetchFailed
 from ..fetch.origin import Location, Origins
 from ..httpserve import SentFileResponse, start_site
 from ..purges import PurgeList

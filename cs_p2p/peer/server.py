@@ -47,7 +47,8 @@ from ..httpserve import SentFileResponse, start_site
 from ..auth import HEADER, AuthError, Sealer
 from ..digests import parse_digest
 from ..errors import InvalidArgument
-from ..fetch.fetcher import PIECE, PIECES_HEADER, Fetch, Fetcher, FetchFailed
+from ..fetch.fetcher import Fetcher
+from ..fetch.pieces import PIECE, PIECES_HEADER, Fetch, FetchFailed
 from ..penalties import PeerLimits
 from .ledger import Ledger, UploadSlots, queue_wait
 from ..proofs import SIG_HEADER, answer, parse_challenge, signable

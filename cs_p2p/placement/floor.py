@@ -26,7 +26,7 @@ from kademlia.node import Node
 
 from ..dht.node import DhtNode
 from ..dht.providers import ProviderRecord
-from ..fetch.fetcher import Fetch
+from ..fetch.pieces import Fetch
 from ..store import LocalStore
 from .challenger import jittered
 from ..dht.demand import extra_replicas

@@ -24,7 +24,7 @@ from ..api import content_pb2 as pb
 from ..api import content_pb2_grpc as pb_grpc
 from ..digests import parse_digest
 from ..errors import Aborted, AlreadyExists, InvalidArgument, NotFound, OutOfRange
-from ..fetch.fetcher import Fetch, FetchFailed
+from ..fetch.pieces import Fetch, FetchFailed
 from ..filters import info_adaptor, parse_filters, status_adaptor
 from ..store import BlobInfo, IngestStatus, IngestWriter, LocalStore
 from ..store.ingest import digest_in_ref
