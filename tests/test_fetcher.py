@@ -399,13 +399,14 @@ async def test_a_relay_forwards_what_has_landed_and_says_which_pieces_it_has(fet
 
 
 def test_a_follower_asks_a_relay_first_for_what_it_has_whole_then_for_what_is_arriving():
-    from cs_p2p.fetch.pieces import next_piece, pieces_of
+    from cs_p2p.fetch.fetcher import _next_piece
+    from cs_p2p.fetch.pieces import pieces_of
 
     todo = [0, 1, 2, 5, 9]
     whole, arriving = pieces_of("220,2")  # pieces 5 and 9 whole, piece 1 arriving
-    assert todo[next_piece(todo, whole, arriving)] == 5
-    assert todo[next_piece(todo, 0, arriving)] == 1
-    assert next_piece(todo, 0, 0) == 0  # nothing known (a holder, or a relay not asked yet): in order
+    assert todo[_next_piece(todo, whole, arriving)] == 5
+    assert todo[_next_piece(todo, 0, arriving)] == 1
+    assert _next_piece(todo, 0, 0) == 0  # nothing known (a holder, or a relay not asked yet): in order
     assert pieces_of("") == pieces_of("zz,1") == (0, 0)  # no header, or a bad one: nothing known
 
 

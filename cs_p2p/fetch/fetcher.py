@@ -10,7 +10,7 @@ announced.  `wait_range` lets `Read` stream bytes as soon as their piece is on d
 A node still fetching a blob relays it (the peer server, `wait_landed`): each byte as it
 lands, so a chain of nodes that started together forwards at the speed of its first link.
 Its responses say which pieces it has whole and which are arriving (`PIECES_HEADER`), and a
-follower asks for those first (`next_piece`), with a few requests waiting there at once.
+follower asks for those first (`_next_piece`), with a few requests waiting there at once.
 
 Concurrent requests for one digest share one fetch.
 
@@ -50,7 +50,7 @@ from ..proofs import SIG_HEADER, Challenge
 from ..store import LocalStore
 from ..store.blobs import sha256_of_fd
 from ..timeline import TIMELINE
-from .pieces import PIECE, PIECES_HEADER, Fetch, FetchFailed, Origin, PrefixHash, next_piece, pieces_of
+from .pieces import PIECE, PIECES_HEADER, Fetch, FetchFailed, Origin, PrefixHash, pieces_of
 
 
 class Ledger(Protocol):
@@ -106,6 +106,21 @@ def registry_spans(pieces: list[int], size: int, streams: int = REGISTRY_STREAMS
             spans.append((a, min(b, a + per - 1)))
             a += per
     return spans
+
+
+def _next_piece(todo: list[int], whole: int, arriving: int) -> int:
+    """The index in `todo` of the piece to ask a provider for: the first one it was last
+    known to have whole, else one arriving there (its bytes are forwarded as they land), else
+    the first.  A relay fills its pieces in the order its own sources send them (a registry
+    sends a blob as a few ranges at once, a relay's follower takes what it has first): asking
+    in that order keeps a follower as far along as the node it follows, where asking in
+    order left it waiting on pieces the relay had not begun."""
+    for known in (whole, arriving):
+        if known:
+            for i, p in enumerate(todo):
+                if known >> p & 1:
+                    return i
+    return 0
 
 
 class NoPeers(FetchFailed):
@@ -554,7 +569,7 @@ class Fetcher:
                     raise FetchFailed(f"no provider left to fetch from{last_error}")
                 addr = self._choose(alive, load, turn)
                 turn += 1
-                piece = todo.pop(next_piece(todo, *fetch.relay_has.get(addr, (0, 0))))
+                piece = todo.pop(_next_piece(todo, *fetch.relay_has.get(addr, (0, 0))))
                 if fetch.whole_body is not None and fetch.whole_body.done() and fetch.source.get(piece) == ORIGIN:
                     continue  # written by the registry's whole body
                 load[addr] = load.get(addr, 0) + 1

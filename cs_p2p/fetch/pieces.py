@@ -22,21 +22,6 @@ PIECES_HEADER = "X-CS-P2P-Pieces"  # a relay's pieces when its response began: "
 RELAY_STEP = 256 << 10  # bytes of a piece that arrive between wake-ups of the relays forwarding it
 
 
-def next_piece(todo: list[int], whole: int, arriving: int) -> int:
-    """The index in `todo` of the piece to ask a provider for: the first one it was last
-    known to have whole, else one arriving there (its bytes are forwarded as they land), else
-    the first.  A relay fills its pieces in the order its own sources send them (a registry
-    sends a blob as a few ranges at once, a relay's follower takes what it has first): asking
-    in that order keeps a follower as far along as the node it follows, where asking in
-    order left it waiting on pieces the relay had not begun."""
-    for known in (whole, arriving):
-        if known:
-            for i, p in enumerate(todo):
-                if known >> p & 1:
-                    return i
-    return 0
-
-
 def pieces_of(header: str) -> tuple[int, int]:
     """(whole, arriving) bit masks of a relay's `PIECES_HEADER`; none if it is missing or bad."""
     try:
