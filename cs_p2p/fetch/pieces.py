@@ -80,11 +80,7 @@ class Fetch:
         With `trusted_only`, so does a range with pieces of providers not proven honest yet.
         """
         tail = offset + n >= self.size
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.error is not None or self.committed
-                                        or (not tail and self.covered(offset, n, trusted_only)))
-        if self.error is not None and not self.committed:
-            raise FetchFailed(self.error)
+        await self._until(lambda: self.committed or (not tail and self.covered(offset, n, trusted_only)))
 
     def landed_end(self, offset: int) -> int:
         """The end of the bytes written from `offset` on without a gap: whole pieces, then
@@ -104,11 +100,15 @@ class Fetch:
         FetchFailed if the fetch failed first.  Unverified, the last piece too: for a relay,
         whose follower verifies the blob itself, so a chain of nodes forwards each byte as it
         arrives instead of one piece, and the blob's verification, per hop."""
+        await self._until(lambda: self.landed_end(offset) > offset)
+        return self.landed_end(offset)
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        """Return once `ready()` holds, checked at every change; FetchFailed if the fetch fails first."""
         async with self.changed:
-            await self.changed.wait_for(lambda: self.error is not None or self.landed_end(offset) > offset)
+            await self.changed.wait_for(lambda: self.error is not None or ready())
         if self.error is not None and not self.committed:
             raise FetchFailed(self.error)
-        return self.landed_end(offset)
 
     async def arrived(self, piece: int, n: int) -> None:
         """`n` bytes of `piece` are written from its start: relays waiting on them are woken
