@@ -64,6 +64,18 @@ def half_written(sessions, node, peer_addr: str, dht: str):
     return w
 
 
+def follows(sessions, node, pool, earlier_peer: str, dht: str):
+    """`node`'s containerd starts the same download and follows the earlier node (its second
+    STAT, answered once the blob is there, runs in `pool`): (that STAT's future, `node`'s peer
+    address from its in-flight record)."""
+    w = sessions(node)
+    w.send(action=pb.STAT, ref=REF, total=len(DATA))
+    status = pool.submit(w.send, action=pb.STAT)
+    peer = wait_for(lambda: [ln.split()[1] for ln in locate(DIGEST, dht).splitlines()
+                             if "in-flight" in ln and earlier_peer not in ln], 30, "the follower's in-flight record")[0]
+    return status, peer
+
+
 def test_ingest_is_announced_and_its_prefix_served_while_written(pair, sessions):  # noqa: F811
     a, a_peer, _, _, b_dht = pair
     w = half_written(sessions, a, a_peer, b_dht)
@@ -146,16 +158,9 @@ def third(pair, workdir):  # noqa: F811
 def test_a_follower_relays_what_it_has_to_nodes_that_started_after_it(pair, third, sessions):  # noqa: F811
     a, a_peer, _, b, b_dht = pair
     c, _ = third
-    first = sessions(a)
-    start_download(first)
-    first.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
-    wait_for(lambda: a_peer in locate(DIGEST, b_dht), 30, "in-flight record")
+    first = half_written(sessions, a, a_peer, b_dht)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        second = sessions(b)
-        second.send(action=pb.STAT, ref=REF, total=len(DATA))
-        b_status = pool.submit(second.send, action=pb.STAT)  # b follows a
-        b_peer = wait_for(lambda: [ln.split()[1] for ln in locate(DIGEST, b_dht).splitlines()
-                                   if "in-flight" in ln and a_peer not in ln], 30, "b's in-flight record")[0]
+        b_status, b_peer = follows(sessions, b, pool, a_peer, b_dht)
         third_ = sessions(c)
         third_.send(action=pb.STAT, ref=REF, total=len(DATA))
         c_status = pool.submit(third_.send, action=pb.STAT)  # c follows a and b
@@ -180,11 +185,7 @@ def test_a_node_whose_info_finds_only_downloads_in_flight_follows_the_last_to_st
     c, _ = third
     first = half_written(sessions, a, a_peer, b_dht)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        second = sessions(b)
-        second.send(action=pb.STAT, ref=REF, total=len(DATA))
-        b_status = pool.submit(second.send, action=pb.STAT)  # b follows a
-        b_peer = wait_for(lambda: [ln.split()[1] for ln in locate(DIGEST, b_dht).splitlines()
-                                   if "in-flight" in ln and a_peer not in ln], 30, "b's in-flight record")[0]
+        b_status, b_peer = follows(sessions, b, pool, a_peer, b_dht)
         ch, stub = content_stub(c)
         try:
             assert info_size(stub, DIGEST) == len(DATA)  # claimed: c fetches it
