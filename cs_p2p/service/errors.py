@@ -46,18 +46,18 @@ def _code_of(exc: BaseException) -> str:
 @contextlib.asynccontextmanager
 async def _mapped(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """Errors of the body become statuses; the call is counted by the status containerd sees."""
-    code = "OK"
     try:
         yield
     except (ContentError, OSError) as exc:
         status, message = _status_for(exc)
-        code = status.name
+        # Counted before the abort: abort sends the status to containerd before it returns.
+        metrics.GRPC_CALLS.labels(method=method, code=status.name).inc()
         await context.abort(status, message)
     except BaseException as exc:
-        code = _code_of(exc)
+        metrics.GRPC_CALLS.labels(method=method, code=_code_of(exc)).inc()
         raise
-    finally:
-        metrics.GRPC_CALLS.labels(method=method, code=code).inc()
+    else:
+        metrics.GRPC_CALLS.labels(method=method, code="OK").inc()
 
 
 def grpc_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
