@@ -246,3 +246,39 @@ async def test_a_lookup_gives_providers_as_it_meets_them_and_goes_on_when_asked(
     async for batch in nodes[6].providers_as_found(D1):
         assert batch
         break
+
+
+async def test_a_node_that_knows_fewer_than_k_others_asks_them_all_at_once(network):
+    nodes = await network(12)  # fewer than k (20): every node is among the k closest to any key
+    await nodes[1].announce(D1, 5)
+    asker = nodes[7]
+    known = len(asker.protocol.router.find_neighbors(asker.protocol.source_node, 60))
+    assert known == 11
+    in_flight, most = 0, 0
+    ask = asker.protocol.call_get_providers
+
+    async def counted(node, key):
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await ask(node, key)
+        finally:
+            in_flight -= 1
+
+    asker.protocol.call_get_providers = counted
+    found = await asker.find_providers(D1)
+    assert [r.node_id for r in found] == [nodes[1].node_id]
+    assert most == known  # one round trip, not `alpha` (3) at a time
+
+
+async def test_an_in_flight_record_counts_as_stored_once_half_the_nodes_have_it(network):
+    nodes = await network(10)
+    for dead in nodes[7:]:  # 3 of the 9 others are gone: their stores wait out the RPC timeout
+        dead.stop()
+    task, stored = nodes[1].fetching(D1, 5, time.time())
+    await asyncio.wait_for(stored, 0.8)  # the 6 live nodes acknowledge at once (the timeout is 1 s)
+    assert not task.done()  # still waiting on the dead ones
+    found = await nodes[4].find_providers(D1, round_timeout=0.2)
+    assert [r.node_id for r in found] == [nodes[1].node_id] and found[0].inflight
+    assert await task == 6

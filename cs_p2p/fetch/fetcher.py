@@ -604,6 +604,7 @@ class Fetcher:
                         last_error = f" (the last, {addr}: {exc!r})"
                         log.warning("provider dropped", extra={"digest": fetch.digest, "addr": addr,
                                                                "error": repr(exc)})
+                        TIMELINE.mark("provider_dropped", fetch.digest, addr=addr, error=repr(exc)[:200])
                     continue
                 fetch.done_pieces.add(piece)
                 fetch.source[piece] = addr

@@ -82,6 +82,13 @@ def nearest(recs: list[ProviderRecord], k: int = 1) -> list[ProviderRecord]:
     return [r for r in recs if not r.inflight] + relays[:k]
 
 
+def _waited(reason: str, t0: float, digest: str, **fields) -> float:
+    """Report the wait since `t0` (`TIMELINE.waited`); the time it ended, for the next."""
+    now = time.monotonic()
+    TIMELINE.waited(reason, now - t0, digest, **fields)
+    return now
+
+
 async def _earlier_only(lookup, size: int, started: float, node_id: bytes) -> list[ProviderRecord]:
     return nearest([r for r in await lookup if may_follow(r, size, started, node_id)])
 
@@ -167,7 +174,7 @@ class PeerSource:
         async def providers() -> list[ProviderRecord]:
             """Asked first inside the fetch's task: wait for a slot, then begin (announced in
             flight, ordered by this start); asked again as the fetch goes on: the lookup alone."""
-            announced: list[asyncio.Task] = []
+            announced: list[asyncio.Future] = []
             if not started:
                 t0 = time.monotonic()
                 await self._claim_slots.acquire()
@@ -177,36 +184,43 @@ class PeerSource:
                 started.append(time.time())
                 if digest not in self._relaying:
                     announced.append(self._relay(fetch, started[0]))
-            t0 = time.monotonic()
-            found = await self.earlier(digest, size, started[0], announced)
-            TIMELINE.waited("lookup", time.monotonic() - t0, digest, by="claim")
-            return found
+            return await self.earlier(digest, size, started[0], announced, waited_on=bool(announced))
 
         fetch = self.fetcher.start(digest, size, [], origin=origin, more=providers)
         log.info("claimed: fetching it here", extra={"digest": digest, "size": size, "registry": str(origin)})
         return fetch
 
-    async def earlier(self, digest: str, size: int, started: float, announced: list[asyncio.Task]
-                      ) -> list[ProviderRecord]:
+    async def earlier(self, digest: str, size: int, started: float, announced: list[asyncio.Future],
+                      waited_on: bool = True) -> list[ProviderRecord]:
         """Holders and in-flight providers that began before `started`, if one of them can
         deliver; [] otherwise.  Our own in-flight announce (`announced`) is finished first, or
         given `ANNOUNCE_WAIT` (a dead contact can hold it up to the RPC timeout): of two nodes
-        that start together, at least the later one then sees the earlier one's record."""
+        that start together, at least the later one then sees the earlier one's record.  The
+        timeline gets its waits unless nothing waits on it (`waited_on`: a lookup in the
+        background for more providers)."""
+        report = _waited if waited_on else (lambda _reason, _t0, _digest, **_kw: time.monotonic())
+        t0 = time.monotonic()
         if announced:
             await asyncio.wait(announced, timeout=ANNOUNCE_WAIT)
+            t0 = report("announce", t0, digest)
         try:
             found = await self.dht.find_providers(digest, round_timeout=LOOKUP_ROUND, within=LOOKUP_WITHIN)
         except Exception as exc:  # a failing DHT: as if alone
             log.warning("in-flight lookup failed", extra={"digest": digest, "error": repr(exc)})
             return []
+        finally:
+            t0 = report("lookup", t0, digest)
         earlier = [r for r in found if may_follow(r, size, started, self.dht.node_id)]
         chain = nearest(earlier)
-        if chain and await self.fetcher.reachable(digest, chain, within=FOLLOW_PROBE):
-            return chain
-        others = [r for r in earlier if r not in chain]
-        if others and await self.fetcher.reachable(digest, others, within=FOLLOW_PROBE):
-            return others  # the nearest did not answer: any earlier one rather than the registry
-        return []
+        try:
+            if chain and await self.fetcher.reachable(digest, chain, within=FOLLOW_PROBE):
+                return chain
+            others = [r for r in earlier if r not in chain]
+            if others and await self.fetcher.reachable(digest, others, within=FOLLOW_PROBE):
+                return others  # the nearest did not answer: any earlier one rather than the registry
+            return []
+        finally:
+            report("probe", t0, digest)
 
     async def replicate(self, digest: str, size: int = 0) -> Fetch | None:
         """Fetch `digest` for the cluster (`placement`: the replication floor, preheat) rather
@@ -262,15 +276,16 @@ class PeerSource:
             log.info("no provider reachable", extra={"digest": digest, "providers": [p.addr for p in providers]})
         return providers, []
 
-    def _relay(self, fetch: Fetch, started: float) -> asyncio.Task:
+    def _relay(self, fetch: Fetch, started: float) -> asyncio.Future:
         """Announce this fetch as an in-flight provider, so that nodes asking later fetch
         from us too (the peer server relays its pieces) rather than all from the first
         provider; withdrawn if the fetch fails, replaced by the holder record if it commits.
         Only providers that started earlier are followed (`_earlier_only`), so no two nodes
-        wait on each other's pieces."""
+        wait on each other's pieces.  Returns a future done once other nodes' lookups find
+        the record (`DhtNode.fetching`)."""
         digest = fetch.digest
         self._relaying.add(digest)
-        announce = self.dht.fetching(digest, fetch.size, started)
+        _announce, stored = self.dht.fetching(digest, fetch.size, started)
 
         def ended(_task: asyncio.Task) -> None:
             self._relaying.discard(digest)
@@ -279,7 +294,7 @@ class PeerSource:
 
         assert fetch.task is not None
         fetch.task.add_done_callback(ended)
-        return announce
+        return stored
 
     def share(self, digest: str, size: int, started: float) -> "SharedIngest":
         """Announce an ingest of `digest` that is starting now (see the module docstring)."""
@@ -294,7 +309,7 @@ class SharedIngest:
         self.started = started
         self.decided = False
         self._ended = False
-        self._announce = asyncio.ensure_future(source.dht.announce(digest, size, started=started))
+        self._announce, self._stored = source.dht.fetching(digest, size, started)
         source._downloading[digest] = started
 
     async def sources(self) -> list[ProviderRecord]:
@@ -308,7 +323,7 @@ class SharedIngest:
         if self.source.fetcher.recently_failed(self.digest):
             return []
         # none that can deliver: containerd downloads it
-        return await self.source.earlier(self.digest, self.size, self.started, [self._announce])
+        return await self.source.earlier(self.digest, self.size, self.started, [self._stored])
 
     async def follow(self, providers: list[ProviderRecord]) -> bool:
         """Fetch the blob from `providers` (and any found later); True once it is committed
