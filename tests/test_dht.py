@@ -272,7 +272,7 @@ async def test_a_node_that_knows_fewer_than_k_others_asks_them_all_at_once(netwo
     assert most == known  # one round trip, not `alpha` (3) at a time
 
 
-async def test_an_in_flight_record_counts_as_stored_once_half_the_nodes_have_it(network):
+async def test_an_in_flight_record_counts_as_stored_once_most_nodes_have_it(network):
     nodes = await network(10)
     for dead in nodes[7:]:  # 3 of the 9 others are gone: their stores wait out the RPC timeout
         dead.stop()

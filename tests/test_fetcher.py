@@ -245,6 +245,51 @@ async def test_a_registry_that_refuses_fails_the_fetch_with_its_reason(fetcher):
     assert "401 Unauthorized" in fetcher.recently_failed(DIGEST)  # what Info, Read and Apply say next
 
 
+async def test_a_blob_fetched_registry_first_asks_no_peer_while_the_registry_answers(fetcher, registry_origin):
+    asked = []
+
+    async def lookup():
+        asked.append(True)
+        return []
+
+    fetch = fetcher.start(DIGEST, len(DATA), [], origin=registry_origin, more=lookup, origin_first=True)
+    await fetch.task
+    assert fetch.committed and fetch.bytes_from == {"registry": len(DATA)} and asked == []
+
+
+@pytest.mark.parametrize("registry", ["refusing", "corrupt"])
+async def test_a_blob_fetched_registry_first_comes_from_peers_when_the_registry_fails(fetcher, servers, registry):
+    honest, _ = servers
+    _, good = await honest()
+
+    class Refusing:
+        async def open_range(self, digest: str, start: int, end: int):
+            raise FetchFailed("registry.example: GET team/app/blobs/... answered 503 Service Unavailable")
+
+    async def corrupt(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=bytes(len(DATA)))  # the whole blob (Range ignored), all zeros
+
+    runner = None
+    if registry == "corrupt":
+        runner, addr = await serve_blobs(corrupt)
+        origin = HttpOrigin(f"http://{addr}")
+    else:
+        origin = Refusing()
+
+    async def lookup():
+        return [record(good)]
+
+    try:
+        fetch = fetcher.start(DIGEST, len(DATA), [], origin=origin, more=lookup, origin_first=True)
+        await fetch.task
+        assert fetch.committed and open(fetcher.store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
+        assert fetch.bytes_from.get(good) == len(DATA)
+    finally:
+        if runner:
+            await origin.session.close()
+            await runner.cleanup()
+
+
 async def test_corrupt_pieces_no_peer_can_replace_are_fetched_again_from_the_registry(fetcher, servers,
                                                                                      registry_origin):
     _, corrupt = servers

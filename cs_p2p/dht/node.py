@@ -340,11 +340,12 @@ class DhtNode:
     async def _stored_early(self, key: bytes, rec: ProviderRecord, digest: str,
                             stored: asyncio.Future) -> dict[bytes, bool]:
         """Store `rec` at every node this one knows if they are fewer than k, before the walk
-        to the key's k closest; `stored` is done once half of them have it.  Another node's
-        lookup asks every node it knows (a small cluster: all of them, `_walk`), so it meets
-        the record after one round trip instead of the walk's several rounds (under a
-        rollout's load each waited on busy nodes: over 1 s, and a claimed fetch waits for its
-        announce before its own lookup), and half of the nodes is not held up by the slowest.
+        to the key's k closest; `stored` is done once more than half of them have it.  Another
+        node's lookup asks every node it knows (a small cluster: all of them) until more than
+        half have answered (`_walk`), so it meets the record after one round trip instead of
+        the walk's several rounds (under a rollout's load each waited on busy nodes: over 1 s,
+        and a claimed fetch waits for its announce before its own lookup), and neither waits
+        for the slowest node.
         With k or more known, the k closest may be nodes this one does not know: only the
         walk finds them.  Returns node -> whether it stored the record."""
         known = self.protocol.router.find_neighbors(Node(key))
@@ -355,7 +356,7 @@ class DhtNode:
         try:
             for call in asyncio.as_completed(calls):
                 acks += await call
-                if acks * 2 >= len(known) and not stored.done():
+                if acks * 2 > len(known) and not stored.done():
                     stored.set_result(None)
         finally:
             for call in calls:
@@ -438,7 +439,11 @@ class DhtNode:
         A node that knows fewer than k others (a cluster of fewer than k nodes) asks them all
         at once: the walk would ask every one of them anyway, as they are all among the k
         closest, and `alpha` at a time took several round trips (sixteen nodes in a rollout:
-        1.3 s per lookup, with every node busy)."""
+        1.3 s per lookup, with every node busy).  With a deadline (`within`) it then ends only
+        once more than half of them have answered, however late, or at the deadline: an
+        in-flight record counts as stored once more than half of the nodes have it
+        (`_stored_early`), and two majorities of one set of nodes share a node, so a node
+        that starts after another's record was stored finds it."""
         loop = asyncio.get_running_loop()
         deadline = None if within is None else loop.time() + within
         if local:
@@ -449,9 +454,11 @@ class DhtNode:
         # closest take their places (a node whose table near the key was all dead found nothing).
         known = self.protocol.router.find_neighbors(target, 3 * self.server.ksize)
         shortlist.push(known)
-        width = self.server.alpha if len(known) >= self.server.ksize else max(self.server.alpha, len(known))
+        small = len(known) < self.server.ksize
+        width = max(self.server.alpha, len(known)) if small else self.server.alpha
         pending: dict[asyncio.Future, tuple[Node, float]] = {}  # call -> (node, when sent)
         given_up: set[bytes] = set()
+        answered = 0
         try:
             while True:
                 now = loop.time()
@@ -467,9 +474,12 @@ class DhtNode:
                     shortlist.mark_contacted(n)
                     pending[asyncio.ensure_future(call(n, key))] = (n, now)
                     fresh.append(now)
-                if not fresh:
+                if fresh:
+                    wait = patience - (now - min(fresh))
+                elif small and deadline is not None and pending and answered * 2 <= len(known):
+                    wait = deadline - now  # late replies still make the majority
+                else:
                     break  # nobody left to ask, and what is still out has had its time
-                wait = patience - (now - min(fresh))
                 if deadline is not None:
                     wait = min(wait, deadline - now)
                 # At least a millisecond: a wait rounded to nothing would spin without time passing.
@@ -481,6 +491,7 @@ class DhtNode:
                         shortlist.remove([node.id])
                         continue
                     self.protocol.round_trip.observe(loop.time() - sent)
+                    answered += 1
                     records, nodes = reply
                     shortlist.push([m for m in nodes if m.id != self._self_id])
                     if records:

@@ -298,13 +298,14 @@ class Fetcher:
 
     def start(self, digest: str, size: int, providers: list[ProviderRecord],
               more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None,
-              origin: Origin | None = None) -> Fetch:
+              origin: Origin | None = None, origin_first: bool = False) -> Fetch:
         """The fetch of `digest`, started unless one is already under way.
 
         `more` finds further providers: `Info` starts the fetch with the first one it met and
         the rest join as the full lookup returns, so one dying provider does not end it.
         Without `providers`, `more` is asked first, and if it finds none the blob comes from
-        `origin` (or the one `self.origin` knows) alone.
+        `origin` (or the one `self.origin` knows) alone.  With `origin_first`, the blob comes
+        from `origin`, and from the providers `more` finds only if the registry fails.
         """
         existing = self.inflight.get(digest)
         if existing is not None:
@@ -317,7 +318,7 @@ class Fetcher:
         self.inflight[digest] = fetch
         metrics.FETCHES_STARTED.inc()
         TIMELINE.mark("fetch_start", digest, size=size, providers=[p.addr for p in providers])
-        fetch.task = asyncio.get_running_loop().create_task(self._run(fetch, providers, more))
+        fetch.task = asyncio.get_running_loop().create_task(self._run(fetch, providers, more, origin_first))
         return fetch
 
     async def close(self) -> None:
@@ -328,22 +329,17 @@ class Fetcher:
             await session.close()
 
     async def _run(self, fetch: Fetch, providers: list[ProviderRecord],
-                   more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> None:
+                   more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None,
+                   origin_first: bool = False) -> None:
         fd = os.open(fetch.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         t0 = time.monotonic()
         try:
             os.ftruncate(fd, fetch.size)
             fetch.prefix = PrefixHash(fetch, fd)
-            providers = list(providers)
-            try:
-                if not providers and more is not None:
-                    providers = list(await more())
-                if not providers:
-                    raise NoPeers()
-                await self._download(fetch, fd, providers, range(fetch.pieces), more)
-                await self._verify_or_find_liar(fetch, fd, providers)
-            except FetchFailed as exc:
-                await self._finish_from_origin(fetch, fd, exc)
+            if origin_first:
+                await self._origin_then_peers(fetch, fd, more)
+            else:
+                await self._peers_then_origin(fetch, fd, list(providers), more)
             fetch.committed = True
             for addr in set(fetch.source.values()) - {ORIGIN}:
                 self._remember(self.proven, addr, None)
@@ -378,6 +374,41 @@ class Fetcher:
                 os.unlink(fetch.path)  # partial data is discarded
             self.inflight.pop(fetch.digest, None)
             await fetch._notify()
+
+    async def _peers_then_origin(self, fetch: Fetch, fd: int, providers: list[ProviderRecord],
+                                 more: Callable[[], Awaitable[list[ProviderRecord]]] | None) -> None:
+        try:
+            if not providers and more is not None:
+                providers = list(await more())
+            if not providers:
+                raise NoPeers()
+            await self._download(fetch, fd, providers, range(fetch.pieces), more)
+            await self._verify_or_find_liar(fetch, fd, providers)
+        except FetchFailed as exc:
+            await self._finish_from_origin(fetch, fd, exc)
+
+    async def _origin_then_peers(self, fetch: Fetch, fd: int,
+                                 more: Callable[[], Awaitable[list[ProviderRecord]]] | None) -> None:
+        """The registry first; if it fails, whatever providers `more` finds (all the blob's
+        pieces again: what the registry sent is not trusted)."""
+        assert fetch.origin is not None
+        try:
+            await self._from_registry(fetch, fd, list(range(fetch.pieces)))
+            await self._verify(fetch, fd)
+            return
+        except FetchFailed as exc:
+            failure = exc
+        log.warning("the registry failed: fetching from peers", extra={
+            "digest": fetch.digest, "registry": str(fetch.origin), "error": str(failure)})
+        providers = list(await more()) if more is not None else []
+        if not providers:
+            raise FetchFailed(f"the registry {fetch.origin} failed: {failure}; no peer holds it")
+        fetch.done_pieces.clear()
+        fetch.source.clear()
+        fetch.landed.clear()
+        fetch.repaired = True
+        await self._download(fetch, fd, providers, range(fetch.pieces), more)
+        await self._verify_or_find_liar(fetch, fd, providers)
 
     async def _finish_from_origin(self, fetch: Fetch, fd: int, failure: FetchFailed) -> None:
         """Peers could not deliver the blob: the registry it came from fills in what is missing,

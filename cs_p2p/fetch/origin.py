@@ -20,9 +20,10 @@ import collections
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..errors import InvalidArgument
+from .pieces import Origin
 
 MAX_MANIFEST = 4 << 20
 
@@ -41,6 +42,7 @@ class Refs:
     children: frozenset[str]  # child manifests (an index's)
     blobs: frozenset[str]  # config and layers
     sizes: tuple[tuple[str, int], ...] = ()  # config and layers with the sizes their descriptors give
+    config: str = ""  # the config's digest
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,15 @@ class Named:
     """A config or layer as a resolved manifest describes it."""
     where: Location
     size: int
+    config: bool = False  # the image's config (containerd reads it before it asks for a layer)
+
+
+class Claimable(NamedTuple):
+    """A config or layer cs-p2p may fetch itself (`PeerSource.claim`): its size, the registry
+    it comes from, and whether it is an image's config."""
+    size: int
+    origin: Origin
+    config: bool = False
 
 
 MAX_PENDING = 64  # resolved manifests not in the local store yet, looked for on the next `named`
@@ -110,7 +121,7 @@ class Origins:
     def _index(self, manifest: str, where: Location, refs: Refs) -> None:
         self._pending.pop(manifest, None)
         for digest, size in refs.sizes:
-            self._remember(self._named, digest, Named(where, size))
+            self._remember(self._named, digest, Named(where, size, digest == refs.config))
 
     def blob_seen(self, host: str, repo: str, digest: str) -> None:
         self._remember(self._blobs, digest, Location(host, repo))
@@ -179,7 +190,9 @@ class Origins:
                      if isinstance(d, dict) and isinstance(d.get("digest"), str)]
         sizes = tuple((d["digest"], d["size"]) for d in described
                       if isinstance(d.get("size"), int) and not isinstance(d["size"], bool) and d["size"] > 0)
-        refs = self._parsed[digest] = Refs(children, frozenset(d["digest"] for d in described), sizes)
+        config = doc.get("config")
+        refs = self._parsed[digest] = Refs(children, frozenset(d["digest"] for d in described), sizes,
+                                           config["digest"] if described and described[0] is config else "")
         while len(self._parsed) > self.max_entries:
             self._parsed.popitem(last=False)
         return refs

@@ -46,7 +46,7 @@ from ..config import MirrorRegistry
 from ..digests import parse_digest
 from ..errors import InvalidArgument
 from ..fetch.pieces import FetchFailed
-from ..fetch.origin import Location, Origins
+from ..fetch.origin import Claimable, Location, Origins
 from ..httpserve import SentFileResponse, start_site
 from ..purges import PurgeList
 from ..store import LocalStore
@@ -175,7 +175,7 @@ class Mirror:
         where = self.origins.locate(digest)
         return self._registry_origin(where, manifest=self.origins.is_manifest(digest)) if where else None
 
-    def claim(self, digest: str) -> "tuple[int, RegistryOrigin] | None":
+    def claim(self, digest: str) -> Claimable | None:
         """Size and origin of config or layer `digest` if cs-p2p may fetch it itself: a manifest
         resolved here names it, and the registry accepted a request for that repository within
         `readers.ttl` (whose credentials the fetch uses).  Memory only: `Info` asks it."""
@@ -183,7 +183,7 @@ class Mirror:
         if named is None or (self.purges is not None and self.purges.purged(digest)):
             return None
         origin = self._registry_origin(named.where, reader_needed=True)
-        return (named.size, origin) if origin else None
+        return Claimable(named.size, origin, named.config) if origin else None
 
     def _registry_origin(self, where: Location, manifest: bool = False,
                          reader_needed: bool = False) -> "RegistryOrigin | None":

@@ -87,6 +87,7 @@ def test_named_gives_size_and_repository_from_memory_the_newest_manifest_winning
     origins.manifest_body("r", "team/app", "sha256:" + hashlib.sha256(body).hexdigest(), body)
     named = origins.named(layer)
     assert (named.where, named.size) == (Location("r", "team/app"), 1234) and origins.named(config).size == 7
+    assert origins.named(config).config and not named.config  # containerd reads the config first
     assert origins.named("sha256:" + "b" * 64) is None  # no usable size: not claimable
 
     later = blob(files, {**doc, "annotations": {"x": "y"}})  # another repository names the same layer
