@@ -345,9 +345,8 @@ class DhtNode:
         half have answered (`_walk`), so it meets the record after one round trip instead of
         the walk's several rounds (under a rollout's load each waited on busy nodes: over 1 s,
         and a claimed fetch waits for its announce before its own lookup), and neither waits
-        for the slowest node.
-        With k or more known, the k closest may be nodes this one does not know: only the
-        walk finds them.  Returns node -> whether it stored the record."""
+        for the slowest node.  With k or more known, the k closest may be nodes this one does
+        not know: only the walk finds them.  Returns node -> whether it stored the record."""
         known = self.protocol.router.find_neighbors(Node(key))
         if len(known) >= self.server.ksize:
             return {}
@@ -373,24 +372,24 @@ class DhtNode:
         return sum(results)
 
     async def find_providers(self, digest: str, want: int = 0, round_timeout: float = 0.3,
-                             within: float | None = None) -> list[ProviderRecord]:
+                             within: float | None = None, majority: bool = False) -> list[ProviderRecord]:
         """Providers of `digest` other than this node, freshest first.
 
         Walks towards the key like a node lookup (`providers_as_found`) and merges every
         record it is given; stops when the k closest have answered or, with `want`, once that
         many providers are known.  With `within`, the walk stops after that many seconds and
-        returns what it found so far.
+        returns what it found so far.  `majority`: see `_walk`.
         """
         found: dict[bytes, ProviderRecord] = {}
-        async with contextlib.aclosing(self.providers_as_found(digest, round_timeout, within)) as batches:
+        async with contextlib.aclosing(self.providers_as_found(digest, round_timeout, within, majority)) as batches:
             async for batch in batches:
                 found.update((r.node_id, r) for r in batch)
                 if want and len(found) >= want:
                     break
         return sorted(found.values(), key=lambda r: -r.expires)
 
-    async def providers_as_found(self, digest: str, round_timeout: float = 0.3, within: float | None = None
-                                 ) -> AsyncIterator[list[ProviderRecord]]:
+    async def providers_as_found(self, digest: str, round_timeout: float = 0.3, within: float | None = None,
+                                 majority: bool = False) -> AsyncIterator[list[ProviderRecord]]:
         """The providers of `digest` other than this node, in batches as the walk meets them
         (this node's own records first; a publisher again only with a fresher record).
 
@@ -409,7 +408,7 @@ class DhtNode:
         result = "not_found"
         t0 = time.monotonic()
         walk = self._walk(key, self.protocol.providers.get(key), self.protocol.call_get_providers, round_timeout,
-                          within)
+                          within, majority)
         try:
             async with contextlib.aclosing(walk) as replies:  # closed with this one, not when collected
                 async for records in replies:
@@ -424,7 +423,7 @@ class DhtNode:
             metrics.DHT_LOOKUPS.labels(result=result).observe(time.monotonic() - t0)
 
     async def _walk(self, key: bytes, local: list, call, round_timeout: float,
-                    within: float | None = None) -> AsyncIterator[list]:
+                    within: float | None = None, majority: bool = False) -> AsyncIterator[list]:
         """The records under `key` of the nodes on the way to it, a reply at a time
         (`local` first).
 
@@ -439,10 +438,10 @@ class DhtNode:
         A node that knows fewer than k others (a cluster of fewer than k nodes) asks them all
         at once: the walk would ask every one of them anyway, as they are all among the k
         closest, and `alpha` at a time took several round trips (sixteen nodes in a rollout:
-        1.3 s per lookup, with every node busy).  With a deadline (`within`) it then ends only
-        once more than half of them have answered, however late, or at the deadline: an
-        in-flight record counts as stored once more than half of the nodes have it
-        (`_stored_early`), and two majorities of one set of nodes share a node, so a node
+        1.3 s per lookup, with every node busy).  With `majority` and a deadline (`within`) it
+        then ends only once more than half of them have answered, however late, or at the
+        deadline: an in-flight record counts as stored once more than half of the nodes have
+        it (`_stored_early`), and two majorities of one set of nodes share a node, so a node
         that starts after another's record was stored finds it."""
         loop = asyncio.get_running_loop()
         deadline = None if within is None else loop.time() + within
@@ -476,7 +475,7 @@ class DhtNode:
                     fresh.append(now)
                 if fresh:
                     wait = patience - (now - min(fresh))
-                elif small and deadline is not None and pending and answered * 2 <= len(known):
+                elif majority and small and deadline is not None and pending and answered * 2 <= len(known):
                     wait = deadline - now  # late replies still make the majority
                 else:
                     break  # nobody left to ask, and what is still out has had its time

@@ -218,7 +218,8 @@ class PeerSource:
             await asyncio.wait(announced, timeout=ANNOUNCE_WAIT)
             t0 = report("announce", t0, digest)
         try:
-            found = await self.dht.find_providers(digest, round_timeout=LOOKUP_ROUND, within=LOOKUP_WITHIN)
+            found = await self.dht.find_providers(digest, round_timeout=LOOKUP_ROUND, within=LOOKUP_WITHIN,
+                                                  majority=True)
         except Exception as exc:  # a failing DHT: as if alone
             log.warning("in-flight lookup failed", extra={"digest": digest, "error": repr(exc)})
             return []
