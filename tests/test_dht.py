@@ -282,3 +282,30 @@ async def test_an_in_flight_record_counts_as_stored_once_most_nodes_have_it(netw
     found = await nodes[4].find_providers(D1, round_timeout=0.2)
     assert [r.node_id for r in found] == [nodes[1].node_id] and found[0].inflight
     assert await task == 6
+
+
+async def test_a_lookup_for_an_in_flight_download_waits_for_most_nodes_however_late(network):
+    """Of the 5 others, 3 answer after the walk's patience: an ordinary lookup gives them up,
+    the lookup that decides whether to follow an earlier node waits for a majority."""
+    nodes = await network(6)
+    await nodes[1].announce(D1, 5)
+    asker = nodes[0]
+    assert len(asker.protocol.router.find_neighbors(asker.protocol.source_node, 60)) == 5
+    slow = {n.node_id for n in nodes[3:]}
+    real = asker.protocol.call_get_providers
+    answered: list[bytes] = []
+
+    async def late(node, key):
+        bucket = answered  # this lookup's, even for a reply that comes after it ended
+        if node.id in slow:
+            await asyncio.sleep(0.5)
+        reply = await real(node, key)
+        bucket.append(node.id)
+        return reply
+
+    asker.protocol.call_get_providers = late
+    await asker.find_providers(D1, round_timeout=0.2, within=3)
+    assert len(answered) == 2  # the two quick ones
+    answered = []
+    await asker.find_providers(D1, round_timeout=0.2, within=3, majority=True)
+    assert len(answered) >= 3
