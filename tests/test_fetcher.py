@@ -13,7 +13,7 @@ from aiohttp import web
 
 from cs_p2p.dht.providers import ProviderRecord
 from cs_p2p.fetch.fetcher import Fetcher
-from cs_p2p.fetch.pieces import PIECE, FetchFailed
+from cs_p2p.fetch.pieces import PIECE, RELAY_STEP, Fetch, FetchFailed
 from cs_p2p.peer.server import PeerServer
 from cs_p2p.store import LocalStore
 from tests.test_peer_server import commit, wait_until
@@ -479,3 +479,22 @@ async def test_blobs_fetched_together_come_from_the_registry_in_one_range_each(t
         await me.close()
         await origin.session.close()
         await registry.stop()
+
+
+async def test_a_relay_waiting_on_a_piece_wakes_with_its_bytes_and_with_a_failure():
+    fetch = Fetch("sha256:" + "e" * 64, 3 * PIECE, "/nonexistent", 3)
+    waiting = asyncio.ensure_future(fetch.wait_landed(PIECE))  # piece 1, nothing of it yet
+    await fetch.arrived(0, 4 * RELAY_STEP)  # bytes of another piece
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await fetch.arrived(1, RELAY_STEP - 1)  # less than a step: not yet
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await fetch.arrived(1, RELAY_STEP)
+    assert await asyncio.wait_for(waiting, 1) == PIECE + RELAY_STEP
+    later = asyncio.ensure_future(fetch.wait_landed(PIECE + RELAY_STEP))
+    await asyncio.sleep(0)
+    fetch.error = "the registry answered 500"
+    await fetch._notify()
+    with pytest.raises(FetchFailed, match="500"):
+        await asyncio.wait_for(later, 1)
