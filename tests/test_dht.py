@@ -309,3 +309,18 @@ async def test_a_lookup_for_an_in_flight_download_waits_for_most_nodes_however_l
     answered = []
     await asker.find_providers(D1, round_timeout=0.2, within=3, majority=True)
     assert len(answered) >= 3
+
+
+async def test_with_k_or_more_nodes_known_an_in_flight_record_counts_as_stored_when_the_announce_ends(network):
+    """Only the walk finds the key's k closest in a larger cluster: a follower decides after
+    it, as before the small-cluster shortcut."""
+    nodes = await network(6)
+    announcer = nodes[1]
+    announcer.server.ksize = 3  # knows 5 others: k or more
+    for dead in nodes[4:]:  # the walk waits out their RPC timeout (1 s)
+        dead.stop()
+    task, stored = announcer.fetching(D1, 5, time.time())
+    done, _ = await asyncio.wait([stored], timeout=0.5)
+    assert not done  # not at once: the walk to the k closest is still under way
+    await asyncio.wait_for(stored, 5)
+    assert await task >= 1

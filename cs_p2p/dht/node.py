@@ -317,19 +317,18 @@ class DhtNode:
         re-announced, and the commit's announce replaces it.  `stored` is done once lookups
         by other nodes will find the record (`_stored_early`), or when the announce ends.
         """
-        if self.purges is not None and self.purges.purged(digest):
-            self.held.pop(digest, None)
-            return 0  # purged: never shared again
-        if not started:
-            self.held[digest] = size
-        key = provider_key(digest)
-        rec = self.protocol.sign("provider", key, self._record(size, started, not started and digest in self.cached))
-        self.protocol.providers.add(key, rec)
-        self.protocol.watch(key, digest)
         try:
+            if self.purges is not None and self.purges.purged(digest):
+                self.held.pop(digest, None)
+                return 0  # purged: never shared again
+            if not started:
+                self.held[digest] = size
+            key = provider_key(digest)
+            rec = self.protocol.sign("provider", key,
+                                     self._record(size, started, not started and digest in self.cached))
+            self.protocol.providers.add(key, rec)
+            self.protocol.watch(key, digest)
             early = await self._stored_early(key, rec, digest, stored) if stored is not None else {}
-            if stored is not None and not stored.done():
-                stored.set_result(None)
             nodes = [n for n in await self._closest(key) if n.id not in early]
             results = await asyncio.gather(*(self.protocol.call_add_provider(n, key, rec, digest) for n in nodes))
             return sum(early.values()) + sum(results)
