@@ -91,13 +91,6 @@ def nearest(recs: list[ProviderRecord], k: int = 1) -> list[ProviderRecord]:
     return [r for r in recs if not r.inflight] + relays[:k]
 
 
-def _waited(reason: str, t0: float, digest: str, **fields) -> float:
-    """Report the wait since `t0` (`TIMELINE.waited`); the time it ended, for the next."""
-    now = time.monotonic()
-    TIMELINE.waited(reason, now - t0, digest, **fields)
-    return now
-
-
 async def _earlier_only(lookup, size: int, started: float, node_id: bytes) -> list[ProviderRecord]:
     return nearest([r for r in await lookup if may_follow(r, size, started, node_id)])
 
@@ -212,11 +205,17 @@ class PeerSource:
         that start together, at least the later one then sees the earlier one's record.  The
         timeline gets its waits unless nothing waits on it (`waited_on`: a lookup in the
         background for more providers)."""
-        report = _waited if waited_on else (lambda _reason, _t0, _digest, **_kw: time.monotonic())
+        def report(reason: str, since: float) -> float:
+            """The wait since `since` to the timeline; the time it ended, for the next."""
+            now = time.monotonic()
+            if waited_on:
+                TIMELINE.waited(reason, now - since, digest)
+            return now
+
         t0 = time.monotonic()
         if announced:
             await asyncio.wait(announced, timeout=ANNOUNCE_WAIT)
-            t0 = report("announce", t0, digest)
+            t0 = report("announce", t0)
         try:
             found = await self.dht.find_providers(digest, round_timeout=LOOKUP_ROUND, within=LOOKUP_WITHIN,
                                                   majority=True)
@@ -224,7 +223,7 @@ class PeerSource:
             log.warning("in-flight lookup failed", extra={"digest": digest, "error": repr(exc)})
             return []
         finally:
-            t0 = report("lookup", t0, digest)
+            t0 = report("lookup", t0)
         earlier = [r for r in found if may_follow(r, size, started, self.dht.node_id)]
         chain = nearest(earlier)
         try:
@@ -235,7 +234,7 @@ class PeerSource:
                 return others  # the nearest did not answer: any earlier one rather than the registry
             return []
         finally:
-            report("probe", t0, digest)
+            report("probe", t0)
 
     async def replicate(self, digest: str, size: int = 0) -> Fetch | None:
         """Fetch `digest` for the cluster (`placement`: the replication floor, preheat) rather
