@@ -150,6 +150,41 @@ async def test_providers_found_later_join_the_fetch(fetcher, servers):
     assert fetch.committed and set(fetch.bytes_from) == {good}
 
 
+async def test_a_fetch_containerd_relies_on_looks_again_when_its_relay_is_gone(fetcher, servers):
+    """A relay whose own fetch ended answers 404 while its in-flight record lingers.  A fetch
+    `Info` answered for (`only_way`: containerd will not download the blob) and that has no
+    registry behind it looks again instead of failing the pull, and follows the node that
+    holds the blob by now; the relay that failed it is not followed again."""
+    honest, _ = servers
+    _, holder = await honest()
+
+    async def gone(request: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    runner, relay = await serve_blobs(gone)
+    lookups: list[float] = []
+
+    async def lookup():
+        lookups.append(time.monotonic())
+        relayed = ProviderRecord(b"r" * 20, relay, len(DATA), time.time() + 600, started=time.time() - 5)
+        return [relayed] if len(lookups) < 4 else [relayed, record(holder)]
+
+    try:
+        fetch = fetcher.start(DIGEST, len(DATA), [], more=lookup)
+        fetch.only_way = True
+        await fetch.task
+        assert fetch.committed and set(fetch.bytes_from) == {holder}, fetch.error
+        assert len(lookups) == 4  # the first, the fetch's own, two more after the relay failed it
+        # Without `only_way` (containerd downloads it itself if this fails) nobody waits on a new lookup.
+        os.unlink(fetcher.store.blobs.blob_path(DIGEST[7:]))
+        lookups.clear()
+        again = fetcher.start(DIGEST, len(DATA), [], more=lookup)
+        await again.task
+        assert not again.committed and "no provider left" in (again.error or "") and len(lookups) == 2
+    finally:
+        await runner.cleanup()
+
+
 class HttpOrigin:
     """The blob's registry, as the mirror's `RegistryOrigin` presents it: ranges over HTTP."""
 

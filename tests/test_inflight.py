@@ -141,7 +141,14 @@ def test_a_follower_downloads_itself_when_the_source_fails(pair, sessions):  # n
             status.result(timeout=1.0)
         first.close()  # the source's containerd gave up
         assert status.result(timeout=60).offset == 0  # so this containerd downloads it itself
-    later.send(action=pb.WRITE, offset=0, data=DATA)
+    # Nodes that found b's in-flight record while it followed a stream b's own download now.
+    b_peer = wait_for(lambda: [ln.split()[1] for ln in locate(DIGEST, b_dht).splitlines()
+                               if "in-flight" in ln and a_peer not in ln], 30, "b's in-flight record")[0]
+    later.send(action=pb.WRITE, offset=0, data=DATA[:HALF])
+    req = urllib.request.Request(f"http://{b_peer}/blobs/{DIGEST}", headers={"Range": f"bytes=0-{HALF - 1}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.read() == DATA[:HALF]
+    later.send(action=pb.WRITE, offset=HALF, data=DATA[HALF:])
     assert later.send(action=pb.COMMIT, offset=len(DATA), total=len(DATA), expected=DIGEST).digest == DIGEST
 
 

@@ -67,6 +67,13 @@ MAX_WORKERS = 8
 WORKERS_PER_HOLDER = 2
 WORKERS_PER_RELAY = 4
 FAILURES_BEFORE_DROP = 2
+# With every provider dropped, the lookup is asked again this many times, after these pauses,
+# before the fetch fails: a relay in a chain may have lost its own source (its fetch failed
+# and its record was withdrawn, or not yet everywhere), while the node that downloads the blob
+# from the registry still has it, or holds it by now.  Only for a fetch `Info` answered for
+# (`Fetch.only_way`) with no registry to fall back on: that fetch is the pull.  A follower's
+# fetch has containerd's own download behind it, which is quicker than looking again.
+RELOOK_PAUSES = (0.2, 1.0, 3.0)
 BUSY_BEFORE_FAILURE = 100  # 503s in a row from one provider that count as one failure
 # A provider that stalls (no byte for `timeout` seconds) or trickles (a piece slower than
 # MIN_RATE; low enough for a provider with a rate limit shared by a few uploads) has failed it.
@@ -382,7 +389,8 @@ class Fetcher:
                 providers = list(await more())
             if not providers:
                 raise NoPeers()
-            await self._download(fetch, fd, providers, range(fetch.pieces), more)
+            await self._download(fetch, fd, providers, range(fetch.pieces), more,
+                                 relook=self._registry_of(fetch) is None)  # if containerd has no other way
             await self._verify_or_find_liar(fetch, fd, providers)
         except FetchFailed as exc:
             await self._finish_from_origin(fetch, fd, exc)
@@ -407,13 +415,13 @@ class Fetcher:
         fetch.source.clear()
         fetch.landed.clear()
         fetch.repaired = True
-        await self._download(fetch, fd, providers, range(fetch.pieces), more)
+        await self._download(fetch, fd, providers, range(fetch.pieces), more, relook=True)
         await self._verify_or_find_liar(fetch, fd, providers)
 
     async def _finish_from_origin(self, fetch: Fetch, fd: int, failure: FetchFailed) -> None:
         """Peers could not deliver the blob: the registry it came from fills in what is missing,
         and, if the blob still does not verify, every piece a peer sent."""
-        origin = fetch.origin or (self.origin(fetch.digest) if self.origin else None)
+        origin = self._registry_of(fetch)
         if origin is None:
             raise failure
         fetch.origin = origin
@@ -434,6 +442,10 @@ class Fetcher:
             await self._verify(fetch, fd)
         except FetchFailed as exc:
             raise FetchFailed(f"{failure}; then the registry {origin} failed too: {exc}") from None
+
+    def _registry_of(self, fetch: Fetch) -> Origin | None:
+        """The registry `fetch` may fall back on: its own, or the one the mirror knows."""
+        return fetch.origin or (self.origin(fetch.digest) if self.origin else None)
 
     async def _from_registry(self, fetch: Fetch, fd: int, pieces: list[int]) -> None:
         """Download `pieces` from the registry in a few long ranges at once (`registry_spans`):
@@ -554,7 +566,12 @@ class Fetcher:
         raise first_error
 
     async def _download(self, fetch: Fetch, fd: int, providers: list[ProviderRecord], pieces,
-                        more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None) -> None:
+                        more: Callable[[], Awaitable[list[ProviderRecord]]] | None = None,
+                        relook: bool = False) -> None:
+        """`pieces` from `providers` and those `more` finds, each piece from whichever would
+        deliver it soonest; FetchFailed once no provider is left.  With `relook` (no registry
+        to fall back on) and a fetch that is containerd's only way to the blob (`only_way`),
+        `more` is asked again a few times first (`RELOOK_PAUSES`)."""
         todo: list[int] = []  # pieces not yet asked for, in order
         for p in pieces:
             todo.append(p)
@@ -564,6 +581,8 @@ class Fetcher:
         relays = {p.addr for p in providers if p.inflight}
         finding = asyncio.ensure_future(more()) if more else None
 
+        relooks = iter(RELOOK_PAUSES if more and relook else ())  # used only once `only_way`
+
         def add_found() -> None:
             nonlocal finding
             if finding is None or not finding.done():
@@ -572,11 +591,23 @@ class Fetcher:
             finding = None
             now = time.monotonic()
             for rec in found:
-                if rec.size == fetch.size and rec.addr not in alive and self.banned.get(rec.addr, 0) < now:
-                    alive.append(rec.addr)
-                    providers.append(rec)
+                if rec.size != fetch.size or rec.addr in alive or self.banned.get(rec.addr, 0) >= now:
+                    continue
+                if rec.addr in fetch.dropped:
                     if rec.inflight:
-                        relays.add(rec.addr)
+                        continue  # still the relay that failed us
+                    failures.pop(rec.addr, None)  # it holds the blob now: asked afresh
+                alive.append(rec.addr)
+                providers.append(rec)
+                if rec.inflight:
+                    relays.add(rec.addr)
+                else:
+                    relays.discard(rec.addr)
+
+        async def relook(pause: float) -> list[ProviderRecord]:
+            await asyncio.sleep(pause)
+            assert more is not None
+            return list(await more())
         failures: dict[str, int] = {}
         busy: dict[str, int] = {}
         load: dict[str, int] = {}  # provider -> pieces being fetched from it now
@@ -584,18 +615,19 @@ class Fetcher:
         turn = 0
 
         async def worker() -> None:
-            nonlocal turn, last_error
+            nonlocal turn, last_error, finding
             while fetch.error is None:
                 if not todo:
                     return
                 add_found()
+                if not alive and finding is None and fetch.only_way and (pause := next(relooks, None)) is not None:
+                    log.info("no provider left: looking again", extra={"digest": fetch.digest, "pause": pause})
+                    finding = asyncio.ensure_future(relook(pause))
                 if not alive and finding is not None:
                     t0 = time.monotonic()
                     await asyncio.wait([finding])  # the full lookup may still bring providers
                     TIMELINE.waited("lookup", time.monotonic() - t0, fetch.digest, by="fetch")
-                    add_found()
-                    if not todo:
-                        return
+                    continue  # what it found, or the next look, from the top
                 if not alive:
                     raise FetchFailed(f"no provider left to fetch from{last_error}")
                 addr = self._choose(alive, load, turn)
@@ -632,6 +664,7 @@ class Fetcher:
                     failures[addr] = failures.get(addr, 0) + 1
                     if failures[addr] >= FAILURES_BEFORE_DROP and addr in alive:
                         alive.remove(addr)
+                        fetch.dropped.add(addr)
                         last_error = f" (the last, {addr}: {exc!r})"
                         log.warning("provider dropped", extra={"digest": fetch.digest, "addr": addr,
                                                                "error": repr(exc)})

@@ -71,6 +71,9 @@ class Fetch:
     relay_has: dict[str, tuple[int, int]] = field(default_factory=dict)  # relay -> its pieces (`pieces_mask`)
     # piece -> relays waiting for more of its bytes (`wait_landed`), woken by `arrived` alone
     landing: dict[int, list[asyncio.Future]] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)  # providers given up on: not followed again in flight
+    # `Info` told containerd the blob exists: no download of its own stands behind this fetch
+    only_way: bool = False
 
     def covered(self, offset: int, n: int, trusted_only: bool = False) -> bool:
         first, last = offset // PIECE, (offset + max(n, 1) - 1) // PIECE

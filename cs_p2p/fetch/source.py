@@ -91,8 +91,13 @@ def nearest(recs: list[ProviderRecord], k: int = 1) -> list[ProviderRecord]:
     return [r for r in recs if not r.inflight] + relays[:k]
 
 
-async def _earlier_only(lookup, size: int, started: float, node_id: bytes) -> list[ProviderRecord]:
-    return nearest([r for r in await lookup if may_follow(r, size, started, node_id)])
+async def _earlier_only(lookup, size: int, started: float, node_id: bytes,
+                        fetch: Fetch | None = None) -> list[ProviderRecord]:
+    """What a fetch that began at `started` may follow, nearest first; not a relay `fetch`
+    already gave up on (its record may outlive it), so that the next one is chosen instead."""
+    dropped = fetch.dropped if fetch is not None else set()
+    return nearest([r for r in await lookup
+                    if may_follow(r, size, started, node_id) and not (r.inflight and r.addr in dropped)])
 
 
 class PeerSource:
@@ -145,7 +150,8 @@ class PeerSource:
         checked = reachable + [p for p in providers if p.size == size and p not in reachable]
 
         async def chain() -> list[ProviderRecord]:
-            return await _earlier_only(self.dht.find_providers(digest), size, started, me) or checked
+            return await _earlier_only(self.dht.find_providers(digest), size, started, me,
+                                       self.fetcher.inflight.get(digest)) or checked
 
         if any(not p.inflight for p in reachable):  # a holder: take what was found
             fetch = self.fetcher.start(digest, size, checked, more=chain)
@@ -299,10 +305,12 @@ class PeerSource:
         the record (`DhtNode.fetching`)."""
         digest = fetch.digest
         self._relaying.add(digest)
-        _announce, stored = self.dht.fetching(digest, fetch.size, started)
+        announce, stored = self.dht.fetching(digest, fetch.size, started)
 
         def ended(_task: asyncio.Task) -> None:
             self._relaying.discard(digest)
+            if not announce.done():
+                announce.cancel()  # a record stored after the withdraw below would outlive the fetch
             if not fetch.committed and digest not in self.dht.held:
                 self.dht.deleted(digest)
 
@@ -351,7 +359,8 @@ class SharedIngest:
         return fetch.committed
 
     async def _more(self, lookup) -> list[ProviderRecord]:
-        return await _earlier_only(lookup, self.size, self.started, self.source.dht.node_id)
+        return await _earlier_only(lookup, self.size, self.started, self.source.dht.node_id,
+                                   self.source.fetcher.inflight.get(self.digest))
 
     def end(self, committed: bool) -> None:
         """The ingest is over (or will not be written here): withdraw the in-flight record,

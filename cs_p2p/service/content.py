@@ -107,6 +107,7 @@ class ContentService(pb_grpc.ContentServicer):
                     TIMELINE.mark("info_not_found", request.digest)
                     raise self._not_found(request.digest) from None
         TIMELINE.mark("info_claimed", fetch.digest, size=fetch.size)
+        fetch.only_way = True  # containerd will not download it: the fetch must deliver (`RELOOK_PAUSES`)
         # Held by peers or fetched from its registry here: containerd records it as present
         # and reads it through Read (or has it applied, `diff`), which streams the bytes as
         # the background fetch brings them.
@@ -286,7 +287,9 @@ class ContentService(pb_grpc.ContentServicer):
         log.info("following in-flight download", extra={"digest": shared.digest,
                                                         "providers": [p.addr for p in sources]})
         if not await shared.follow(sources):
-            return False  # containerd downloads it after all
+            # containerd downloads it after all: nodes that found our in-flight record stream that
+            self.store.ingests.publish_again(shared.digest, writer)
+            return False
         writer.close()
         self.store.ingests.abort(writer.ref)
         return True

@@ -270,6 +270,14 @@ class Ingests:
         writer.published_as = digest
         return True
 
+    def publish_again(self, digest: str, writer: IngestWriter) -> bool:
+        """Publish `writer` again after `unpublish` and a failed `progress` (it was to be
+        filled from peers, and that fell through), before any byte of it was written: readers
+        that find its in-flight record stream what containerd now writes instead of a 404."""
+        writer.progress = Progress()
+        writer.progress.advance(writer.generation, writer.offset)
+        return self.publish(digest, writer)
+
     def unpublish(self, writer: IngestWriter) -> None:
         digest = writer.published_as
         if digest and self._published.get(digest) is writer:
