@@ -580,7 +580,6 @@ class Fetcher:
         alive = [p.addr for p in providers]
         relays = {p.addr for p in providers if p.inflight}
         finding = asyncio.ensure_future(more()) if more else None
-
         relooks = iter(RELOOK_PAUSES if more and relook else ())  # used only once `only_way`
 
         def add_found() -> None:
@@ -608,6 +607,7 @@ class Fetcher:
             await asyncio.sleep(pause)
             assert more is not None
             return list(await more())
+
         failures: dict[str, int] = {}
         busy: dict[str, int] = {}
         load: dict[str, int] = {}  # provider -> pieces being fetched from it now
