@@ -23,13 +23,14 @@ from .metrics import REGISTRY
 MAX_EVENTS = 20_000
 MIN_WAIT = 0.001  # shorter waits are summed in the metric but not kept as events
 
-WAIT_REASONS = ("lookup", "announce", "probe", "claim_slot", "upload_slot", "provider_busy", "relay", "unverified",
+WAIT_REASONS = ("lookup", "announce", "probe", "claim_burst", "claim_slot", "upload_slot", "provider_busy", "relay", "unverified",
                 "apply_worker", "verify")
 WAIT_SECONDS = Counter(
     "cs_p2p_wait_seconds_total",
     "Seconds spent waiting, by reason: lookup (a DHT walk a fetch or Info waited on), announce (a claimed "
     "fetch's own in-flight record, stored before its lookup), probe (checking that providers found can "
-    "deliver, before following them), claim_slot (a "
+    "deliver, before following them), claim_burst (a claimed fetch holding off while containerd's Info "
+    "calls keep coming), claim_slot (a "
     "claimed fetch waiting for one of the node's slots for them), upload_slot "
     "(a peer's request waited for one of this node's upload slots), provider_busy (a fetch backing off "
     "a provider's 503), relay (a piece asked of a node still downloading the blob, until its first "

@@ -280,6 +280,25 @@ async def test_a_registry_that_refuses_fails_the_fetch_with_its_reason(fetcher):
     assert "401 Unauthorized" in fetcher.recently_failed(DIGEST)  # what Info, Read and Apply say next
 
 
+async def test_a_claimed_fetch_waits_out_a_burst_of_claims_but_not_a_reader(fetcher, registry_origin, dht_nodes,
+                                                                          monkeypatch):
+    """A claimed fetch holds off while claims keep coming (containerd's `Info` burst, answered
+    inside its metadata transaction), however long that is: here longer than the test lasts.
+    A reader of the blob ends the hold at once."""
+    from cs_p2p.fetch import source
+    from cs_p2p.fetch.origin import Claimable
+
+    monkeypatch.setattr(source, "CLAIM_QUIET", 600.0)
+    monkeypatch.setattr(source, "CLAIM_HOLD", 600.0)
+    peers = source.PeerSource(await dht_nodes(), fetcher,
+                              origin_claim=lambda d: Claimable(len(DATA), registry_origin, False))
+    fetch = peers.claim(DIGEST)
+    assert fetch is not None and registry_origin.ranges == []
+    await asyncio.wait_for(fetch.wait_range(0, fetch.size), 20)
+    await fetch.task
+    assert fetch.committed and registry_origin.ranges
+
+
 async def test_a_blob_fetched_registry_first_asks_no_peer_while_the_registry_answers(fetcher, registry_origin):
     asked = []
 

@@ -74,6 +74,7 @@ class Fetch:
     dropped: set[str] = field(default_factory=set)  # providers given up on: not followed again in flight
     # `Info` told containerd the blob exists: no download of its own stands behind this fetch
     only_way: bool = False
+    wanted: asyncio.Event = field(default_factory=asyncio.Event)  # a reader or a relay waits on its bytes
 
     def covered(self, offset: int, n: int, trusted_only: bool = False) -> bool:
         first, last = offset // PIECE, (offset + max(n, 1) - 1) // PIECE
@@ -88,6 +89,7 @@ class Fetch:
         With `trusted_only`, so does a range with pieces of providers not proven honest yet.
         """
         tail = offset + n >= self.size
+        self.wanted.set()
         await self._until(lambda: self.committed or (not tail and self.covered(offset, n, trusted_only)))
 
     def landed_end(self, offset: int) -> int:
@@ -110,6 +112,7 @@ class Fetch:
         arrives instead of one piece, and the blob's verification, per hop.  Woken by the
         bytes of its own piece (`arrived`) or any other change (`_notify`), not by every
         piece's bytes: the other waiters are not woken by bytes either."""
+        self.wanted.set()
         while True:
             if self.error is not None and not self.committed:
                 raise FetchFailed(self.error)
