@@ -593,9 +593,9 @@ class Fetcher:
                 if rec.size != fetch.size or rec.addr in alive or self.banned.get(rec.addr, 0) >= now:
                     continue
                 if rec.addr in fetch.dropped:
-                    if rec.inflight:
-                        continue  # still the relay that failed us
-                    failures.pop(rec.addr, None)  # it holds the blob now: asked afresh
+                    # asked afresh: a relay slow under load is the one its chain runs through
+                    # (skipping it sent a 16-node rollout's layer to the registry twice)
+                    failures.pop(rec.addr, None)
                 alive.append(rec.addr)
                 providers.append(rec)
                 if rec.inflight:
