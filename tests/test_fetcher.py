@@ -154,7 +154,7 @@ async def test_a_fetch_containerd_relies_on_looks_again_when_its_relay_is_gone(f
     """A relay whose own fetch ended answers 404 while its in-flight record lingers.  A fetch
     `Info` answered for (`only_way`: containerd will not download the blob) and that has no
     registry behind it looks again instead of failing the pull, and follows the node that
-    holds the blob by now; the relay that failed it is not followed again."""
+    holds the blob by now."""
     honest, _ = servers
     _, holder = await honest()
 

@@ -71,7 +71,7 @@ class Fetch:
     relay_has: dict[str, tuple[int, int]] = field(default_factory=dict)  # relay -> its pieces (`pieces_mask`)
     # piece -> relays waiting for more of its bytes (`wait_landed`), woken by `arrived` alone
     landing: dict[int, list[asyncio.Future]] = field(default_factory=dict)
-    dropped: set[str] = field(default_factory=set)  # providers given up on: not followed again in flight
+    dropped: set[str] = field(default_factory=set)  # providers given up on: not chosen again as the relay
     # `Info` told containerd the blob exists: no download of its own stands behind this fetch
     only_way: bool = False
     wanted: asyncio.Event = field(default_factory=asyncio.Event)  # a reader or a relay waits on its bytes
