@@ -114,8 +114,7 @@ class Fetch:
         piece's bytes: the other waiters are not woken by bytes either."""
         self.wanted.set()
         while True:
-            if self.error is not None and not self.committed:
-                raise FetchFailed(self.error)
+            self._raise_if_failed()
             end = self.landed_end(offset)
             if end > offset:
                 return end
@@ -132,6 +131,9 @@ class Fetch:
         """Return once `ready()` holds, checked at every change; FetchFailed if the fetch fails first."""
         async with self.changed:
             await self.changed.wait_for(lambda: self.error is not None or ready())
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
         if self.error is not None and not self.committed:
             raise FetchFailed(self.error)
 

@@ -103,8 +103,13 @@ class IngestWriter:
         self.published_as: str | None = None
         # Peers may stream the ingest while it is written: they follow its durable length.
         self.generation = 0
-        self.progress = Progress()
-        self.progress.advance(0, self.offset)
+        self.progress = self.fresh_progress()
+
+    def fresh_progress(self) -> Progress:
+        """A progress at this writer's generation and length, for new readers to follow."""
+        progress = Progress()
+        progress.advance(self.generation, self.offset)
+        return progress
 
     def rehash(self) -> None:
         """Rebuild the hash of bytes already on disk (resume after a restart)."""
@@ -274,8 +279,7 @@ class Ingests:
         """Publish `writer` again after `unpublish` and a failed `progress` (it was to be
         filled from peers, and that fell through), before any byte of it was written: readers
         that find its in-flight record stream what containerd now writes instead of a 404."""
-        writer.progress = Progress()
-        writer.progress.advance(writer.generation, writer.offset)
+        writer.progress = writer.fresh_progress()
         return self.publish(digest, writer)
 
     def unpublish(self, writer: IngestWriter) -> None:
