@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                         "this flag")
     s.add_argument("--apply-workers", type=int,
                    help="processes applying layers for containerd 2.x (default 0: one per core)")
+    s.add_argument("--no-apply-prestart", dest="apply_prestart", action="store_const", const=False, default=None,
+                   help="start the apply workers at the first layer, not with the daemon (containerd 1.6 and 1.7 "
+                        "apply layers themselves)")
     s.add_argument("--mirror-registry", action="append",
                    help="serve a registry mirror for http://HOST[:PORT] or https://HOST (repeatable)")
     s.add_argument("--mirror-listen", help="HOST:PORT of the registry mirror (default 127.0.0.1:5080)")

@@ -97,6 +97,9 @@ class Config:
     grpc_max_message_bytes: int = 16 << 20
     grpc_max_concurrent_streams: int = 256  # per containerd connection
     apply_workers: int = 0  # processes applying layers (containerd 2.x diff plugin); 0: one per core
+    # start them with the daemon rather than at the first layer; off where containerd applies
+    # layers itself (1.6, 1.7: the installer turns it off there)
+    apply_prestart: bool = True
     ingest_max_bytes: int = 100 << 30  # disk used by unfinished ingests, together
     # Blobs kept after containerd's GC and copies for the replication floor (`store.cache`);
     # -1: 10 % of the root's file system; 0: no cache (and no copies for the floor).

@@ -212,6 +212,8 @@ async def serve(cfg: Config) -> None:
     if cfg.socket_group:
         os.chown(cfg.socket, -1, socket_gid(cfg.socket_group))
     log.info("serving", extra={"socket": cfg.socket, "root": store.root})
+    if cfg.apply_prestart:
+        pool.prestart()  # off the first pull's path: each worker takes ~0.1 s to start
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,12 +8,15 @@ import hashlib
 import io
 import os
 import tarfile
+import time
 
 import grpc
 import pytest
 
 from cs_p2p.api import diff_pb2 as pb
 from cs_p2p.api import diff_pb2_grpc, types_pb2
+from cs_p2p_dev import proctree
+from cs_p2p_dev.processes import CsP2P
 from tests.conftest import GRPC_OPTS, commit_via_socket
 
 MT_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -116,3 +119,46 @@ def test_mounts_other_than_one_overlay_or_bind_are_mounted_for_the_apply(daemon,
     assert (upper / "etc" / "hello").read_bytes() == b"hi" and os.listdir(lower) == []
     with open("/proc/self/mountinfo") as f:
         assert "cs-p2p-apply-" not in f.read()
+
+
+def apply_workers(cs: CsP2P) -> int:
+    """The daemon's apply worker processes (spawned interpreters), running now."""
+    assert cs.proc.popen is not None
+    count = 0
+    for pid in proctree.tree(cs.proc.popen.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                count += b"spawn_main" in f.read()
+        except OSError:
+            pass
+    return count
+
+
+def test_apply_workers_start_with_the_daemon_not_at_the_first_layer(workdir):
+    """A worker takes ~0.1 s to start (an interpreter and the package's imports): not on the
+    first pull's path."""
+    cs = CsP2P(os.path.join(workdir, "cs"), ["--apply-workers", "2"]).start()
+    try:
+        deadline = time.monotonic() + 30
+        while apply_workers(cs) < 2:
+            assert time.monotonic() < deadline, f"{apply_workers(cs)} of 2 apply workers started with the daemon"
+            time.sleep(0.05)
+    finally:
+        cs.stop()
+
+
+def test_without_prestart_the_first_layer_starts_the_worker_it_needs(workdir, tmp_path):
+    """Where containerd applies layers itself (1.6, 1.7) the installer turns prestart off: no
+    idle interpreters on those nodes."""
+    cs = CsP2P(os.path.join(workdir, "cs"), ["--apply-workers", "2", "--no-apply-prestart"]).start()
+    try:
+        ch = grpc.insecure_channel("unix:" + cs.socket, options=GRPC_OPTS)
+        try:
+            tar = layer_tar({"f": b"x"})
+            resp = apply(diff_pb2_grpc.DiffStub(ch), commit_via_socket(cs, gzip.compress(tar)), str(tmp_path))
+            assert resp.applied.digest == "sha256:" + hashlib.sha256(tar).hexdigest()
+        finally:
+            ch.close()
+        assert apply_workers(cs) == 1  # the one the layer needed, not both
+    finally:
+        cs.stop()

@@ -58,6 +58,13 @@ class ApplyPool:
                 self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker.init_worker)
         return self._pool
 
+    def prestart(self) -> None:
+        """Start every worker now rather than at the first layer: a spawned worker costs
+        ~0.1 s and ~0.1 CPU-s to start (an interpreter, then this package's imports)."""
+        executor = self._executor()
+        for _ in range(self.workers):
+            executor.submit(worker.ready)  # one each: a submit finding no idle worker spawns one
+
     def close(self) -> None:
         """Waits for layers being applied: containerd is told of their end (or of ours) anyway."""
         if self._pool is not None:

@@ -130,6 +130,10 @@ def clear_target(target: Target) -> None:
                 os.removexattr(root, attr)
 
 
+def ready() -> None:
+    """Nothing: what a worker runs to be started before the first layer (`ApplyPool.prestart`)."""
+
+
 def init_worker() -> None:
     """Die with the daemon: a worker must not write into a snapshot nobody waits for."""
     PR_SET_PDEATHSIG = 1

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import DEFAULT_SOCKET, MirrorRegistry
+from ..containerd_config import is_v2
 from ..store import handover
 from . import unit
 from .files import write_if_changed
@@ -67,6 +68,11 @@ class InstallOptions:
     containerd_root: str = "/var/lib/containerd"
     wait_seconds: float = 60.0  # for cs-p2p's socket after a start; 0: do not wait
     bootstrap_names: list[str] = field(default_factory=list)  # NAME:PORT resolved into contacts.CONTACTS_FILE
+
+    def unit_args(self) -> list[str]:
+        """The flags the unit serves with: the node's own and, on containerd 1.6 and 1.7, which
+        apply layers themselves, no apply workers started before a layer asks for one."""
+        return self.serve_args + ([] if is_v2(self.release) else ["--no-apply-prestart"])
 
 
 class Systemctl:
@@ -177,7 +183,7 @@ def install(host: Host, opts: InstallOptions, systemctl: Systemctl, log: Callabl
     write_if_changed(host.path(INSTALLED), "".join(n + "\n" for n in names))
     # read by the daemon at each join attempt: a change needs no restart
     write_contacts(host.path(CONTACTS_FILE), resolve(opts.bootstrap_names))
-    unit_changed = write_if_changed(host.path(unit.UNIT_PATH), unit.render_unit(opts.serve_args, opts.containerd_root))
+    unit_changed = write_if_changed(host.path(unit.UNIT_PATH), unit.render_unit(opts.unit_args(), opts.containerd_root))
     for d in (unit.STATE, unit.RUN):
         os.makedirs(host.path(d), exist_ok=True)
     if unit_changed or upgraded:

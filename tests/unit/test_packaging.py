@@ -111,3 +111,15 @@ def test_the_package_installs_the_product_and_not_the_development_harness():
     assert (ROOT / "cs_p2p_dev" / "__init__.py").exists()
     # and the product imports nothing of it
     assert "cs_p2p_dev" not in imported_modules()
+
+
+def test_the_installers_unit_starts_apply_workers_early_only_where_cs_p2p_applies_layers():
+    """containerd 2.x hands layers to cs-p2p's applier: its workers start with the daemon. 1.6
+    and 1.7 apply layers themselves: no idle workers there."""
+    from cs_p2p.install.host import InstallOptions
+
+    for release in ("1.6", "1.7"):
+        assert InstallOptions("/", "c.toml", release, serve_args=["--peer-listen=10.0.0.7:5001"]).unit_args() == \
+            ["--peer-listen=10.0.0.7:5001", "--no-apply-prestart"]
+    for release in ("2.0", "2.3", "2"):
+        assert "--no-apply-prestart" not in InstallOptions("/", "c.toml", release).unit_args()
