@@ -21,6 +21,20 @@ def write_section(path: str, section: str, head: str) -> None:
         f.write(text)
 
 
+def command_line(script: str, argv: list[str]) -> str:
+    """The command as a reader reruns it: `--out FILE` (or `--out=FILE`) left out, since the
+    section lands in docs/benchmarks.md by default."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return " ".join([script, *kept])
+
+
 def verdict(ok: bool) -> str:
     """A target, judged from the numbers of the run: what the section says, not the reader."""
     return "met" if ok else "**not met**"
