@@ -24,7 +24,7 @@ MAX_EVENTS = 20_000
 MIN_WAIT = 0.001  # shorter waits are summed in the metric but not kept as events
 
 WAIT_REASONS = ("lookup", "announce", "probe", "claim_burst", "claim_slot", "upload_slot", "provider_busy", "relay", "unverified",
-                "apply_worker", "verify")
+                "apply_worker", "verify", "registry_turn")
 WAIT_SECONDS = Counter(
     "cs_p2p_wait_seconds_total",
     "Seconds spent waiting, by reason: lookup (a DHT walk a fetch or Info waited on), announce (a claimed "
@@ -35,7 +35,8 @@ WAIT_SECONDS = Counter(
     "(a peer's request waited for one of this node's upload slots), provider_busy (a fetch backing off "
     "a provider's 503), relay (a piece asked of a node still downloading the blob, until its first "
     "byte), unverified (a Read waiting for pieces of a provider not proven honest yet), apply_worker "
-    "(a layer waiting for a free apply process), verify (hashing a fetched blob before commit).",
+    "(a layer waiting for a free apply process), verify (hashing a fetched blob before commit), "
+    "registry_turn (a registry response of a blob nobody waits on, paused while blobs someone waits on stream).",
     ["reason"], registry=REGISTRY)
 
 

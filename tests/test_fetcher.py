@@ -535,6 +535,31 @@ async def test_blobs_fetched_together_come_from_the_registry_in_one_range_each(t
         await registry.stop()
 
 
+async def test_the_registry_sends_the_blob_a_reader_waits_on_first(tmp_path):
+    """Two blobs stream from the registry at once; containerd reads one (it applies that layer),
+    the other not yet.  The one read lands whole while the other has come only in part (its
+    response waits in the socket); then the other comes on, whole and verified."""
+    size = 32 << 20
+    store = LocalStore(str(tmp_path / "registry"))
+    blobs = [os.urandom(size) for _ in range(2)]
+    digests = [await commit(store, b, ref=f"r{i}") for i, b in enumerate(blobs)]
+    registry = PeerServer(store)
+    origin = HttpOrigin(f"http://127.0.0.1:{await registry.start('127.0.0.1', 0)}")
+    me = Fetcher(LocalStore(str(tmp_path / "me")))
+    try:
+        read, later = (me.start(d, size, [], origin=origin) for d in digests)
+        await asyncio.wait_for(read.wait_landed(size - 1), 30)  # a reader at the end of the first blob
+        assert later.bytes_from.get("registry", 0) < size // 2
+        await asyncio.wait_for(later.task, 30)
+        assert later.committed and open(me.store.blobs.blob_path(digests[1][7:]), "rb").read() == blobs[1]
+        await read.task
+        assert read.committed
+    finally:
+        await me.close()
+        await origin.session.close()
+        await registry.stop()
+
+
 async def test_a_relay_waiting_on_a_piece_wakes_with_its_bytes_and_with_a_failure():
     fetch = Fetch("sha256:" + "e" * 64, 3 * PIECE, "/nonexistent", 3)
     waiting = asyncio.ensure_future(fetch.wait_landed(PIECE))  # piece 1, nothing of it yet

@@ -51,6 +51,7 @@ from ..store import LocalStore
 from ..store.blobs import sha256_of_fd
 from ..timeline import TIMELINE
 from .pieces import PIECE, PIECES_HEADER, Fetch, FetchFailed, Origin, PrefixHash, pieces_of
+from .turns import RegistryTurns
 
 
 class Ledger(Protocol):
@@ -178,6 +179,7 @@ class Fetcher:
         self._probe_failures: dict[str, int] = {}
         self._sessions: dict[bool, aiohttp.ClientSession] = {}
         self._registry_streams = asyncio.Semaphore(REGISTRY_CONNECTIONS)  # responses from registries at once
+        self._turns = RegistryTurns()  # the blobs a reader waits on are read from the registry first
 
     def _client(self, addr: str = "") -> aiohttp.ClientSession:
         """One session for every fetch and probe: connections to peers stay open (keep-alive),
@@ -515,27 +517,30 @@ class Fetcher:
                 raise FetchFailed(f"{ORIGIN} answered {resp.status}")
             offset = start
             fetch.first_byte.setdefault(ORIGIN, time.time())
-            while offset < end:
-                # what arrived, as it arrived: no joining of buffers into bigger ones (a copy,
-                # and memory the allocator keeps), however many responses stream at once
-                chunk = await resp.content.readany()
-                if not chunk:
-                    raise FetchFailed(f"{ORIGIN} closed the connection at {offset}")
-                if len(chunk) > end - offset:
-                    raise FetchFailed(f"{ORIGIN} sent more than the range asked for")
-                os.pwrite(fd, chunk, offset)
-                offset += len(chunk)
-                done = range(first, (offset // PIECE) if offset < end else last + 1)
-                for piece in done:
-                    fetch.done_pieces.add(piece)
-                    fetch.source[piece] = ORIGIN
-                metrics.FETCHED_BYTES.labels(source="registry").inc(len(chunk))
-                fetch.bytes_from[ORIGIN] = fetch.bytes_from.get(ORIGIN, 0) + len(chunk)
-                if len(done):
-                    first = done.stop
-                    await fetch._notify()
-                if offset < end:
-                    await fetch.arrived(first, offset - first * PIECE)
+            with self._turns.reading(fetch):
+                while offset < end:
+                    if not fetch.wanted.is_set():
+                        await self._turns.wait_turn(fetch)
+                    # what arrived, as it arrived: no joining of buffers into bigger ones (a copy,
+                    # and memory the allocator keeps), however many responses stream at once
+                    chunk = await resp.content.readany()
+                    if not chunk:
+                        raise FetchFailed(f"{ORIGIN} closed the connection at {offset}")
+                    if len(chunk) > end - offset:
+                        raise FetchFailed(f"{ORIGIN} sent more than the range asked for")
+                    os.pwrite(fd, chunk, offset)
+                    offset += len(chunk)
+                    done = range(first, (offset // PIECE) if offset < end else last + 1)
+                    for piece in done:
+                        fetch.done_pieces.add(piece)
+                        fetch.source[piece] = ORIGIN
+                    metrics.FETCHED_BYTES.labels(source="registry").inc(len(chunk))
+                    fetch.bytes_from[ORIGIN] = fetch.bytes_from.get(ORIGIN, 0) + len(chunk)
+                    if len(done):
+                        first = done.stop
+                        await fetch._notify()
+                    if offset < end:
+                        await fetch.arrived(first, offset - first * PIECE)
             fetch.last_byte[ORIGIN] = time.time()
 
     async def _verify_or_find_liar(self, fetch: Fetch, fd: int, providers: list[ProviderRecord]) -> None:

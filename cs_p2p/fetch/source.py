@@ -379,6 +379,7 @@ class SharedIngest:
         fetch = fetcher.start(self.digest, self.size, providers,
                               more=lambda: self._more(dht.find_providers(self.digest)))
         assert fetch.task is not None
+        fetch.wanted.set()  # containerd's writer waits on it
         await asyncio.wait([fetch.task])  # not cancelled with this call: others may share it
         return fetch.committed
 

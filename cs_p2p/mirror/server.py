@@ -382,6 +382,7 @@ class Mirror:
         fetch = await self.peers.locate(digest) if self.peers else None
         if fetch is None or fetch.task is None:
             return None
+        fetch.wanted.set()  # containerd's request waits on it
         await asyncio.wait([fetch.task])
         return path if os.path.exists(path) else None
 
