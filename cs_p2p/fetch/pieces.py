@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 import aiohttp
 
-from ..store.blobs import sha256_of_fd
+from ..store.blobs import sha256_of_fd, start_writeback
 
 PIECE = 4 << 20
 PIECES_HEADER = "X-CS-P2P-Pieces"  # a relay's pieces when its response began: "<whole>,<arriving>", hex bit masks
@@ -176,6 +176,13 @@ def _wake(waiters: list[asyncio.Future]) -> None:
             waiter.set_result(None)
 
 
+def _hash_and_write_back(fd: int, hasher: "hashlib._Hash", start: int, end: int) -> tuple["hashlib._Hash", int]:
+    """Hash whole pieces that landed and start writing them to disk (`start_writeback`)."""
+    hasher, reached = sha256_of_fd(fd, hasher, start, end)
+    start_writeback(fd, start, reached - start)
+    return hasher, reached
+
+
 class PrefixHash:
     """The blob's sha256 over its whole pieces from the start, fed as they land, so that the
     verification at the fetch's end reads only the rest instead of the whole blob again (on a
@@ -202,8 +209,8 @@ class PrefixHash:
             while not self.stopping and not fetch.repaired:
                 end = self._prefix_end(fetch)
                 if end > self.offset:
-                    self.hasher, self.offset = await loop.run_in_executor(None, sha256_of_fd, fd, self.hasher,
-                                                                          self.offset, end)
+                    self.hasher, self.offset = await loop.run_in_executor(None, _hash_and_write_back, fd,
+                                                                          self.hasher, self.offset, end)
                     continue
                 async with fetch.changed:
                     await fetch.changed.wait_for(lambda: self.stopping or self._prefix_end(fetch) > self.offset)

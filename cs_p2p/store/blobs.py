@@ -11,6 +11,7 @@ can never disagree after a crash by more than "labels missing", which reads as n
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -55,6 +56,25 @@ def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError):  # not Linux
+    _sync_file_range = None
+
+
+def start_writeback(fd: int, start: int, length: int) -> None:
+    """Start writing `length` bytes of a file from `start` to disk, without waiting for them
+    (Linux `sync_file_range`): the commit's `fsync` then waits only for the bytes that came
+    last.  A fetched blob is hashed a piece at a time as it lands; each piece also goes to disk
+    then, instead of all of them at once in the `fsync` on the pull's path (~30 ms for 32 MiB
+    on this machine, once per layer containerd waits on)."""
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, start, length, _SYNC_FILE_RANGE_WRITE)  # a failure only leaves it to fsync
 
 
 _HASH_CHUNK = 1 << 20
