@@ -35,7 +35,7 @@ WAIT_SECONDS = Counter(
     "(a peer's request waited for one of this node's upload slots), provider_busy (a fetch backing off "
     "a provider's 503), relay (a piece asked of a node still downloading the blob, until its first "
     "byte), unverified (a Read waiting for pieces of a provider not proven honest yet), apply_worker "
-    "(a layer waiting for a free apply process), verify (hashing a fetched blob before commit), "
+    "(a layer waiting for a free apply process), verify (hashing and syncing a fetched blob before commit), "
     "registry_turn (a registry response of a blob nobody waits on, paused while blobs someone waits on stream).",
     ["reason"], registry=REGISTRY)
 

@@ -549,10 +549,8 @@ class Fetcher:
         Without per-piece hashes the whole-blob digest is the only truth: the provider whose
         pieces, fetched elsewhere, make the blob verify is the one that lied, and is banned.
         """
-        t0 = time.monotonic()
         try:
             await self._verify(fetch, fd)
-            TIMELINE.waited("verify", time.monotonic() - t0, fetch.digest)
             return
         except FetchFailed as mismatch:
             first_error = mismatch
@@ -796,9 +794,11 @@ class Fetcher:
             raise
 
     async def _verify(self, fetch: Fetch, fd: int) -> None:
+        t0 = time.monotonic()
         if fetch.prefix is not None:
             await fetch.prefix.stop(fetch)
         await asyncio.get_running_loop().run_in_executor(None, self._verify_and_commit, fetch, fd)
+        TIMELINE.waited("verify", time.monotonic() - t0, fetch.digest)
 
     def _verify_and_commit(self, fetch: Fetch, fd: int) -> None:
         """Hash what arrived (what the prefix hash has not covered, if no piece was written
