@@ -8,7 +8,6 @@ import hashlib
 import io
 import os
 import tarfile
-import time
 
 import grpc
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from cs_p2p.api import diff_pb2 as pb
 from cs_p2p.api import diff_pb2_grpc, types_pb2
 from cs_p2p_dev import proctree
-from cs_p2p_dev.processes import CsP2P
+from cs_p2p_dev.processes import CsP2P, wait_for
 from tests.conftest import GRPC_OPTS, commit_via_socket
 
 MT_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -139,10 +138,7 @@ def test_apply_workers_start_with_the_daemon_not_at_the_first_layer(workdir):
     first pull's path."""
     cs = CsP2P(os.path.join(workdir, "cs"), ["--apply-workers", "2"]).start()
     try:
-        deadline = time.monotonic() + 30
-        while apply_workers(cs) < 2:
-            assert time.monotonic() < deadline, f"{apply_workers(cs)} of 2 apply workers started with the daemon"
-            time.sleep(0.05)
+        wait_for(lambda: apply_workers(cs) >= 2, 30, "2 apply workers started with the daemon")
     finally:
         cs.stop()
 
