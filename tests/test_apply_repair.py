@@ -10,11 +10,13 @@ import hashlib
 import os
 import time
 
+import pytest
 from aiohttp import web
 
 from cs_p2p.apply.pool import ApplyPool
 from cs_p2p.apply.worker import Target
 from cs_p2p.dht.providers import ProviderRecord
+from cs_p2p.errors import Aborted
 from cs_p2p.fetch.fetcher import Fetcher
 from cs_p2p.fetch.pieces import PIECE
 from cs_p2p.store import LocalStore
@@ -70,3 +72,33 @@ async def test_a_layer_streamed_from_a_liar_is_applied_again_from_the_verified_b
     assert (diff_id, size) == ("sha256:" + hashlib.sha256(tar).hexdigest(), len(tar))
     got = {str(p.relative_to(snapshot)): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()}
     assert got == files
+
+
+async def test_a_streamed_layer_whose_blob_never_verifies_is_not_applied(tmp_path):
+    """Everything but the blob's last byte is applied as it arrives; without a match that byte
+    never comes, and the apply fails even where the worker could end there (a plain tar)."""
+    tar, _, _ = layer()
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+
+    async def liar(request: web.Request) -> web.Response:
+        rng = request.http_range
+        start, stop = rng.start or 0, len(tar) if rng.stop is None else rng.stop
+        body = bytearray(tar[start:stop])
+        body[len(body) // 2] ^= 0xFF  # inside a file's bytes: the tar still parses
+        return web.Response(body=bytes(body), status=206)
+
+    runner, addr = await serve_blobs(liar)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    store = LocalStore(str(tmp_path / "store"))
+    fetcher = Fetcher(store)
+    pool = ApplyPool(1, str(tmp_path / "fifos"), lambda d: store.blobs.blob_path(d.split(":")[1]))
+    try:
+        fetch = fetcher.start(digest, len(tar), [ProviderRecord(os.urandom(20), addr, len(tar), time.time() + 60)])
+        with pytest.raises(Aborted, match="do not match"):
+            await pool.apply_fetch(fetch, Target("dir", str(snapshot)), sync_fs=False)
+    finally:
+        pool.close()
+        await fetcher.close()
+        await runner.cleanup()
+    assert not fetch.committed

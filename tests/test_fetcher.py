@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 import time
 
 import aiohttp
@@ -111,6 +112,34 @@ async def test_corrupt_bytes_are_never_committed_and_readers_fail(fetcher, serve
     assert not os.path.exists(store.blobs.blob_path(DIGEST[7:]))
     assert os.listdir(fetcher.dir) == []  # partial data discarded
     assert fetcher.recently_failed(DIGEST)  # containerd's retry goes to the registry
+
+
+async def test_the_last_bytes_are_handed_out_once_the_digest_matches_before_the_commit_ends(fetcher, servers):
+    """An applier streaming the blob finishes while the commit's fsyncs run, not after them."""
+    honest, _ = servers
+    _, good = await honest()
+    store = fetcher.store
+    release = threading.Event()
+    commit_file = store.blobs.commit_file
+
+    def slow_commit(*args) -> None:
+        assert release.wait(30)
+        commit_file(*args)
+
+    store.blobs.commit_file = slow_commit
+    fetch = fetcher.start(DIGEST, len(DATA), [record(good)])
+    try:
+        await asyncio.wait_for(fetch.wait_range(fetch.size - 1, 1), 20)
+        assert not fetch.committed  # the commit is still held
+        fd = fetch.open(store.blobs.blob_path(DIGEST[7:]))
+        try:
+            assert os.pread(fd, 4096, fetch.size - 4096) == DATA[-4096:]
+        finally:
+            os.close(fd)
+    finally:
+        release.set()
+    await fetch.task
+    assert fetch.committed and open(store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
 
 
 async def test_no_live_provider_fails_clearly(fetcher):

@@ -3,8 +3,8 @@ event loop (which serves containerd's content calls meanwhile) never waits on ta
 
 A committed blob is read by the worker straight from its file. A blob still arriving from
 peers is handed over through a FIFO that the daemon feeds as pieces land (sendfile from the
-partial file, the last piece only once the whole blob's digest matched), so the layer is
-extracted while it downloads and never from unverified bytes at its end.
+partial file, its last byte only once the whole blob's digest matched), so the layer is
+extracted while it downloads and never completes from unverified bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from .worker import Target
 log = logging.getLogger("cs_p2p.apply")
 
 FEED_CHUNK = 1 << 20
+# Bytes at a streamed blob's end fed only once its digest matched: everything before them is
+# applied while the digest is checked, and the worker cannot finish without them (it reads its
+# input to the end), so a layer whose blob does not verify never applies.
+HELD = 1
 PIPE_SIZE = 1 << 20
 
 
@@ -133,7 +137,8 @@ class ApplyPool:
             try:
                 offset = 0
                 while offset < fetch.size:
-                    n = min(FEED_CHUNK, fetch.size - offset)
+                    before_tail = fetch.size - HELD - offset
+                    n = min(FEED_CHUNK, before_tail) if before_tail > 0 else fetch.size - offset
                     await fetch.wait_range(offset, n)
                     sent = await loop.run_in_executor(self._feeders, _send, out, src, offset, n)
                     offset += sent

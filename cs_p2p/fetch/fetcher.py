@@ -794,23 +794,28 @@ class Fetcher:
             raise
 
     async def _verify(self, fetch: Fetch, fd: int) -> None:
+        """Check the digest, then commit.  Readers and appliers get the blob's last bytes as soon
+        as the digest matches (`Fetch.verified`), not after the commit's fsyncs (1 - 8 ms per
+        blob here, on the path of every layer applied as it streams)."""
         t0 = time.monotonic()
         if fetch.prefix is not None:
             await fetch.prefix.stop(fetch)
-        await asyncio.get_running_loop().run_in_executor(None, self._verify_and_commit, fetch, fd)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._check, fetch, fd)
+        fetch.verified = True
+        await fetch._notify()
+        await loop.run_in_executor(None, self.store.blobs.commit_file, fd, fetch.path, fetch.digest, {})
         TIMELINE.waited("verify", time.monotonic() - t0, fetch.digest)
 
-    def _verify_and_commit(self, fetch: Fetch, fd: int) -> None:
+    def _check(self, fetch: Fetch, fd: int) -> None:
         """Hash what arrived (what the prefix hash has not covered, if no piece was written
-        again since, `PrefixHash`); commit only the exact blob (fsync, read-only, atomic rename)."""
+        again since, `PrefixHash`); FetchFailed unless it is exactly the blob."""
         prefix = fetch.prefix
         if prefix is not None and prefix.offset and not fetch.repaired:
             hasher, length = sha256_of_fd(fd, prefix.hasher.copy(), prefix.offset)
             if length == fetch.size and "sha256:" + hasher.hexdigest() == fetch.digest:
-                self.store.blobs.commit_file(fd, fetch.path, fetch.digest, {})
                 return
         hasher, length = sha256_of_fd(fd)  # the whole file: the shortcut cannot tell a liar's bytes
         got = "sha256:" + hasher.hexdigest()
         if length != fetch.size or got != fetch.digest:
             raise FetchFailed(f"peers sent bytes that do not match {fetch.digest} (got {got})")
-        self.store.blobs.commit_file(fd, fetch.path, fetch.digest, {})

@@ -56,6 +56,8 @@ class Fetch:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     error: str | None = None
     committed: bool = False
+    # the digest matched: every byte may be handed out, while the commit makes the blob durable
+    verified: bool = False
     task: asyncio.Task | None = None
     bytes_from: dict[str, int] = field(default_factory=dict)
     source: dict[int, str] = field(default_factory=dict)  # piece -> provider that sent it
@@ -90,7 +92,8 @@ class Fetch:
         """
         tail = offset + n >= self.size
         self.wanted.set()
-        await self._until(lambda: self.committed or (not tail and self.covered(offset, n, trusted_only)))
+        await self._until(lambda: self.committed or self.verified
+                          or (not tail and self.covered(offset, n, trusted_only)))
 
     def landed_end(self, offset: int) -> int:
         """The end of the bytes written from `offset` on without a gap: whole pieces, then
