@@ -93,6 +93,10 @@ class ApplyPool:
                 raise
         if not fetch.repaired:
             return result
+        if fetch.task is not None:
+            await asyncio.wait([fetch.task])  # the last byte came once verified: the commit may still run
+        if not fetch.committed:
+            raise Aborted(f"fetching {fetch.digest} failed: {fetch.error}")
         log.warning("layer applied again from the verified blob", extra={"digest": fetch.digest})
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor(), worker.clear_target, target)
