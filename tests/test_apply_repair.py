@@ -113,3 +113,39 @@ async def test_a_streamed_layer_whose_blob_never_verifies_is_not_applied(tmp_pat
         await fetcher.close()
         await runner.cleanup()
     assert not fetch.committed
+
+
+async def test_a_streamed_layer_whose_blob_cannot_be_committed_is_not_applied(tmp_path):
+    """The worker gets the last byte once the digest matched, while the commit's fsyncs run;
+    if the commit then fails (a full disk), the apply fails too: no layer without its blob."""
+    tar, blob, _ = layer()
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+
+    async def registry(request: web.Request) -> web.Response:
+        rng = request.http_range
+        start, stop = rng.start or 0, len(blob) if rng.stop is None else rng.stop
+        return web.Response(body=blob[start:stop], status=206)
+
+    runner, addr = await serve_blobs(registry)
+    origin = HttpOrigin(f"http://{addr}")
+    store = LocalStore(str(tmp_path / "store"))
+
+    def full_disk(*args) -> None:
+        time.sleep(0.5)  # the worker is done with the stream first
+        raise OSError(28, "No space left on device")
+
+    store.blobs.commit_file = full_disk
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    fetcher = Fetcher(store, origin=lambda d: origin)
+    pool = ApplyPool(1, str(tmp_path / "fifos"), lambda d: store.blobs.blob_path(d.split(":")[1]))
+    try:
+        fetch = fetcher.start(digest, len(blob), [], origin=origin, origin_first=True)
+        with pytest.raises(Aborted, match="No space left"):
+            await pool.apply_fetch(fetch, Target("dir", str(snapshot)), sync_fs=False)
+    finally:
+        pool.close()
+        await fetcher.close()
+        await origin.session.close()
+        await runner.cleanup()
+    assert fetch.verified and not fetch.committed

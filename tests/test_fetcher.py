@@ -114,8 +114,9 @@ async def test_corrupt_bytes_are_never_committed_and_readers_fail(fetcher, serve
     assert fetcher.recently_failed(DIGEST)  # containerd's retry goes to the registry
 
 
-async def test_the_last_bytes_are_handed_out_once_the_digest_matches_before_the_commit_ends(fetcher, servers):
-    """An applier streaming the blob finishes while the commit's fsyncs run, not after them."""
+async def test_the_applier_gets_the_last_bytes_once_they_verify_a_reader_once_they_are_committed(fetcher, servers):
+    """The applier finishes a layer while the commit's fsyncs run, not after them (it answers
+    containerd only once the commit is done); a `Read` of the blob's end waits for the commit."""
     honest, _ = servers
     _, good = await honest()
     store = fetcher.store
@@ -128,16 +129,19 @@ async def test_the_last_bytes_are_handed_out_once_the_digest_matches_before_the_
 
     store.blobs.commit_file = slow_commit
     fetch = fetcher.start(DIGEST, len(DATA), [record(good)])
+    reader = asyncio.ensure_future(fetch.wait_range(fetch.size - 1, 1))
     try:
-        await asyncio.wait_for(fetch.wait_range(fetch.size - 1, 1), 20)
-        assert not fetch.committed  # the commit is still held
+        await asyncio.wait_for(fetch.wait_range(fetch.size - 1, 1, verified_tail=True), 20)
+        assert fetch.verified and not fetch.committed  # the commit is still held
         fd = fetch.open(store.blobs.blob_path(DIGEST[7:]))
         try:
             assert os.pread(fd, 4096, fetch.size - 4096) == DATA[-4096:]
         finally:
             os.close(fd)
+        assert not reader.done()
     finally:
         release.set()
+    await asyncio.wait_for(reader, 20)
     await fetch.task
     assert fetch.committed and open(store.blobs.blob_path(DIGEST[7:]), "rb").read() == DATA
 

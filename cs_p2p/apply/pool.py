@@ -91,12 +91,14 @@ class ApplyPool:
                 await asyncio.wait([fetch.task])  # rejected because of bytes replaced since?
             if not (fetch.committed and fetch.repaired):
                 raise
-        if not fetch.repaired:
-            return result
         if fetch.task is not None:
-            await asyncio.wait([fetch.task])  # the last byte came once verified: the commit may still run
+            # the last byte came once the digest matched, before the commit's fsyncs: a layer is
+            # applied only with its blob kept (a failed commit fails the pull, as in containerd)
+            await asyncio.wait([fetch.task])
         if not fetch.committed:
             raise Aborted(f"fetching {fetch.digest} failed: {fetch.error}")
+        if not fetch.repaired:
+            return result
         log.warning("layer applied again from the verified blob", extra={"digest": fetch.digest})
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor(), worker.clear_target, target)
@@ -143,7 +145,7 @@ class ApplyPool:
                 while offset < fetch.size:
                     before_tail = fetch.size - HELD - offset
                     n = min(FEED_CHUNK, before_tail) if before_tail > 0 else fetch.size - offset
-                    await fetch.wait_range(offset, n)
+                    await fetch.wait_range(offset, n, verified_tail=True)
                     sent = await loop.run_in_executor(self._feeders, _send, out, src, offset, n)
                     offset += sent
             finally:

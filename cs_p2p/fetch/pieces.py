@@ -83,16 +83,18 @@ class Fetch:
         return all(p in self.done_pieces and (not trusted_only or self.trusted(self.source.get(p, "")))
                    for p in range(first, min(last, self.pieces - 1) + 1))
 
-    async def wait_range(self, offset: int, n: int, trusted_only: bool = False) -> None:
+    async def wait_range(self, offset: int, n: int, trusted_only: bool = False, verified_tail: bool = False) -> None:
         """Return when [offset, offset+n) is on disk; raise FetchFailed if the fetch failed.
 
-        A range that reaches the end of the blob waits for the digest check: a reader never
-        gets a whole blob before it is verified, so corrupt data cannot pass as complete.
-        With `trusted_only`, so does a range with pieces of providers not proven honest yet.
+        A range that reaches the end of the blob waits for the commit: a reader never gets a
+        whole blob before it is verified and kept, so corrupt data cannot pass as complete,
+        nor a blob the store then fails to keep.  With `verified_tail`, only for the digest
+        check (the applier, which waits for the commit before it answers).  With
+        `trusted_only`, a range with pieces of providers not proven honest yet waits too.
         """
         tail = offset + n >= self.size
         self.wanted.set()
-        await self._until(lambda: self.committed or self.verified
+        await self._until(lambda: self.committed or (verified_tail and self.verified)
                           or (not tail and self.covered(offset, n, trusted_only)))
 
     def landed_end(self, offset: int) -> int:
