@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import os
 import time
+from typing import Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -30,6 +31,27 @@ def layer() -> tuple[bytes, bytes, dict[str, bytes]]:
     return tar, gzip.compress(tar, compresslevel=1), files
 
 
+def ranges_of(blob: bytes, flip: bool = False, before: Callable[[], Awaitable[None]] | None = None):
+    """A handler serving `blob` by Range, as a peer or a registry does; with `flip`, one byte of
+    every range wrong (in its middle, inside a file's bytes: the tar still parses); `before`
+    is awaited before each answer."""
+    async def handler(request: web.Request) -> web.Response:
+        if before is not None:
+            await before()
+        rng = request.http_range
+        start, stop = rng.start or 0, len(blob) if rng.stop is None else rng.stop
+        body = bytearray(blob[start:stop])
+        if flip:
+            body[len(body) // 2] ^= 0xFF
+        return web.Response(body=bytes(body), status=206)
+    return handler
+
+
+def streaming_pool(tmp_path, store: LocalStore) -> ApplyPool:
+    """One apply worker, reading committed blobs from `store`."""
+    return ApplyPool(1, str(tmp_path / "fifos"), lambda d: store.blobs.blob_path(d.split(":")[1]))
+
+
 @pytest.mark.parametrize("compressed", [True, False], ids=["gzip", "tar"])
 async def test_a_layer_streamed_from_a_liar_is_applied_again_from_the_verified_blob(tmp_path, compressed):
     """gzip: the worker finds the liar's bytes corrupt (its checksum) and stops; a plain tar
@@ -42,23 +64,14 @@ async def test_a_layer_streamed_from_a_liar_is_applied_again_from_the_verified_b
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
 
-    def ranged(flip: bool):
-        async def handler(request: web.Request) -> web.Response:
-            if not flip:  # the registry answers once the worker is writing what the liar sent
-                deadline = time.monotonic() + 30
-                while not (snapshot / "dir" / "f0").exists():
-                    assert time.monotonic() < deadline, "the worker never started on the liar's bytes"
-                    await asyncio.sleep(0.01)
-            rng = request.http_range
-            start, stop = rng.start or 0, len(blob) if rng.stop is None else rng.stop
-            body = bytearray(blob[start:stop])
-            if flip:
-                body[len(body) // 2] ^= 0xFF  # inside a file's bytes: the tar still parses
-            return web.Response(body=bytes(body), status=206)
-        return handler
+    async def liar_read() -> None:  # the registry answers once the worker is writing what the liar sent
+        deadline = time.monotonic() + 30
+        while not (snapshot / "dir" / "f0").exists():
+            assert time.monotonic() < deadline, "the worker never started on the liar's bytes"
+            await asyncio.sleep(0.01)
 
-    liar_runner, liar = await serve_blobs(ranged(flip=True))
-    registry_runner, registry = await serve_blobs(ranged(flip=False))
+    liar_runner, liar = await serve_blobs(ranges_of(blob, flip=True))
+    registry_runner, registry = await serve_blobs(ranges_of(blob, before=liar_read))
     origin = HttpOrigin(f"http://{registry}")
     store = LocalStore(str(tmp_path / "store"))
     commit_file = store.blobs.commit_file
@@ -69,7 +82,7 @@ async def test_a_layer_streamed_from_a_liar_is_applied_again_from_the_verified_b
 
     store.blobs.commit_file = slow_commit
     fetcher = Fetcher(store, origin=lambda d: origin)
-    pool = ApplyPool(1, str(tmp_path / "fifos"), lambda d: store.blobs.blob_path(d.split(":")[1]))
+    pool = streaming_pool(tmp_path, store)
     try:
         fetch = fetcher.start(digest, len(blob), [ProviderRecord(os.urandom(20), liar, len(blob), time.time() + 60)])
         diff_id, size = await pool.apply_fetch(fetch, Target("dir", str(snapshot)), sync_fs=False)
@@ -91,19 +104,12 @@ async def test_a_streamed_layer_whose_blob_never_verifies_is_not_applied(tmp_pat
     tar, _, _ = layer()
     digest = "sha256:" + hashlib.sha256(tar).hexdigest()
 
-    async def liar(request: web.Request) -> web.Response:
-        rng = request.http_range
-        start, stop = rng.start or 0, len(tar) if rng.stop is None else rng.stop
-        body = bytearray(tar[start:stop])
-        body[len(body) // 2] ^= 0xFF  # inside a file's bytes: the tar still parses
-        return web.Response(body=bytes(body), status=206)
-
-    runner, addr = await serve_blobs(liar)
+    runner, addr = await serve_blobs(ranges_of(tar, flip=True))
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
     store = LocalStore(str(tmp_path / "store"))
     fetcher = Fetcher(store)
-    pool = ApplyPool(1, str(tmp_path / "fifos"), lambda d: store.blobs.blob_path(d.split(":")[1]))
+    pool = streaming_pool(tmp_path, store)
     try:
         fetch = fetcher.start(digest, len(tar), [ProviderRecord(os.urandom(20), addr, len(tar), time.time() + 60)])
         with pytest.raises(Aborted, match="do not match"):
@@ -121,12 +127,7 @@ async def test_a_streamed_layer_whose_blob_cannot_be_committed_is_not_applied(tm
     tar, blob, _ = layer()
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
 
-    async def registry(request: web.Request) -> web.Response:
-        rng = request.http_range
-        start, stop = rng.start or 0, len(blob) if rng.stop is None else rng.stop
-        return web.Response(body=blob[start:stop], status=206)
-
-    runner, addr = await serve_blobs(registry)
+    runner, addr = await serve_blobs(ranges_of(blob))
     origin = HttpOrigin(f"http://{addr}")
     store = LocalStore(str(tmp_path / "store"))
 
@@ -138,7 +139,7 @@ async def test_a_streamed_layer_whose_blob_cannot_be_committed_is_not_applied(tm
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
     fetcher = Fetcher(store, origin=lambda d: origin)
-    pool = ApplyPool(1, str(tmp_path / "fifos"), lambda d: store.blobs.blob_path(d.split(":")[1]))
+    pool = streaming_pool(tmp_path, store)
     try:
         fetch = fetcher.start(digest, len(blob), [], origin=origin, origin_first=True)
         with pytest.raises(Aborted, match="No space left"):
